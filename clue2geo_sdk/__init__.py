@@ -1,0 +1,38 @@
+"""clue2geo: offline photo geolocation with the Clue2Geo method.
+
+    from clue2geo_sdk import Geolocator
+    with Geolocator.load("artifacts/demo") as geo:
+        pred = geo.locate("photo.jpg")
+        print(pred.lat, pred.lon, pred.country, pred.city, pred.confidence)
+"""
+
+from ._version import __version__
+from .bundle import Bundle
+from .errors import (
+    BundleFormatError,
+    BundleIntegrityError,
+    BundleNotFoundError,
+    Clue2GeoError,
+    ExportValidationError,
+    ImageLoadError,
+    MissingExtraError,
+)
+from .geolocator import Failure, Geolocator, Options
+from .results import Candidate, Prediction
+
+__all__ = [
+    "Bundle",
+    "BundleFormatError",
+    "BundleIntegrityError",
+    "BundleNotFoundError",
+    "Candidate",
+    "Clue2GeoError",
+    "ExportValidationError",
+    "Failure",
+    "Geolocator",
+    "ImageLoadError",
+    "MissingExtraError",
+    "Options",
+    "Prediction",
+    "__version__",
+]

@@ -1,0 +1,153 @@
+"""The bundle's ONNX encoders on onnxruntime: CLIP image/text, GPSCLIP image/location, SBERT.
+
+Every encoder returns unit-length float32 rows, so a dot product is a cosine similarity.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger("clue2geo")
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def providers_for(device: Device) -> list[str]:
+    """onnxruntime providers for a device choice; "auto" falls back to CPU with one log line."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise RuntimeError(
+            "device='cuda' but onnxruntime has no CUDA provider (available: "
+            f"{', '.join(available)}); install clue2geo[gpu] on a machine with an NVIDIA GPU"
+        )
+    log.info("clue2geo: no CUDA provider in onnxruntime, encoders run on the CPU")
+    return ["CPUExecutionProvider"]
+
+
+def _session(path: Path, providers: list[str]) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.clip(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12, None)
+
+
+def preprocess(images: Sequence[Image.Image], params: Mapping[str, Any]) -> np.ndarray:
+    """CLIP preprocessing: shortest side to ``image_size`` (bicubic), center crop, scale, normalize."""
+    size = int(params["image_size"])
+    mean = np.asarray(params["mean"], dtype=np.float32)
+    std = np.asarray(params["std"], dtype=np.float32)
+    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    for i, img in enumerate(images):
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        resized = img.convert("RGB").resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        arr = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+        out[i] = ((arr - mean) / std).transpose(2, 0, 1)
+    return out
+
+
+def patch_grid(img: Image.Image, rows: int, cols: int) -> list[tuple[Image.Image, tuple[int, int, int, int]]]:
+    """Split an image into a fixed rows x cols grid of crops (eq. 2's patches) with their boxes."""
+    w, h = img.size
+    out = []
+    for r in range(rows):
+        for c in range(cols):
+            box = (c * w // cols, r * h // rows, (c + 1) * w // cols, (r + 1) * h // rows)
+            out.append((img.crop(box), box))
+    return out
+
+
+class ClipEncoder:
+    """CLIP image and text towers; text through the bundle's ``tokenizer.json``."""
+
+    def __init__(self, files: Mapping[str, Path], params: Mapping[str, Any], providers: list[str], batch: int = 32) -> None:
+        from tokenizers import Tokenizer
+
+        self.params = params
+        self.batch = batch
+        self._image = _session(files["image"], providers)
+        self._text = _session(files["text"], providers)
+        self._tok = Tokenizer.from_file(str(files["tokenizer"]))
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        chunks = [
+            self._image.run(None, {"pixel_values": preprocess(images[s : s + self.batch], self.params)})[0]
+            for s in range(0, len(images), self.batch)
+        ]
+        return _normalize(np.concatenate(chunks))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, int(self.params["embed_dim"])), dtype=np.float32)
+        chunks = []
+        for s in range(0, len(texts), self.batch):
+            ids = np.array([e.ids for e in self._tok.encode_batch(list(texts[s : s + self.batch]))], dtype=np.int64)
+            chunks.append(self._text.run(None, {"input_ids": ids})[0])
+        return _normalize(np.concatenate(chunks))
+
+
+class GpsClipEncoder:
+    """GPSCLIP image tower (pixels -> 512) and location tower (lat/lon degrees -> 512)."""
+
+    def __init__(self, files: Mapping[str, Path], params: Mapping[str, Any], providers: list[str]) -> None:
+        self.params = params
+        self._image = _session(files["image"], providers)
+        self._location = _session(files["location"], providers)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return _normalize(self._image.run(None, {"pixel_values": preprocess(images, self.params)})[0])
+
+    def encode_locations(self, latlon: np.ndarray) -> np.ndarray:
+        latlon = np.asarray(latlon, dtype=np.float32).reshape(-1, 2)
+        if len(latlon) == 0:
+            return np.zeros((0, int(self.params["dim"])), dtype=np.float32)
+        return _normalize(self._location.run(None, {"latlon": latlon})[0])
+
+
+class SbertEncoder:
+    """Sentence-BERT: token embeddings from ONNX, then mean pooling and L2 normalization."""
+
+    def __init__(self, files: Mapping[str, Path], params: Mapping[str, Any], providers: list[str], batch: int = 64) -> None:
+        from tokenizers import Tokenizer
+
+        self.params = params
+        self.batch = batch
+        self._model = _session(files["model"], providers)
+        self._inputs = {i.name for i in self._model.get_inputs()}
+        self._tok = Tokenizer.from_file(str(files["tokenizer"]))
+        self._tok.enable_truncation(int(params.get("max_length", 256)))
+        self._tok.enable_padding(pad_id=0, pad_token="[PAD]")
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, int(self.params["dim"])), dtype=np.float32)
+        chunks = []
+        for s in range(0, len(texts), self.batch):
+            enc = self._tok.encode_batch(list(texts[s : s + self.batch]))
+            ids = np.array([e.ids for e in enc], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+            feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+            tokens = self._model.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0]
+            m = mask[..., None].astype(np.float32)
+            chunks.append((tokens * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None))
+        return _normalize(np.concatenate(chunks))

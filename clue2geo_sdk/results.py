@@ -1,0 +1,87 @@
+"""Results: frozen attrs classes with one ``to_dict``; JSON, GeoJSON and ``from_dict`` derive from it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from .cluemap import Cue
+
+SOURCES = ("direct", "rag5", "rag10", "rag15", "gallery_nearest")
+
+
+@attrs.frozen(kw_only=True)
+class Candidate:
+    """A candidate location: who proposed it and its GPSCLIP cosine to the image (the selection score)."""
+
+    source: str
+    lat: float
+    lon: float
+    score: float
+    country: str | None = None
+    city: str | None = None
+    landmark: str | None = None
+    sample: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen(kw_only=True)
+class Prediction:
+    """Where the photo was taken, and everything that led there.
+
+    ``confidence`` is the winner's GPSCLIP cosine mapped from [-1, 1] to [0, 1]: a similarity, not a
+    probability. ``spread_km`` is the median great-circle distance from the winner to the other
+    valid candidates: small when the model's independent answers agree.
+    """
+
+    lat: float
+    lon: float
+    country: str | None
+    city: str | None
+    landmark: str | None
+    confidence: float
+    spread_km: float | None
+    source: str
+    fallback: bool
+    candidates: tuple[Candidate, ...]
+    invalid_candidates: int
+    cues: tuple[Cue, ...]
+    cluemap: Mapping[str, Any] | None
+    raw_outputs: Mapping[str, Any]
+    timings: Mapping[str, float]
+    image_sha256: str
+    image: str
+    bundle: str
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = attrs.asdict(self, recurse=False)
+        d["candidates"] = [c.to_dict() for c in self.candidates]
+        d["cues"] = [c.to_dict() for c in self.cues]
+        for key in ("cluemap", "raw_outputs", "timings", "options"):
+            d[key] = dict(d[key]) if d[key] is not None else None
+        return d
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Prediction:
+        fields = {f.name for f in attrs.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"Prediction.from_dict: unknown keys {sorted(unknown)}")
+        d = dict(data)
+        d["candidates"] = tuple(Candidate(**c) for c in d.get("candidates", ()))
+        d["cues"] = tuple(Cue(**c) for c in d.get("cues", ()))
+        return cls(**d)
+
+    def to_geojson(self) -> dict[str, Any]:
+        """A GeoJSON Feature (coordinates in lon, lat order as GeoJSON requires)."""
+        props = {k: v for k, v in self.to_dict().items() if k not in ("lat", "lon")}
+        return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [self.lon, self.lat]}, "properties": props}

@@ -1,0 +1,1 @@
+"""Dataset builder and the three LoRA stages (issue: training)."""

@@ -90,3 +90,96 @@ def bundle_demo(path: Path, seed: int, overwrite: bool) -> None:
         build(path, seed=seed, overwrite=overwrite)
     except Clue2GeoError as exc:
         _fail(exc)
+
+
+EXIT_SOME_FAILED = 3
+
+
+@main.command("locate")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--bundle", "bundle_path", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Results file (appended per image).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "geojson"]), default=None,
+              help="Output format (default: from --out's suffix, else jsonl).")
+@click.option("--recursive", "-r", is_flag=True, help="Descend into sub-folders.")
+@click.option("--resume", is_flag=True, help="Skip images already in --out (same path and sha256).")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write an offline HTML map report.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--use-cluemap/--no-use-cluemap", default=True, show_default=True, help="Off: the paper's w/o CM.")
+@click.option("--use-refinement/--no-use-refinement", default=True, show_default=True, help="Off: the paper's w/o CR.")
+@click.option("--samples-per-prompt", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--nearest-neighbour-candidate", is_flag=True, help="Add the nearest gallery coordinate as a candidate.")
+@click.option("--constrain", type=click.Choice(["fallback", "always", "never"]), default="fallback", show_default=True)
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check the bundle's sha256 digests first.")
+@click.option("--verbose", is_flag=True, help="Show llama.cpp's native logs.")
+def locate(paths: tuple[Path, ...], bundle_path: Path, out: Path, fmt: str | None, recursive: bool, resume: bool,
+           report: Path | None, device: str, verify: bool, verbose: bool, **options: Any) -> None:  # fmt: skip
+    """Geolocate images and folders into --out; exit 0 if all succeeded, 3 if some failed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .batch import discover, read_records, run_batch
+    from .geolocator import Geolocator
+
+    fmt = fmt or {".csv": "csv", ".geojson": "geojson"}.get(out.suffix.lower(), "jsonl")
+    inputs = list(discover(paths, recursive=recursive))
+    try:
+        geo = Geolocator.load(bundle_path, device=device, verify=verify, verbose=verbose, **options)
+    except (Clue2GeoError, TypeError, RuntimeError) as exc:
+        _fail(exc)
+    columns = (TextColumn("[bold]locating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
+    try:
+        with geo, Progress(*columns, transient=False, console=None) as progress:
+            task = progress.add_task("locate", total=len(inputs), rate="")
+
+            def tick(rec: dict[str, Any]) -> None:
+                progress.advance(task)
+                t = progress.tasks[task]
+                if t.elapsed:
+                    progress.update(task, rate=f"{t.completed / t.elapsed:.2f} img/s")
+                if rec["status"] == "error":
+                    progress.console.print(f"[yellow]failed[/yellow] {rec['path']}: {rec.get('message')}")
+
+            counts = run_batch(geo, inputs, out, fmt=fmt, resume=resume, on_record=tick)  # type: ignore[arg-type]
+            db = geo.bundle.file("metadata", "db")
+    except FileExistsError as exc:
+        _fail(exc)
+    if report is not None:
+        from .report import write_report
+
+        write_report(report, read_records(out, fmt), db)  # type: ignore[arg-type]
+    click.echo(f"{counts['ok']} located, {counts['error']} failed, {counts['skipped']} skipped (already in {out})")
+    if report is not None:
+        click.echo(f"report: {report}")
+    if counts["error"]:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+@main.command("export")
+@click.argument("records", type=click.Path(exists=True, path_type=Path))
+@click.option("--to", "dest", required=True, type=click.Path(path_type=Path), help=".geojson, .csv or .html (report).")
+@click.option("--bundle", "bundle_path", type=click.Path(path_type=Path), help="Bundle (needed for .html: its map data).")
+def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
+    """Convert a JSONL results file into GeoJSON, CSV or the HTML map report."""
+    import csv as _csv
+
+    from .batch import CSV_FIELDS, read_records, write_geojson
+
+    recs = read_records(records, "jsonl")
+    suffix = dest.suffix.lower()
+    if suffix == ".geojson":
+        write_geojson(dest, recs)
+    elif suffix == ".csv":
+        with open(dest, "w", newline="", encoding="utf-8") as fh:
+            w = _csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(recs)
+    elif suffix in (".html", ".htm"):
+        if bundle_path is None:
+            raise click.UsageError("--bundle is needed to draw the HTML report's map")
+        from .report import write_report
+
+        write_report(dest, recs, Bundle.open(bundle_path, verify=False).file("metadata", "db"))
+    else:
+        raise click.UsageError(f"cannot export to {dest.suffix!r}; use .geojson, .csv or .html")
+    click.echo(f"{len(recs)} records -> {dest}")

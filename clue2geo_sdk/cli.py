@@ -110,6 +110,8 @@ EXIT_SOME_FAILED = 3
 @click.option("--samples-per-prompt", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--nearest-neighbour-candidate", is_flag=True, help="Add the nearest gallery coordinate as a candidate.")
 @click.option("--constrain", type=click.Choice(["fallback", "always", "never"]), default="fallback", show_default=True)
+@click.option("--max-cue-tokens", default=512, show_default=True, type=click.IntRange(16))
+@click.option("--max-answer-tokens", default=128, show_default=True, type=click.IntRange(16))
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check the bundle's sha256 digests first.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's native logs.")
 def locate(paths: tuple[Path, ...], bundle_path: Path, out: Path, fmt: str | None, recursive: bool, resume: bool,

@@ -77,7 +77,7 @@ def _decode(data: bytes, source: str) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageLoadError(f"{source}: not an image file Pillow can read") from None
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"{source}: refused as a decompression bomb ({exc})") from None
+        raise ImageLoadError(f"{source}: exceeds the pixel guard, refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"{source}: cannot decode image ({exc})") from None
 

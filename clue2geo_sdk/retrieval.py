@@ -2,6 +2,11 @@
 
 Most similar: nearest neighbours of the GPSCLIP image embedding. Least similar: nearest
 neighbours of the *negated* query, i.e. the largest cosine distance (G3's negative references).
+
+Search is exact (brute force over the memory-mapped vectors) up to ``EXACT_LIMIT`` rows: on the
+100K demo gallery HNSW at the default expansion (64) found only 5 of the exact top 15 for an
+image query (cosines ~0.2, all close), while exact search takes ~15 ms. Larger galleries use HNSW
+with a wide expansion (1024: 15/15 on the same query, 3 ms).
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import attrs
 import numpy as np
 
 from .errors import BundleFormatError
+
+EXACT_LIMIT = 2_000_000
+HNSW_EXPANSION = 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -32,14 +40,15 @@ class Gallery:
 
     def __init__(self, index_path: Path, db_path: Path, *, dim: int, encoder_sha256: str, location_sha256: str) -> None:
         import duckdb
-        from usearch.index import Index
+
+        from ._native import usearch_index
 
         if encoder_sha256 != location_sha256:
             raise BundleFormatError(
                 f"gallery {index_path} was built with location encoder {encoder_sha256[:12]}…, but the bundle's "
                 f"GPSCLIP location tower is {location_sha256[:12]}…; rebuild the gallery with this encoder"
             )
-        self.index = Index.restore(str(index_path), view=True)
+        self.index = usearch_index().Index.restore(str(index_path), view=True)
         if self.index is None or self.index.ndim != dim:
             raise BundleFormatError(f"{index_path}: not a USearch index of dimension {dim}")
         with duckdb.connect(str(db_path), read_only=True) as con:
@@ -47,6 +56,9 @@ class Gallery:
         keys = np.asarray(rows["key"], dtype=np.int64)
         if len(keys) != len(self.index) or (len(keys) and (keys[0] != 0 or keys[-1] != len(keys) - 1)):
             raise BundleFormatError(f"{db_path}: gallery rows do not match the {len(self.index)} index keys")
+        self.exact = len(self.index) <= EXACT_LIMIT
+        if not self.exact:
+            self.index.expansion_search = HNSW_EXPANSION
         self.lat = np.asarray(rows["lat"], dtype=np.float64)
         self.lon = np.asarray(rows["lon"], dtype=np.float64)
         self.country = rows["country"]
@@ -62,10 +74,12 @@ class Gallery:
             for k, d in zip(matches.keys, matches.distances, strict=True)
         ]
 
+    def _search(self, query: np.ndarray, k: int):  # noqa: ANN202
+        return self.index.search(np.asarray(query, dtype=np.float32), k, exact=self.exact)
+
     def most_similar(self, query: np.ndarray, k: int) -> list[GalleryHit]:
-        return self._hits(self.index.search(np.asarray(query, dtype=np.float32), k), 1.0)
+        return self._hits(self._search(query, k), 1.0)
 
     def least_similar(self, query: np.ndarray, k: int) -> list[GalleryHit]:
         """Nearest to -query: cos(x, -q) = -cos(x, q), so these have the lowest cosine to q."""
-        hits = self._hits(self.index.search(-np.asarray(query, dtype=np.float32), k), -1.0)
-        return hits
+        return self._hits(self._search(-np.asarray(query, dtype=np.float32), k), -1.0)

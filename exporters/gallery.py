@@ -87,12 +87,13 @@ def build_gallery(
     """Write ``gallery.usearch`` and ``metadata.duckdb``; return files and params for the manifest."""
     import duckdb
     from scipy.spatial import cKDTree
-    from usearch.index import Index
+
+    from clue2geo_sdk._native import usearch_index
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     emb = embed_locations(location_onnx, coords)
-    index = Index(ndim=emb.shape[1], metric="cos", dtype=dtype)
+    index = usearch_index().Index(ndim=emb.shape[1], metric="cos", dtype=dtype)
     index.add(np.arange(len(emb), dtype=np.uint64), emb, threads=0)
     index_path = out_dir / "gallery.usearch"
     index.save(str(index_path))

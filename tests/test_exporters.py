@@ -92,12 +92,12 @@ def test_sbert_onnx_matches_sentence_transformers(demo_bundle: Path) -> None:
 
 def test_gallery_index_holds_location_embeddings(demo_bundle: Path) -> None:
     import duckdb
-    from usearch.index import Index
 
+    from clue2geo_sdk._native import usearch_index
     from clue2geo_sdk.encoders import GpsClipEncoder
 
     b = Bundle.open(demo_bundle, verify=False)
-    idx = Index.restore(str(b.file("gallery", "index")), view=True)
+    idx = usearch_index().Index.restore(str(b.file("gallery", "index")), view=True)
     assert len(idx) == 100_000 and idx.ndim == 512
     keys = np.array([0, 1, 4242, 99_999], dtype=np.uint64)
     with duckdb.connect(str(b.file("metadata", "db")), read_only=True) as con:

@@ -185,3 +185,7 @@ def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
     else:
         raise click.UsageError(f"cannot export to {dest.suffix!r}; use .geojson, .csv or .html")
     click.echo(f"{len(recs)} records -> {dest}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,27 @@ def bundle_demo(path: Path, seed: int, overwrite: bool) -> None:
 EXIT_SOME_FAILED = 3
 
 
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A progress bar (images/s, ETA) and the per-record callback that advances it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]locating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns) as progress:
+        task = progress.add_task("locate", total=total, rate="")
+
+        def tick(rec: dict[str, Any]) -> None:
+            progress.advance(task)
+            t = progress.tasks[task]
+            if t.elapsed:
+                progress.update(task, rate=f"{t.completed / t.elapsed:.2f} img/s")
+            if rec["status"] == "error":
+                progress.console.print(f"[yellow]failed[/yellow] {rec['path']}: {rec.get('message')}")
+
+        yield tick
+
+
 @main.command("locate")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--bundle", "bundle_path", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
@@ -117,8 +140,6 @@ EXIT_SOME_FAILED = 3
 def locate(paths: tuple[Path, ...], bundle_path: Path, out: Path, fmt: str | None, recursive: bool, resume: bool,
            report: Path | None, device: str, verify: bool, verbose: bool, **options: Any) -> None:  # fmt: skip
     """Geolocate images and folders into --out; exit 0 if all succeeded, 3 if some failed."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from .batch import discover, read_records, run_batch
     from .geolocator import Geolocator
 
@@ -128,20 +149,8 @@ def locate(paths: tuple[Path, ...], bundle_path: Path, out: Path, fmt: str | Non
         geo = Geolocator.load(bundle_path, device=device, verify=verify, verbose=verbose, **options)
     except (Clue2GeoError, TypeError, RuntimeError) as exc:
         _fail(exc)
-    columns = (TextColumn("[bold]locating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
     try:
-        with geo, Progress(*columns, transient=False, console=None) as progress:
-            task = progress.add_task("locate", total=len(inputs), rate="")
-
-            def tick(rec: dict[str, Any]) -> None:
-                progress.advance(task)
-                t = progress.tasks[task]
-                if t.elapsed:
-                    progress.update(task, rate=f"{t.completed / t.elapsed:.2f} img/s")
-                if rec["status"] == "error":
-                    progress.console.print(f"[yellow]failed[/yellow] {rec['path']}: {rec.get('message')}")
-
+        with geo, _progress(len(inputs)) as tick:
             counts = run_batch(geo, inputs, out, fmt=fmt, resume=resume, on_record=tick)  # type: ignore[arg-type]
             db = geo.bundle.file("metadata", "db")
     except FileExistsError as exc:
@@ -185,6 +194,41 @@ def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
     else:
         raise click.UsageError(f"cannot export to {dest.suffix!r}; use .geojson, .csv or .html")
     click.echo(f"{len(recs)} records -> {dest}")
+
+
+@main.command("eval")
+@click.option("--dataset", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Metadata CSV with IMG_ID, LAT, LON (Im2GPS3k / YFCC4k form).")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--bundle", "bundle_path", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--ablate", default="", help="Comma list of ablations to add: cluemap,refinement.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate a deterministic random sample of N images.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the --limit sample.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-cue-tokens", default=512, show_default=True, type=click.IntRange(16))
+@click.option("--max-answer-tokens", default=128, show_default=True, type=click.IntRange(16))
+@click.option("--verify/--no-verify", default=True, show_default=True)
+def evaluate_cmd(dataset: Path, images: Path, bundle_path: Path, out: Path, ablate: str, limit: int | None, seed: int,
+                 device: str, verify: bool, **options: Any) -> None:  # fmt: skip
+    """Run the pipeline over a dataset (resumable) and write per-image CSV, metrics.json and table.md."""
+    from .eval_run import run_eval, variants
+    from .geolocator import Geolocator
+
+    abl = [a.strip() for a in ablate.split(",") if a.strip()]
+    try:
+        variants(abl)
+        geo = Geolocator.load(bundle_path, device=device, verify=verify, **options)
+    except (Clue2GeoError, ValueError) as exc:
+        _fail(exc)
+    from .evaluate import read_dataset
+
+    n = len(read_dataset(dataset, limit=limit, seed=seed)[0]) * (1 + len(abl))
+    with geo, _progress(n) as tick:
+        report = run_eval(geo, dataset, images, out, ablate=abl, limit=limit, seed=seed, on_record=tick)
+    click.echo((out / "table.md").read_text())
+    failed = {k: len(v["failed"]) for k, v in report["variants"].items()}
+    click.echo(f"wrote {out}/metrics.json, table.md, per-image-*.csv; failed images per variant: {failed}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def _plugin(name: str) -> Any:
             try:
                 return ep.load()
             except ImportError as exc:
-                raise MissingExtraError(exc.name or "torch", "export", f"'clue2geo {name}'") from exc
+                extra = "train" if name == "train" else "export"
+                raise MissingExtraError(exc.name or "torch", extra, f"'clue2geo {name}'") from exc
     raise click.ClickException(f"no plugin {name!r} is installed; reinstall clue2geo with its [export] extra")
 
 
@@ -36,10 +37,34 @@ def _fail(exc: Exception) -> None:
     sys.exit(1)
 
 
+class _LazyPluginGroup(click.Group):
+    """A command group whose commands live in a plugin and are imported only when one is run."""
+
+    def __init__(self, name: str, plugin: str, commands: tuple[str, ...], help: str) -> None:
+        super().__init__(name=name, help=help)
+        self._plugin_name, self._names = plugin, commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self._names)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self._names:
+            return None
+        try:
+            return _plugin(self._plugin_name).get_command(ctx, cmd_name)
+        except MissingExtraError as exc:
+            _fail(exc)
+        return None
+
+
 @click.group()
 @click.version_option(__version__, prog_name="clue2geo")
 def main() -> None:
     """clue2geo: offline photo geolocation (Clue2Geo method)."""
+
+
+main.add_command(_LazyPluginGroup("train", "train", ("dataset", "run", "export"),
+                                  "Build the fine-tuning data, train the three LoRA stages, export a bundle."))  # fmt: skip
 
 
 @main.group()

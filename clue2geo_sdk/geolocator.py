@@ -129,11 +129,26 @@ class Geolocator:
 
     # -- stages ---------------------------------------------------------------------------------
 
-    def _cues(self, session: Any, img: LoadedImage, raw: dict[str, Any]) -> Cluemap:
-        parsed, gens = ask_parsed(session, self.prompts["cues"], parse_cues, schema=CUES_SCHEMA,
-                                  max_tokens=self.options.max_cue_tokens, constrain=self.options.constrain)  # fmt: skip
-        raw["cues"] = [_gen_dict(g) for g in gens]
-        cues, merged = dedupe(parsed or [])
+    def cluemap(
+        self, image: ImageInput, cues: list[tuple[str, str]] | None = None
+    ) -> tuple[Cluemap, list[dict[str, Any]]]:
+        """The cluemap of one image, from the VLM's cues or from ``cues`` given as (cue, description);
+        also the raw VLM outputs. The training-data builder uses this, so both share one implementation."""
+        img = load_image(image)
+        raw: dict[str, Any] = {"cues": []}
+        return self._cues(self.vlm.open(img), img, raw, given=cues), raw["cues"]
+
+    def ask(self, image: ImageInput, prompt: str) -> str:
+        """One free-form answer about an image (e.g. a teacher's reasoning chain)."""
+        img = load_image(image)
+        return self.vlm.open(img).ask(prompt, schema=None, max_tokens=self.options.max_answer_tokens).text
+
+    def _cues(self, session: Any, img: LoadedImage, raw: dict[str, Any], given: list[tuple[str, str]] | None = None) -> Cluemap:
+        if given is None:
+            given, gens = ask_parsed(session, self.prompts["cues"], parse_cues, schema=CUES_SCHEMA,
+                                     max_tokens=self.options.max_cue_tokens, constrain=self.options.constrain)  # fmt: skip
+            raw["cues"] = [_gen_dict(g) for g in gens]
+        cues, merged = dedupe(given or [])
         texts = [f"{c}: {d}" if d else c for c, d in cues]
         patches = [crop for crop, _ in patch_grid(img.image, *self.grid)]
         patch_emb = self.clip.encode_images(patches) if cues else np.zeros((0, 1))

@@ -1,0 +1,43 @@
+"""One config file per stage (TOML), read into a frozen, typed config; unknown keys are refused."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+# LoRA only on the language model's attention and MLP projections (a plain name list would also
+# hit the vision tower's MLPs; DESIGN §4).
+LM_TARGETS = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
+
+
+@attrs.frozen(kw_only=True)
+class StageConfig:
+    stage: str = attrs.field(validator=attrs.validators.in_(("rc", "rl", "ol")))
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    lr: float = 1e-4
+    epochs: int = 1
+    batch: int = 1
+    grad_accum: int = 8
+    max_length: int = 2048
+    max_pixels: int = 401_408  # 512 x 28 x 28: 512 image tokens after 2x2 merging
+    target_modules: str = LM_TARGETS
+    seed: int = 0
+    save_every: int = 50
+    gradient_checkpointing: bool = True  # used on CUDA only
+
+    @classmethod
+    def load(cls, path: str | Path) -> StageConfig:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        known = {f.name for f in attrs.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)

@@ -1,0 +1,175 @@
+"""The training-data builder: geotagged photos -> one JSONL per stage in the paper's templates.
+
+RC (city-level reasoning, fig. 3): image + question -> {country, city, Reasons}
+RL (landmark-level reasoning, fig. 4): image + cluemap -> {country, city, landmark, lat, lon, Reasons}
+OL (landmark-level location optimisation, fig. 5): image + cluemap -> {country, city, landmark, lat, lon}
+
+Cues and cluemaps come from the runtime's own code with a teacher bundle (or cues from a JSONL);
+reasoning chains from a user JSONL or the teacher bundle. Each record says where its parts came from.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from clue2geo_sdk.errors import ImageLoadError
+from clue2geo_sdk.geolocator import Geolocator
+from clue2geo_sdk.image import load_image
+from clue2geo_sdk.parsing import valid_coordinate
+
+STAGES = ("rc", "rl", "ol")
+
+
+@attrs.frozen(kw_only=True)
+class Row:
+    path: Path
+    lat: float
+    lon: float
+    country: str | None
+    city: str | None
+    landmark: str | None
+
+
+def read_rows(csv_path: Path, images: Path) -> tuple[list[Row], dict[str, list[str]]]:
+    """``path, lat, lon`` (+ optional country, city, landmark). Bad rows are returned by reason."""
+    rows: list[Row] = []
+    bad: dict[str, list[str]] = {"missing_file": [], "bad_coordinates": []}
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        need = {"path", "lat", "lon"} - {c.strip().lower() for c in reader.fieldnames or []}
+        if need:
+            raise ValueError(f"{csv_path}: missing column(s) {', '.join(sorted(need))}")
+        for i, raw in enumerate(reader, start=2):
+            r = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k}
+            path = images / r["path"]
+            try:
+                lat, lon = float(r["lat"]), float(r["lon"])
+            except ValueError:
+                bad["bad_coordinates"].append(f"line {i}: {r['lat']!r}, {r['lon']!r}")
+                continue
+            if not valid_coordinate(lat, lon):
+                bad["bad_coordinates"].append(f"line {i}: out of range {lat}, {lon}")
+                continue
+            if not path.is_file():
+                bad["missing_file"].append(f"line {i}: {path}")
+                continue
+            rows.append(Row(path=path, lat=lat, lon=lon, country=r.get("country") or None,
+                            city=r.get("city") or None, landmark=r.get("landmark") or None))  # fmt: skip
+    return rows, bad
+
+
+def split_of(path: Path, val_percent: int) -> str:
+    """Deterministic split by a hash of the file name (stable across machines and runs)."""
+    h = int(hashlib.sha256(path.name.encode()).hexdigest()[:8], 16)
+    return "val" if h % 100 < val_percent else "train"
+
+
+def _coord(x: float) -> str:
+    return f"{x:.6f}"
+
+
+def _record(path: Path, prompt: str, answer: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "image": str(path.resolve()),
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+            {"role": "assistant", "content": json.dumps(answer, ensure_ascii=False)},
+        ],
+        "meta": meta,
+    }
+
+
+def _load_jsonl(path: Path | None, key: str = "path") -> dict[str, dict[str, Any]]:
+    if path is None:
+        return {}
+    out = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            obj = json.loads(line)
+            out[Path(obj[key]).name] = obj
+    return out
+
+
+def build_dataset(
+    csv_path: Path,
+    images: Path,
+    teacher: Geolocator,
+    out_dir: Path,
+    *,
+    cues_jsonl: Path | None = None,
+    reasons_jsonl: Path | None = None,
+    val_percent: int = 10,
+    on_row: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``{rc,rl,ol}.{train,val}.jsonl`` and ``summary.json``; return the summary."""
+    rows, bad = read_rows(csv_path, images)
+    bad["unreadable_image"] = []
+    cues_given = _load_jsonl(cues_jsonl)
+    reasons_given = _load_jsonl(reasons_jsonl)
+    prompts = teacher.prompts
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {(s, sp): open(out_dir / f"{s}.{sp}.jsonl", "w", encoding="utf-8") for s in STAGES for sp in ("train", "val")}
+    counts = {f"{s}.{sp}": 0 for s, sp in files}
+    sources = {"cues": {"teacher": 0, "file": 0}, "reasons": {"teacher": 0, "file": 0}}
+    try:
+        for row in rows:
+            try:
+                img = load_image(row.path)
+            except ImageLoadError as exc:
+                bad["unreadable_image"].append(str(exc))
+                continue
+            place = teacher.geocoder.lookup(row.lat, row.lon)
+            country = row.country or place.country or None
+            city = row.city or place.city or None
+            name = row.path.name
+            given = cues_given.get(name)
+            cues = [(c["cue"], c.get("description", "")) for c in given["cues"]] if given else None
+            cm, _ = teacher.cluemap(img.image, cues=cues)
+            cue_src = "file" if given else "teacher"
+            sources["cues"][cue_src] += 1
+            if name in reasons_given:
+                rc_reason, rl_reason, why_src = reasons_given[name].get("rc", ""), reasons_given[name].get("rl", ""), "file"
+            else:
+                rc_reason = teacher.ask(img.image, prompts["city_reason"].format())
+                rl_reason = teacher.ask(img.image, prompts["locate_reason"].format(cluemap=cm.render()))
+                why_src = "teacher"
+            sources["reasons"][why_src] += 1
+            split = split_of(row.path, val_percent)
+            meta = {"lat": row.lat, "lon": row.lon, "cues_source": cue_src, "reasons_source": why_src,
+                    "country_source": "csv" if row.country else "reverse_geocoder",
+                    "city_source": "csv" if row.city else "reverse_geocoder", "split": split}  # fmt: skip
+            loc = {"country": country, "city": city, "landmark": row.landmark, "lat": _coord(row.lat), "lon": _coord(row.lon)}
+            recs = {
+                "rc": _record(row.path, prompts["city_reason"].format(), {"country": country, "city": city, "Reasons": rc_reason}, meta),
+                "rl": _record(row.path, prompts["locate_reason"].format(cluemap=cm.render()), {**loc, "Reasons": rl_reason}, meta),
+                "ol": _record(row.path, prompts["locate"].format(cluemap=cm.render()), loc, meta),
+            }
+            for stage, rec in recs.items():
+                files[(stage, split)].write(json.dumps(rec, ensure_ascii=False) + "\n")
+                counts[f"{stage}.{split}"] += 1
+            if on_row:
+                on_row(name)
+    finally:
+        for fh in files.values():
+            fh.close()
+    summary = {
+        "csv": str(csv_path),
+        "images": str(images),
+        "teacher_bundle": teacher.bundle.name,
+        "rows_read": len(rows) + len(bad["missing_file"]) + len(bad["bad_coordinates"]),
+        "written": counts,
+        "skipped": {k: len(v) for k, v in bad.items()},
+        "skipped_detail": bad,
+        "sources": sources,
+        "templates": {k: prompts[k] for k in ("city_reason", "locate_reason", "locate")},
+        "val_percent": val_percent,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary

@@ -1,0 +1,62 @@
+"""Trained model -> bundle: the VLM exported to GGUF + mmproj with the templates it was trained on;
+the other components copied (and verified) from an existing bundle, or built afresh."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from clue2geo_sdk.bundle import Bundle, BundleWriter
+from clue2geo_sdk.prompts import DEFAULT_PROMPTS
+from exporters import vlm_gguf
+from exporters.bundle_builder import _vlm_params, build_bundle
+
+
+def trained_templates(data_summary: Path | None) -> dict[str, str]:
+    """The prompt templates the dataset builder wrote (so inference asks what training taught)."""
+    if data_summary is None or not data_summary.exists():
+        return {}
+    return dict(json.loads(data_summary.read_text(encoding="utf-8")).get("templates", {}))
+
+
+def export_trained(
+    model_dir: Path,
+    out: Path,
+    *,
+    name: str,
+    from_bundle: Path | None = None,
+    data_summary: Path | None = None,
+    quant: str = "Q4_K_M",
+    overwrite: bool = False,
+) -> Bundle:
+    prompts = trained_templates(data_summary)
+    if from_bundle is None:
+        return build_bundle(out, name=name, qwen_dir=model_dir, clip_model=None, clip_vision_dir=None, quant=quant,
+                            overwrite=overwrite, prompts=prompts)  # fmt: skip
+    src = Bundle.open(from_bundle, verify=True)
+    writer = BundleWriter(out, name=name, demo=False, overwrite=overwrite)
+    vlm = vlm_gguf.export_vlm(model_dir, out / "vlm", quant=quant)
+    params: dict[str, Any] = _vlm_params(quant, vlm["check"])
+    params["prompts"] = {**DEFAULT_PROMPTS, **prompts}
+    writer.add("vlm", {"model": vlm["model"], "mmproj": vlm["mmproj"]}, params=params,
+               provenance={"source": str(model_dir), "trained": True, "data": str(data_summary) if data_summary else None})  # fmt: skip
+    random_parts = []
+    for role, comp in src.components.items():
+        if role == "vlm":
+            continue
+        files = {}
+        for key, f in comp.files.items():
+            dst = out / f.path
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src.root / f.path, dst)
+            files[key] = dst
+        writer.add(role, files, params=comp.params, provenance={**comp.provenance, "copied_from": src.name},
+                   random_weights=comp.random_weights)  # fmt: skip
+        if comp.random_weights:
+            random_parts.append(role)
+    writer.demo = bool(random_parts)
+    writer.extra = {"random_components": random_parts}
+    writer.write()
+    return Bundle.open(out, verify=True)

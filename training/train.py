@@ -1,0 +1,209 @@
+"""The three LoRA stages (RC -> RL -> OL) on Qwen2.5-VL with transformers + peft.
+
+Each stage starts from the previous stage's merged weights (or the base model), trains LoRA on the
+language model only, masks the loss on everything but the assistant's answer, checkpoints
+(adapter + optimizer + state.json with config, step and base-model digest) and resumes an
+interrupted stage from its last checkpoint. Finally it merges the adapter into a plain Hugging Face
+folder that the VLM exporter converts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .config import StageConfig
+
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+HF_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json", "merges.txt", "chat_template.jinja", "preprocessor_config.json", "generation_config.json")  # fmt: skip
+
+
+def model_digest(folder: Path) -> str:
+    """sha256 over the model's safetensors files (names and bytes), to tie checkpoints to their base."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def fit_pixels(img: Image.Image, max_pixels: int) -> Image.Image:
+    w, h = img.size
+    if w * h <= max_pixels:
+        return img
+    s = math.sqrt(max_pixels / (w * h))
+    return img.resize((max(28, int(w * s)), max(28, int(h * s))), Image.Resampling.BICUBIC)
+
+
+def encode_example(processor: Any, rec: dict[str, Any], cfg: StageConfig) -> dict[str, torch.Tensor]:
+    """Tokenize one record; labels are -100 except on the answer and its closing <|im_end|>."""
+    from clue2geo_sdk.image import load_image
+
+    user, assistant = rec["messages"]
+    prompt = next(c["text"] for c in user["content"] if c["type"] == "text")
+    img = fit_pixels(load_image(rec["image"]).image, cfg.max_pixels)
+    head = f"{SYSTEM}<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    full = head + assistant["content"] + "<|im_end|>\n"
+    enc = processor(text=[full], images=[img], return_tensors="pt")
+    n_prompt = processor(text=[head], images=[img], return_tensors="pt")["input_ids"].shape[1]
+    labels = enc["input_ids"].clone()
+    labels[:, :n_prompt] = -100
+    if enc["input_ids"].shape[1] > cfg.max_length:
+        raise ValueError(f"{rec['image']}: {enc['input_ids'].shape[1]} tokens exceed max_length {cfg.max_length}")
+    return {**enc, "labels": labels}
+
+
+def finalize_hf_folder(src: Path, dst: Path) -> None:
+    """Copy tokenizer / processor files and write ``architectures`` at the top of config.json."""
+    for name in HF_EXTRA_FILES:
+        if (src / name).exists() and not (dst / name).exists():
+            shutil.copy(src / name, dst / name)
+    cfg_path = dst / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def train_stage(
+    cfg: StageConfig,
+    base: Path,
+    data: Path,
+    out: Path,
+    *,
+    device: str = "cpu",
+    max_steps: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train one stage on ``data/<stage>.train.jsonl``; write ``out/merged``; return losses and timing."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_jsonl(data / f"{cfg.stage}.train.jsonl")
+    if not records:
+        raise ValueError(f"{data / f'{cfg.stage}.train.jsonl'} has no training records")
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    processor = AutoProcessor.from_pretrained(str(base))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(base), dtype=dtype).to(device)
+    if cuda and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                      task_type="CAUSAL_LM")  # fmt: skip
+    model = get_peft_model(model, lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    digest = model_digest(base)
+    ckpt = out / "checkpoint"
+    state: dict[str, Any] = {"stage": cfg.stage, "step": 0, "config": cfg.to_dict(), "base": str(base), "base_digest": digest, "losses": []}
+    if (ckpt / "state.json").exists():
+        saved = json.loads((ckpt / "state.json").read_text())
+        if saved["base_digest"] != digest or saved["config"] != cfg.to_dict():
+            raise ValueError(f"{ckpt}: checkpoint was made from another base model or config; remove it to start over")
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        state = saved
+    per_epoch = math.ceil(len(records) / cfg.batch)
+    total_micro = per_epoch * cfg.epochs
+    if max_steps is not None:
+        total_micro = min(total_micro, max_steps * cfg.grad_accum)
+    model.train()
+    t0 = time.perf_counter()
+    micro = state["step"] * cfg.grad_accum
+    window: list[float] = []
+    while micro < total_micro:
+        epoch, pos = divmod(micro, per_epoch)
+        order = list(range(len(records)))
+        random.Random(cfg.seed + epoch).shuffle(order)
+        batch = [records[i] for i in order[pos * cfg.batch : (pos + 1) * cfg.batch]]
+        loss_sum = 0.0
+        for rec in batch:
+            ex = {k: v.to(device) for k, v in encode_example(processor, rec, cfg).items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                loss = model(**ex).loss / (len(batch) * cfg.grad_accum)
+            loss.backward()
+            loss_sum += float(loss.detach()) * cfg.grad_accum
+        window.append(loss_sum)
+        micro += 1
+        if micro % cfg.grad_accum == 0 or micro == total_micro:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state["step"] = math.ceil(micro / cfg.grad_accum)
+            state["losses"].append(round(sum(window) / len(window), 6))
+            window = []
+            if on_step:
+                on_step(state["step"], state["losses"][-1])
+            if state["step"] % cfg.save_every == 0 or micro == total_micro:
+                _save_checkpoint(model, opt, state, ckpt)
+    seconds = time.perf_counter() - t0
+    merged_dir = out / "merged"
+    merged = model.merge_and_unload()
+    merged.to(torch.float32 if not cuda else dtype).save_pretrained(str(merged_dir), safe_serialization=True)
+    finalize_hf_folder(base, merged_dir)
+    summary = {"stage": cfg.stage, "steps": state["step"], "losses": state["losses"], "seconds": round(seconds, 2),
+               "base_digest": digest, "merged": str(merged_dir), "records": len(records)}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _save_checkpoint(model: Any, opt: torch.optim.Optimizer, state: dict[str, Any], ckpt: Path) -> None:
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    tmp.rename(ckpt)
+
+
+def run_stages(
+    configs: Sequence[StageConfig],
+    base: Path,
+    data: Path,
+    out: Path,
+    *,
+    skip: Sequence[str] = (),
+    device: str = "cpu",
+    max_steps: int | None = None,
+    on_step: Callable[[str, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """RC -> RL -> OL (any skippable): each from the previous merged model. ``out/final`` is the last one."""
+    current = base
+    summaries = []
+    for cfg in configs:
+        if cfg.stage in skip:
+            continue
+        stage_out = out / cfg.stage
+        summary = train_stage(cfg, current, data, stage_out, device=device, max_steps=max_steps,
+                              on_step=(lambda s, l, st=cfg.stage: on_step(st, s, l)) if on_step else None)  # fmt: skip
+        summaries.append(summary)
+        current = Path(summary["merged"])
+    final = out / "final"
+    if final.is_symlink() or final.exists():
+        final.unlink() if final.is_symlink() else shutil.rmtree(final)
+    shutil.copytree(current, final)
+    result = {"stages": summaries, "skipped": list(skip), "final": str(final), "templates_from": str(data / "summary.json")}
+    (out / "run.json").write_text(json.dumps(result, indent=2))
+    return result

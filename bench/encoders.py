@@ -42,12 +42,13 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from exporters.clip_onnx import tiny_open_clip
-    from exporters.gpsclip import ImageTower
-    from exporters.sbert_onnx import minilm_dir
     from geoclip import LocationEncoder
     from PIL import Image
     from sentence_transformers import SentenceTransformer
+
+    from exporters.clip_onnx import tiny_open_clip
+    from exporters.gpsclip import ImageTower
+    from exporters.sbert_onnx import minilm_dir
 
     dev = torch.device(args.device)
     b = Bundle.open(args.bundle, verify=False)
@@ -60,14 +61,22 @@ def main() -> None:
     images = [Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)) for _ in range(args.batch)]
     texts = [f"cue {i}: a red-roofed building beside a canal with bicycles, sign number {i}" for i in range(args.batch)]
     coords = np.column_stack([rng.uniform(-90, 90, 4096), rng.uniform(-180, 180, 4096)]).astype(np.float32)
-    results: dict = {"device": args.device, "batch": args.batch, "providers": prov, "torch_threads": torch.get_num_threads()}
+    results: dict = {
+        "device": args.device,
+        "batch": args.batch,
+        "providers": prov,
+        "torch_threads": torch.get_num_threads(),
+    }
 
     def compare(name: str, n: int, onnx_fn, torch_fn) -> None:  # noqa: ANN001
         r_onnx, o = rate(onnx_fn, n, args.repeats)
         with torch.inference_mode():
             r_torch, t = rate(torch_fn, n, args.repeats)
-        results[name] = {"onnx_per_s": round(r_onnx, 1), "torch_per_s": round(r_torch, 1),
-                         "max_abs_diff": float(np.max(np.abs(unit(o) - unit(t))))}  # fmt: skip
+        results[name] = {
+            "onnx_per_s": round(r_onnx, 1),
+            "torch_per_s": round(r_torch, 1),
+            "max_abs_diff": float(np.max(np.abs(unit(o) - unit(t)))),
+        }
         print(json.dumps({name: results[name]}), flush=True)
 
     pix = torch.from_numpy(preprocess(images, b.params("clip"))).to(dev)
@@ -83,8 +92,12 @@ def main() -> None:
     tc = torch.from_numpy(coords).to(dev)
     compare("gpsclip_location", len(coords), lambda: gps.encode_locations(coords), lambda: loc(tc).cpu().numpy())
     st = SentenceTransformer(str(minilm_dir()), device=args.device)
-    compare("sbert", len(texts), lambda: sbert.encode(texts),
-            lambda: st.encode(texts, batch_size=args.batch, normalize_embeddings=True))  # fmt: skip
+    compare(
+        "sbert",
+        len(texts),
+        lambda: sbert.encode(texts),
+        lambda: st.encode(texts, batch_size=args.batch, normalize_embeddings=True),
+    )
     print(json.dumps(results, indent=2))
 
 

@@ -45,7 +45,9 @@ def main() -> None:
                     stages[k].append(v)
                 for kind, gens in pred.raw_outputs.items():
                     for g in gens:
-                        calls[kind if not kind.startswith("rag") else "rag"].append((g["tokens"], g["seconds"], g["constrained"]))
+                        calls[kind if not kind.startswith("rag") else "rag"].append(
+                            (g["tokens"], g["seconds"], g["constrained"])
+                        )
     out = {
         "bundle": str(args.bundle),
         "device": args.device,
@@ -54,9 +56,12 @@ def main() -> None:
         "load_s": {"verify": round(load_verified, 3), "no_verify": round(load_plain, 3)},
         "stages_s": {k: {"mean": round(statistics.mean(v), 4), "max": round(max(v), 4)} for k, v in stages.items()},
         "vlm_calls": {
-            k: {"calls": len(v), "mean_tokens": round(statistics.mean(t for t, _, _ in v), 1),
+            k: {
+                "calls": len(v),
+                "mean_tokens": round(statistics.mean(t for t, _, _ in v), 1),
                 "tokens_per_s": round(sum(t for t, _, _ in v) / max(1e-9, sum(s for _, s, _ in v)), 1),
-                "constrained_share": round(sum(c for _, _, c in v) / len(v), 3)}  # fmt: skip
+                "constrained_share": round(sum(c for _, _, c in v) / len(v), 3),
+            }
             for k, v in calls.items()
         },
     }

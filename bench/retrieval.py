@@ -43,7 +43,9 @@ def exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def bench_index(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, dtype: str, tmp: Path, prebuilt: Path | None = None) -> dict:
+def bench_index(
+    base: np.ndarray, queries: np.ndarray, truth: np.ndarray, dtype: str, tmp: Path, prebuilt: Path | None = None
+) -> dict:
     ui = usearch_index()
     res: dict = {"dtype": dtype}
     if prebuilt is None:
@@ -69,8 +71,11 @@ def bench_index(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, dtype:
             lat.append(time.perf_counter() - t0)
             found.append(m.keys)
         recall = float(np.mean([len(set(f.tolist()) & set(t.tolist())) / K for f, t in zip(found, truth, strict=True)]))
-        res[mode] = {"recall@15": round(recall, 4), "p50_ms": round(1000 * float(np.percentile(lat, 50)), 3),
-                     "p99_ms": round(1000 * float(np.percentile(lat, 99)), 3)}  # fmt: skip
+        res[mode] = {
+            "recall@15": round(recall, 4),
+            "p50_ms": round(1000 * float(np.percentile(lat, 50)), 3),
+            "p99_ms": round(1000 * float(np.percentile(lat, 99)), 3),
+        }
     return res
 
 
@@ -80,7 +85,9 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="*", default=["f32", "f16", "i8"])
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--bundle", type=Path, default=None, help="also benchmark this bundle's gallery with its real vectors")
+    ap.add_argument(
+        "--bundle", type=Path, default=None, help="also benchmark this bundle's gallery with its real vectors"
+    )
     args = ap.parse_args()
     results = {"synthetic": [], "cores": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,11 +113,16 @@ def main() -> None:
             base = np.asarray(view.get(np.arange(len(view), dtype=np.uint64)), dtype=np.float32)
             base /= np.linalg.norm(base, axis=1, keepdims=True)
             rng = np.random.default_rng(2)
-            queries = base[rng.integers(0, len(base), args.queries)] + 0.05 * rng.standard_normal((args.queries, base.shape[1]), dtype=np.float32)
+            queries = base[rng.integers(0, len(base), args.queries)] + 0.05 * rng.standard_normal(
+                (args.queries, base.shape[1]), dtype=np.float32
+            )
             queries /= np.linalg.norm(queries, axis=1, keepdims=True)
             truth = exact_topk(base, queries, K)
-            results["bundle_gallery"] = {"size": len(base), "queries": "gallery vectors + noise",
-                                         **bench_index(base, queries, truth, b.params("gallery")["dtype"], Path(tmp), prebuilt=path)}  # fmt: skip
+            results["bundle_gallery"] = {
+                "size": len(base),
+                "queries": "gallery vectors + noise",
+                **bench_index(base, queries, truth, b.params("gallery")["dtype"], Path(tmp), prebuilt=path),
+            }
     print(json.dumps(results, indent=2))
 
 

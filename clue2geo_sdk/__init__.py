@@ -1,9 +1,9 @@
 """clue2geo: offline photo geolocation with the Clue2Geo method.
 
-    from clue2geo_sdk import Geolocator
-    with Geolocator.load("artifacts/demo") as geo:
-        pred = geo.locate("photo.jpg")
-        print(pred.lat, pred.lon, pred.country, pred.city, pred.confidence)
+from clue2geo_sdk import Geolocator
+with Geolocator.load("artifacts/demo") as geo:
+    pred = geo.locate("photo.jpg")
+    print(pred.lat, pred.lon, pred.country, pred.city, pred.confidence)
 """
 
 from ._version import __version__

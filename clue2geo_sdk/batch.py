@@ -23,8 +23,25 @@ from .results import Prediction
 
 Format = Literal["jsonl", "csv", "geojson"]
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
-CSV_FIELDS = ("path", "status", "lat", "lon", "country", "city", "landmark", "confidence", "spread_km", "source",
-              "fallback", "invalid_candidates", "image_sha256", "bundle", "seconds", "error", "message")  # fmt: skip
+CSV_FIELDS = (
+    "path",
+    "status",
+    "lat",
+    "lon",
+    "country",
+    "city",
+    "landmark",
+    "confidence",
+    "spread_km",
+    "source",
+    "fallback",
+    "invalid_candidates",
+    "image_sha256",
+    "bundle",
+    "seconds",
+    "error",
+    "message",
+)
 
 
 def discover(paths: Iterable[str | Path], *, recursive: bool) -> Iterator[Path | Failure]:
@@ -45,8 +62,11 @@ def discover(paths: Iterable[str | Path], *, recursive: bool) -> Iterator[Path |
                 yield Failure(image=str(folder), error="UnreadableFolder", message=f"{folder}: {exc.strerror or exc}")
                 continue
             if (st.st_dev, st.st_ino) in seen:
-                yield Failure(image=str(folder), error="SymlinkLoop",
-                              message=f"{folder}: symlink loop (folder already visited); skipped")  # fmt: skip
+                yield Failure(
+                    image=str(folder),
+                    error="SymlinkLoop",
+                    message=f"{folder}: symlink loop (folder already visited); skipped",
+                )
                 continue
             seen.add((st.st_dev, st.st_ino))
             try:
@@ -90,7 +110,11 @@ def record_to_feature(rec: dict[str, Any]) -> dict[str, Any] | None:
     if rec.get("status") != "ok":
         return None
     props = {k: v for k, v in rec.items() if k not in ("lat", "lon")}
-    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [rec["lon"], rec["lat"]]}, "properties": props}
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Point", "coordinates": [rec["lon"], rec["lat"]]},
+        "properties": props,
+    }
 
 
 def _journal_path(out: Path, fmt: Format) -> Path:
@@ -188,9 +212,11 @@ def run_batch(
                     if on_record:
                         on_record({"path": str(item), "status": "skipped"})
                     continue
-                result = geo._try_locate(item)
+                result = geo.try_locate(item)
                 if isinstance(result, Failure) and key[1] is not None:
-                    result = Failure(image=result.image, error=result.error, message=result.message, image_sha256=key[1])
+                    result = Failure(
+                        image=result.image, error=result.error, message=result.message, image_sha256=key[1]
+                    )
                 rec = record_of(result, str(item), time.perf_counter() - t0)
             if key in done:
                 counts["skipped"] += 1

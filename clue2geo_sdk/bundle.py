@@ -196,9 +196,7 @@ class Bundle:
             for key, f in comp.files.items():
                 path = self.root / f.path
                 if not path.is_file():
-                    raise BundleIntegrityError(
-                        f"bundle {self.name!r}: {comp.role} file {key!r} is missing: {path}"
-                    )
+                    raise BundleIntegrityError(f"bundle {self.name!r}: {comp.role} file {key!r} is missing: {path}")
                 size = path.stat().st_size
                 actual = sha256_file(path)
                 if actual != f.sha256:
@@ -272,7 +270,7 @@ class BundleWriter:
             "format_version": FORMAT_VERSION,
             "sdk_version": __version__,
             "name": self.name,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "demo": self.demo,
             **self.extra,
             "components": [c.to_dict() for c in sorted(self.components, key=lambda c: ROLES.index(c.role))],

@@ -63,8 +63,14 @@ def main() -> None:
     """clue2geo: offline photo geolocation (Clue2Geo method)."""
 
 
-main.add_command(_LazyPluginGroup("train", "train", ("dataset", "run", "export"),
-                                  "Build the fine-tuning data, train the three LoRA stages, export a bundle."))  # fmt: skip
+main.add_command(
+    _LazyPluginGroup(
+        "train",
+        "train",
+        ("dataset", "run", "export"),
+        "Build the fine-tuning data, train the three LoRA stages, export a bundle.",
+    )
+)
 
 
 @main.group()
@@ -125,10 +131,24 @@ EXIT_SOME_FAILED = 3
 @contextlib.contextmanager
 def _progress(total: int) -> Iterator[Callable[[dict[str, Any]], None]]:
     """A progress bar (images/s, ETA) and the per-record callback that advances it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn("[bold]locating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
+    columns = (
+        TextColumn("[bold]locating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns) as progress:
         task = progress.add_task("locate", total=total, rate="")
 
@@ -147,8 +167,13 @@ def _progress(total: int) -> Iterator[Callable[[dict[str, Any]], None]]:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--bundle", "bundle_path", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Results file (appended per image).")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "geojson"]), default=None,
-              help="Output format (default: from --out's suffix, else jsonl).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "csv", "geojson"]),
+    default=None,
+    help="Output format (default: from --out's suffix, else jsonl).",
+)
 @click.option("--recursive", "-r", is_flag=True, help="Descend into sub-folders.")
 @click.option("--resume", is_flag=True, help="Skip images already in --out (same path and sha256).")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write an offline HTML map report.")
@@ -162,8 +187,19 @@ def _progress(total: int) -> Iterator[Callable[[dict[str, Any]], None]]:
 @click.option("--max-answer-tokens", default=128, show_default=True, type=click.IntRange(16))
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check the bundle's sha256 digests first.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's native logs.")
-def locate(paths: tuple[Path, ...], bundle_path: Path, out: Path, fmt: str | None, recursive: bool, resume: bool,
-           report: Path | None, device: str, verify: bool, verbose: bool, **options: Any) -> None:  # fmt: skip
+def locate(
+    paths: tuple[Path, ...],
+    bundle_path: Path,
+    out: Path,
+    fmt: str | None,
+    recursive: bool,
+    resume: bool,
+    report: Path | None,
+    device: str,
+    verify: bool,
+    verbose: bool,
+    **options: Any,
+) -> None:
     """Geolocate images and folders into --out; exit 0 if all succeeded, 3 if some failed."""
     from .batch import discover, read_records, run_batch
     from .geolocator import Geolocator
@@ -194,7 +230,9 @@ def locate(paths: tuple[Path, ...], bundle_path: Path, out: Path, fmt: str | Non
 @main.command("export")
 @click.argument("records", type=click.Path(exists=True, path_type=Path))
 @click.option("--to", "dest", required=True, type=click.Path(path_type=Path), help=".geojson, .csv or .html (report).")
-@click.option("--bundle", "bundle_path", type=click.Path(path_type=Path), help="Bundle (needed for .html: its map data).")
+@click.option(
+    "--bundle", "bundle_path", type=click.Path(path_type=Path), help="Bundle (needed for .html: its map data)."
+)
 def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
     """Convert a JSONL results file into GeoJSON, CSV or the HTML map report."""
     import csv as _csv
@@ -222,20 +260,36 @@ def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
 
 
 @main.command("eval")
-@click.option("--dataset", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Metadata CSV with IMG_ID, LAT, LON (Im2GPS3k / YFCC4k form).")
+@click.option(
+    "--dataset",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Metadata CSV with IMG_ID, LAT, LON (Im2GPS3k / YFCC4k form).",
+)
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--bundle", "bundle_path", required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--ablate", default="", help="Comma list of ablations to add: cluemap,refinement.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate a deterministic random sample of N images.")
+@click.option(
+    "--limit", type=click.IntRange(1), default=None, help="Evaluate a deterministic random sample of N images."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the --limit sample.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-cue-tokens", default=512, show_default=True, type=click.IntRange(16))
 @click.option("--max-answer-tokens", default=128, show_default=True, type=click.IntRange(16))
 @click.option("--verify/--no-verify", default=True, show_default=True)
-def evaluate_cmd(dataset: Path, images: Path, bundle_path: Path, out: Path, ablate: str, limit: int | None, seed: int,
-                 device: str, verify: bool, **options: Any) -> None:  # fmt: skip
+def evaluate_cmd(
+    dataset: Path,
+    images: Path,
+    bundle_path: Path,
+    out: Path,
+    ablate: str,
+    limit: int | None,
+    seed: int,
+    device: str,
+    verify: bool,
+    **options: Any,
+) -> None:
     """Run the pipeline over a dataset (resumable) and write per-image CSV, metrics.json and table.md."""
     from .eval_run import run_eval, variants
     from .geolocator import Geolocator

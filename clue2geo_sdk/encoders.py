@@ -49,6 +49,12 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.clip(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12, None)
 
 
+def mean_pool_normalize(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sentence-transformers' pooling: mask-weighted mean over tokens, then unit length."""
+    m = mask[..., None].astype(np.float32)
+    return _normalize((tokens * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None))
+
+
 def preprocess(images: Sequence[Image.Image], params: Mapping[str, Any]) -> np.ndarray:
     """CLIP preprocessing: shortest side to ``image_size`` (bicubic), center crop, scale, normalize."""
     size = int(params["image_size"])
@@ -80,7 +86,9 @@ def patch_grid(img: Image.Image, rows: int, cols: int) -> list[tuple[Image.Image
 class ClipEncoder:
     """CLIP image and text towers; text through the bundle's ``tokenizer.json``."""
 
-    def __init__(self, files: Mapping[str, Path], params: Mapping[str, Any], providers: list[str], batch: int = 32) -> None:
+    def __init__(
+        self, files: Mapping[str, Path], params: Mapping[str, Any], providers: list[str], batch: int = 32
+    ) -> None:
         from tokenizers import Tokenizer
 
         self.params = params
@@ -127,7 +135,9 @@ class GpsClipEncoder:
 class SbertEncoder:
     """Sentence-BERT: token embeddings from ONNX, then mean pooling and L2 normalization."""
 
-    def __init__(self, files: Mapping[str, Path], params: Mapping[str, Any], providers: list[str], batch: int = 64) -> None:
+    def __init__(
+        self, files: Mapping[str, Path], params: Mapping[str, Any], providers: list[str], batch: int = 64
+    ) -> None:
         from tokenizers import Tokenizer
 
         self.params = params
@@ -148,6 +158,5 @@ class SbertEncoder:
             mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
             feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
             tokens = self._model.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0]
-            m = mask[..., None].astype(np.float32)
-            chunks.append((tokens * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None))
-        return _normalize(np.concatenate(chunks))
+            chunks.append(mean_pool_normalize(tokens, mask))
+        return np.concatenate(chunks)

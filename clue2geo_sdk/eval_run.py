@@ -17,13 +17,36 @@ import attrs
 
 from ._version import __version__
 from .batch import read_records, run_batch
-from .evaluate import CONVENTIONS, THRESHOLD_NAMES, THRESHOLDS_KM, Metrics, compute_metrics, distance_km, geoscore, read_dataset
+from .evaluate import (
+    CONVENTIONS,
+    THRESHOLD_NAMES,
+    THRESHOLDS_KM,
+    Metrics,
+    compute_metrics,
+    distance_km,
+    geoscore,
+    read_dataset,
+)
 from .geolocator import Geolocator
 
-ABLATIONS = {"cluemap": ("wo_cm", "Clue2Geo w/o CM", {"use_cluemap": False}),
-             "refinement": ("wo_cr", "Clue2Geo w/o CR", {"use_refinement": False})}  # fmt: skip
-PER_IMAGE_FIELDS = ("img_id", "true_lat", "true_lon", "status", "pred_lat", "pred_lon", "distance_km", "geoscore",
-                    "country_true", "country_pred", "source", "error")  # fmt: skip
+ABLATIONS = {
+    "cluemap": ("wo_cm", "Clue2Geo w/o CM", {"use_cluemap": False}),
+    "refinement": ("wo_cr", "Clue2Geo w/o CR", {"use_refinement": False}),
+}
+PER_IMAGE_FIELDS = (
+    "img_id",
+    "true_lat",
+    "true_lon",
+    "status",
+    "pred_lat",
+    "pred_lon",
+    "distance_km",
+    "geoscore",
+    "country_true",
+    "country_pred",
+    "source",
+    "error",
+)
 
 
 def variants(ablate: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -34,14 +57,23 @@ def variants(ablate: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def markdown_table(rows: Sequence[tuple[str, Metrics]], dataset: str) -> str:
-    head = ["Dataset", "Method", *(f"{THRESHOLD_NAMES[t]}({t:g}km)" for t in THRESHOLDS_KM),
-            "Median km", "GeoScore", "Country acc.", "Failed"]  # fmt: skip
+    head = [
+        "Dataset",
+        "Method",
+        *(f"{THRESHOLD_NAMES[t]}({t:g}km)" for t in THRESHOLDS_KM),
+        "Median km",
+        "GeoScore",
+        "Country acc.",
+        "Failed",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, m in rows:
         acc = [f"{100 * m.accuracy[f'{t:g}']:.2f}" for t in THRESHOLDS_KM]
         med = f"{m.median_km:.1f}" if m.median_km is not None else "—"
         country = f"{100 * m.country_accuracy:.2f}" if m.country_accuracy is not None else "—"
-        lines.append("| " + " | ".join([dataset, label, *acc, med, f"{m.geoscore:.0f}", country, f"{m.n_failed}/{m.n}"]) + " |")
+        lines.append(
+            "| " + " | ".join([dataset, label, *acc, med, f"{m.geoscore:.0f}", country, f"{m.n_failed}/{m.n}"]) + " |"
+        )
     return "\n".join(lines) + "\n\nAccuracy in % within each distance (d < t); see metrics.json for the conventions.\n"
 
 
@@ -62,10 +94,21 @@ def run_eval(
     table_rows: list[tuple[str, Metrics]] = []
     report: dict[str, Any] = {
         "sdk_version": __version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "bundle": {"name": geo.bundle.name, "digest": geo.bundle.digest, "path": str(geo.bundle.root), "demo": geo.bundle.demo},
-        "dataset": {"metadata": str(dataset), "images": str(images), "n": len(samples), "limit": limit, "seed": seed,
-                    "skipped_rows": problems},  # fmt: skip
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "bundle": {
+            "name": geo.bundle.name,
+            "digest": geo.bundle.digest,
+            "path": str(geo.bundle.root),
+            "demo": geo.bundle.demo,
+        },
+        "dataset": {
+            "metadata": str(dataset),
+            "images": str(images),
+            "n": len(samples),
+            "limit": limit,
+            "seed": seed,
+            "skipped_rows": problems,
+        },
         "conventions": CONVENTIONS,
         "variants": {},
     }
@@ -80,13 +123,25 @@ def run_eval(
             for s, p in zip(samples, paths, strict=True):
                 rec = latest.get(str(p), {"status": "error", "error": "NotRun"})
                 ct = geo.geocoder.lookup(s.lat, s.lon).country_code
-                row: dict[str, Any] = {"img_id": s.img_id, "true_lat": s.lat, "true_lon": s.lon, "status": rec["status"],
-                                       "country_true": ct, "error": rec.get("error") or ""}  # fmt: skip
+                row: dict[str, Any] = {
+                    "img_id": s.img_id,
+                    "true_lat": s.lat,
+                    "true_lon": s.lon,
+                    "status": rec["status"],
+                    "country_true": ct,
+                    "error": rec.get("error") or "",
+                }
                 if rec["status"] == "ok":
                     d = distance_km(s.lat, s.lon, rec["lat"], rec["lon"])
                     cp = geo.geocoder.lookup(rec["lat"], rec["lon"]).country_code
-                    row.update(pred_lat=rec["lat"], pred_lon=rec["lon"], distance_km=round(d, 4),
-                               geoscore=round(float(geoscore(d)), 2), country_pred=cp, source=rec.get("source"))  # fmt: skip
+                    row.update(
+                        pred_lat=rec["lat"],
+                        pred_lon=rec["lon"],
+                        distance_km=round(d, 4),
+                        geoscore=round(float(geoscore(d)), 2),
+                        country_pred=cp,
+                        source=rec.get("source"),
+                    )
                     dists.append(d)
                     c_pred.append(cp)
                 else:
@@ -100,8 +155,12 @@ def run_eval(
                 w.writerows(rows)
             m = compute_metrics(dists, country_true=c_true, country_pred=c_pred)
             table_rows.append((label, m))
-            report["variants"][slug] = {"label": label, "options": overrides, "metrics": m.to_dict(),
-                                        "failed": [r["img_id"] for r in rows if r["status"] != "ok"]}  # fmt: skip
+            report["variants"][slug] = {
+                "label": label,
+                "options": overrides,
+                "metrics": m.to_dict(),
+                "failed": [r["img_id"] for r in rows if r["status"] != "ok"],
+            }
     finally:
         geo.options = base
     (out / "metrics.json").write_text(json.dumps(report, indent=2))

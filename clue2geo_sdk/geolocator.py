@@ -83,10 +83,12 @@ class Geolocator:
         self.sbert = SbertEncoder(files["sbert"], bundle.params("sbert"), providers)
         gparams = bundle.params("gallery")
         self.gallery = Gallery(
-            files["gallery"]["index"], files["metadata"]["db"], dim=int(gparams["dim"]),
+            files["gallery"]["index"],
+            files["metadata"]["db"],
+            dim=int(gparams["dim"]),
             encoder_sha256=str(gparams["encoder_sha256"]),
             location_sha256=bundle.component("gpsclip").files["location"].sha256,
-        )  # fmt: skip
+        )
         self.geocoder = ReverseGeocoder(files["metadata"]["db"])
         self.prompts = resolve(bundle.params("vlm").get("prompts"))
         grid = bundle.params("clip").get("patch_grid", [3, 3])
@@ -111,11 +113,15 @@ class Geolocator:
         if n_gpu_layers is None:
             n_gpu_layers = 0 if device == "cpu" else -1
         vlm = LlamaCppVLM(
-            bundle.file("vlm", "model"), bundle.file("vlm", "mmproj"),
-            n_ctx=int(p.get("n_ctx", 4096)), n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+            bundle.file("vlm", "model"),
+            bundle.file("vlm", "mmproj"),
+            n_ctx=int(p.get("n_ctx", 4096)),
+            n_gpu_layers=n_gpu_layers,
+            n_threads=n_threads,
             image_max_tokens=p.get("image_max_tokens"),
-            temperature=float(p.get("generation", {}).get("temperature", 0.0)), verbose=verbose,
-        )  # fmt: skip
+            temperature=float(p.get("generation", {}).get("temperature", 0.0)),
+            verbose=verbose,
+        )
         return cls(bundle, vlm, device=device, options=opts)
 
     def __enter__(self) -> Geolocator:
@@ -143,27 +149,49 @@ class Geolocator:
         img = load_image(image)
         return self.vlm.open(img).ask(prompt, schema=None, max_tokens=self.options.max_answer_tokens).text
 
-    def _cues(self, session: Any, img: LoadedImage, raw: dict[str, Any], given: list[tuple[str, str]] | None = None) -> Cluemap:
+    def _cues(
+        self, session: Any, img: LoadedImage, raw: dict[str, Any], given: list[tuple[str, str]] | None = None
+    ) -> Cluemap:
         if given is None:
-            given, gens = ask_parsed(session, self.prompts["cues"], parse_cues, schema=CUES_SCHEMA,
-                                     max_tokens=self.options.max_cue_tokens, constrain=self.options.constrain)  # fmt: skip
+            given, gens = ask_parsed(
+                session,
+                self.prompts["cues"],
+                parse_cues,
+                schema=CUES_SCHEMA,
+                max_tokens=self.options.max_cue_tokens,
+                constrain=self.options.constrain,
+            )
             raw["cues"] = [_gen_dict(g) for g in gens]
         cues, merged = dedupe(given or [])
         texts = [f"{c}: {d}" if d else c for c, d in cues]
         patches = [crop for crop, _ in patch_grid(img.image, *self.grid)]
         patch_emb = self.clip.encode_images(patches) if cues else np.zeros((0, 1))
-        return build_cluemap(cues, self.clip.encode_texts(texts), patch_emb, self.sbert.encode(texts),
-                             alpha=self.options.alpha, duplicates_merged=merged)  # fmt: skip
+        return build_cluemap(
+            cues,
+            self.clip.encode_texts(texts),
+            patch_emb,
+            self.sbert.encode(texts),
+            alpha=self.options.alpha,
+            duplicates_merged=merged,
+        )
 
-    def _ask_location(self, session: Any, prompt: str, source: str, raw: dict[str, Any]) -> list[tuple[int, LocationAnswer]]:
+    def _ask_location(
+        self, session: Any, prompt: str, source: str, raw: dict[str, Any]
+    ) -> list[tuple[int, LocationAnswer]]:
         opts = self.options
         answers = []
         for s in range(opts.samples_per_prompt):
             several = opts.samples_per_prompt > 1
-            answer, gens = ask_parsed(session, prompt, parse_location, schema=LOCATION_SCHEMA,
-                                      max_tokens=opts.max_answer_tokens, constrain=opts.constrain,
-                                      seed=1000 + s if several else None,
-                                      temperature=opts.sample_temperature if several else None)  # fmt: skip
+            answer, gens = ask_parsed(
+                session,
+                prompt,
+                parse_location,
+                schema=LOCATION_SCHEMA,
+                max_tokens=opts.max_answer_tokens,
+                constrain=opts.constrain,
+                seed=1000 + s if several else None,
+                temperature=opts.sample_temperature if several else None,
+            )
             raw.setdefault(source, []).extend(_gen_dict(g) for g in gens)
             answers.append((s, answer))
         return answers
@@ -219,13 +247,29 @@ class Geolocator:
             points.append((nearest.lat, nearest.lon))
         scores = select(image_emb, self.gpsclip.encode_locations(np.asarray(points, dtype=np.float32)))[1]
         candidates = [
-            Candidate(source=src, lat=a.lat, lon=a.lon, score=float(scores[i]), country=a.country, city=a.city,
-                      landmark=a.landmark, sample=s)  # fmt: skip
+            Candidate(
+                source=src,
+                lat=a.lat,
+                lon=a.lon,
+                score=float(scores[i]),
+                country=a.country,
+                city=a.city,
+                landmark=a.landmark,
+                sample=s,
+            )
             for i, (src, s, a) in enumerate(valid)
         ]
         if use_nearest:
-            candidates.append(Candidate(source="gallery_nearest", lat=nearest.lat, lon=nearest.lon, score=float(scores[-1]),
-                                        country=nearest.country or None, city=nearest.city or None))  # fmt: skip
+            candidates.append(
+                Candidate(
+                    source="gallery_nearest",
+                    lat=nearest.lat,
+                    lon=nearest.lon,
+                    score=float(scores[-1]),
+                    country=nearest.country or None,
+                    city=nearest.city or None,
+                )
+            )
         best = int(np.argmax(scores))
         win = candidates[best]
         lap("selection")
@@ -258,10 +302,11 @@ class Geolocator:
         self, images: Iterable[ImageInput], *, stream: bool = True
     ) -> Iterator[Prediction | Failure] | list[Prediction | Failure]:
         """Geolocate many inputs; a bad input yields a :class:`Failure`, never an exception."""
-        gen = (self._try_locate(img) for img in images)
+        gen = (self.try_locate(img) for img in images)
         return gen if stream else list(gen)
 
-    def _try_locate(self, image: ImageInput) -> Prediction | Failure:
+    def try_locate(self, image: ImageInput) -> Prediction | Failure:
+        """``locate``, but any error becomes a :class:`Failure` (what batches record)."""
         name = str(image) if isinstance(image, str | Path) else f"<{type(image).__name__}>"
         try:
             return self.locate(image)

@@ -116,7 +116,9 @@ def load_image(obj: ImageInput | Any, *, name: str | None = None) -> LoadedImage
         img = _to_rgb(Image.fromarray(arr))
         digest = hashlib.sha256(img.tobytes()).hexdigest()
     else:
-        raise ImageLoadError(f"unsupported image input of type {type(obj).__name__}; pass a path, bytes, PIL image or array")
+        raise ImageLoadError(
+            f"unsupported image input of type {type(obj).__name__}; pass a path, bytes, PIL image or array"
+        )
     w, h = img.size
     if min(w, h) < MIN_SIDE:
         raise ImageLoadError(f"{source}: {w}x{h} is too small (each side must be at least {MIN_SIDE} px)")

@@ -38,9 +38,7 @@ Input clues in order of importance:
 """
 
 # Stage 3 (OL) output format: figure 5.
-LOCATE = _LOCATE_HEAD + (
-    'Output only JSON: {{"country": "", "city": "", "landmark": "", "lat": "", "lon": ""}}'
-)
+LOCATE = _LOCATE_HEAD + ('Output only JSON: {{"country": "", "city": "", "landmark": "", "lat": "", "lon": ""}}')
 # Stage 2 (RL) output format: figure 4, with the reasoning.
 LOCATE_REASON = _LOCATE_HEAD + (
     'Output only JSON: {{"country": "", "city": "", "landmark": "", "lat": "", "lon": "", "Reasons": ""}}'

@@ -35,32 +35,47 @@ def render_report(records: Iterable[dict[str, Any]], db_path: Path, *, title: st
     records = list(records)
     ok = [r for r in records if r.get("status") == "ok"]
     failed = [r for r in records if r.get("status") == "error"]
-    land = "".join(f'<rect x="{_xy(la + 1, lo)[0]:.1f}" y="{_xy(la + 1, lo)[1]:.1f}" width="4" height="4"/>'
-                   for la, lo in world_cells(db_path))  # fmt: skip
+    land = "".join(
+        f'<rect x="{_xy(la + 1, lo)[0]:.1f}" y="{_xy(la + 1, lo)[1]:.1f}" width="4" height="4"/>'
+        for la, lo in world_cells(db_path)
+    )
     marks = []
     for n, r in enumerate(ok, start=1):
         x, y = _xy(r["lat"], r["lon"])
         for c in r.get("candidates", []):
             cx, cy = _xy(c["lat"], c["lon"])
             color = _COLORS.get(c["source"], "#444")
-            marks.append(f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{cx:.1f}" y2="{cy:.1f}" stroke="{color}" stroke-width="0.8" opacity="0.6"/>'
-                         f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3" fill="{color}"><title>#{n} {html.escape(c["source"])} '
-                         f'score {c["score"]:.3f} ({c["lat"]:.4f}, {c["lon"]:.4f})</title></circle>')  # fmt: skip
-        marks.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="#ff7f0e" stroke="#000"><title>#{n} '
-                     f'{html.escape(str(r.get("path")))}: {r["lat"]:.4f}, {r["lon"]:.4f}</title></circle>'
-                     f'<text x="{x + 7:.1f}" y="{y - 7:.1f}" font-size="12">{n}</text>')  # fmt: skip
+            marks.append(
+                f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{cx:.1f}" y2="{cy:.1f}" stroke="{color}" stroke-width="0.8" opacity="0.6"/>'
+                f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3" fill="{color}"><title>#{n} {html.escape(c["source"])} '
+                f"score {c['score']:.3f} ({c['lat']:.4f}, {c['lon']:.4f})</title></circle>"
+            )
+        marks.append(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="#ff7f0e" stroke="#000"><title>#{n} '
+            f"{html.escape(str(r.get('path')))}: {r['lat']:.4f}, {r['lon']:.4f}</title></circle>"
+            f'<text x="{x + 7:.1f}" y="{y - 7:.1f}" font-size="12">{n}</text>'
+        )
     rows = []
     for n, r in enumerate(ok, start=1):
-        cands = "<br>".join(f'{html.escape(c["source"])}: ({c["lat"]:.4f}, {c["lon"]:.4f}) score {c["score"]:.3f}'
-                            for c in r.get("candidates", []))  # fmt: skip
-        cues = "<br>".join(f'{html.escape(c["cue"])} <small>S_l {c["s_l"]:.3f} S_s {c["s_s"]:.3f} S_r {c["s_r"]:.3f}</small>'
-                           for c in r.get("cues", []))  # fmt: skip
+        cands = "<br>".join(
+            f"{html.escape(c['source'])}: ({c['lat']:.4f}, {c['lon']:.4f}) score {c['score']:.3f}"
+            for c in r.get("candidates", [])
+        )
+        cues = "<br>".join(
+            f"{html.escape(c['cue'])} <small>S_l {c['s_l']:.3f} S_s {c['s_s']:.3f} S_r {c['s_r']:.3f}</small>"
+            for c in r.get("cues", [])
+        )
         place = ", ".join(html.escape(str(v)) for v in (r.get("city"), r.get("country")) if v)
-        rows.append(f"<tr><td>{n}</td><td>{html.escape(str(r.get('path')))}</td><td>{r['lat']:.4f}, {r['lon']:.4f}"
-                    f"<br>{place}</td><td>{r['confidence']:.3f}<br><small>spread {r.get('spread_km') or 0:.0f} km"
-                    f"{' · fallback' if r.get('fallback') else ''}</small></td><td>{cands}</td><td>{cues or '—'}</td></tr>")  # fmt: skip
-    fails = "".join(f"<tr><td>{html.escape(str(r.get('path')))}</td><td>{html.escape(str(r.get('error')))}</td>"
-                    f"<td>{html.escape(str(r.get('message')))}</td></tr>" for r in failed)  # fmt: skip
+        rows.append(
+            f"<tr><td>{n}</td><td>{html.escape(str(r.get('path')))}</td><td>{r['lat']:.4f}, {r['lon']:.4f}"
+            f"<br>{place}</td><td>{r['confidence']:.3f}<br><small>spread {r.get('spread_km') or 0:.0f} km"
+            f"{' · fallback' if r.get('fallback') else ''}</small></td><td>{cands}</td><td>{cues or '—'}</td></tr>"
+        )
+    fails = "".join(
+        f"<tr><td>{html.escape(str(r.get('path')))}</td><td>{html.escape(str(r.get('error')))}</td>"
+        f"<td>{html.escape(str(r.get('message')))}</td></tr>"
+        for r in failed
+    )
     legend = " ".join(f'<span style="color:{c}">●</span> {s}' for s, c in _COLORS.items())
     data = html.escape(json.dumps({"ok": len(ok), "failed": len(failed)}))
     return f"""<!doctype html>
@@ -81,7 +96,9 @@ Land drawn from GeoNames places (offline).</p>
 """
 
 
-def write_report(path: Path, records: Iterable[dict[str, Any]], db_path: Path, *, title: str = "clue2geo report") -> Path:
+def write_report(
+    path: Path, records: Iterable[dict[str, Any]], db_path: Path, *, title: str = "clue2geo report"
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_report(records, db_path, title=title), encoding="utf-8")
     return path

@@ -84,4 +84,8 @@ class Prediction:
     def to_geojson(self) -> dict[str, Any]:
         """A GeoJSON Feature (coordinates in lon, lat order as GeoJSON requires)."""
         props = {k: v for k, v in self.to_dict().items() if k not in ("lat", "lon")}
-        return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [self.lon, self.lat]}, "properties": props}
+        return {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [self.lon, self.lat]},
+            "properties": props,
+        }

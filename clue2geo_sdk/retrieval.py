@@ -69,8 +69,14 @@ class Gallery:
 
     def _hits(self, matches, sign: float) -> list[GalleryHit]:  # noqa: ANN001
         return [
-            GalleryHit(key=int(k), lat=float(self.lat[k]), lon=float(self.lon[k]), cosine=float(sign * (1.0 - d)),
-                       country=str(self.country[k] or ""), city=str(self.city[k] or ""))  # fmt: skip
+            GalleryHit(
+                key=int(k),
+                lat=float(self.lat[k]),
+                lon=float(self.lon[k]),
+                cosine=float(sign * (1.0 - d)),
+                country=str(self.country[k] or ""),
+                city=str(self.city[k] or ""),
+            )
             for k, d in zip(matches.keys, matches.distances, strict=True)
         ]
 

@@ -62,9 +62,14 @@ class Generation:
 
 class ImageSession(Protocol):
     def ask(
-        self, prompt: str, *, schema: Mapping[str, Any] | None, max_tokens: int,
-        seed: int | None = None, temperature: float | None = None,
-    ) -> Generation: ...  # fmt: skip
+        self,
+        prompt: str,
+        *,
+        schema: Mapping[str, Any] | None,
+        max_tokens: int,
+        seed: int | None = None,
+        temperature: float | None = None,
+    ) -> Generation: ...
 
 
 class VisionLanguageModel(Protocol):
@@ -105,7 +110,7 @@ def ask_parsed(
 
 
 @contextlib.contextmanager
-def _quiet(enabled: bool) -> Iterator[None]:
+def quiet_native(enabled: bool) -> Iterator[None]:
     """Silence native stdout/stderr (llama.cpp / mtmd print from C); no-op when verbose."""
     if not enabled:
         yield
@@ -153,7 +158,7 @@ class LlamaCppVLM:
         handler_cls = Qwen25VLChatHandler
         if image_max_tokens:
             handler_cls = _capped_handler(Qwen25VLChatHandler, image_max_tokens)
-        with _quiet(not verbose):
+        with quiet_native(not verbose):
             self._handler = handler_cls(clip_model_path=str(mmproj_path), verbose=verbose)
             self._llm = Llama(
                 str(model_path),
@@ -169,17 +174,29 @@ class LlamaCppVLM:
         return _LlamaSession(self, "data:image/png;base64," + base64.b64encode(image.png_bytes()).decode())
 
     def _complete(
-        self, url: str, prompt: str, schema: Mapping[str, Any] | None, max_tokens: int,
-        seed: int | None, temperature: float | None,
-    ) -> Generation:  # fmt: skip
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                 {"type": "text", "text": prompt}]}]  # fmt: skip
-        kwargs: dict[str, Any] = {"max_tokens": max_tokens, "temperature": self.temperature if temperature is None else temperature}
+        self,
+        url: str,
+        prompt: str,
+        schema: Mapping[str, Any] | None,
+        max_tokens: int,
+        seed: int | None,
+        temperature: float | None,
+    ) -> Generation:
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}],
+            }
+        ]
+        kwargs: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": self.temperature if temperature is None else temperature,
+        }
         if seed is not None:
             kwargs["seed"] = seed
         if schema is not None:
             kwargs["response_format"] = {"type": "json_object", "schema": dict(schema)}
-        with self._lock, _quiet(not self.verbose):
+        with self._lock, quiet_native(not self.verbose):
             t0 = time.perf_counter()
             out = self._llm.create_chat_completion(messages=messages, **kwargs)
             dt = time.perf_counter() - t0
@@ -194,7 +211,7 @@ class LlamaCppVLM:
         with self._lock:
             llm = getattr(self, "_llm", None)
             if llm is not None:
-                with _quiet(not self.verbose):
+                with quiet_native(not self.verbose):
                     llm.close()
                 self._llm = None
 
@@ -205,9 +222,14 @@ class _LlamaSession:
     url: str
 
     def ask(
-        self, prompt: str, *, schema: Mapping[str, Any] | None, max_tokens: int,
-        seed: int | None = None, temperature: float | None = None,
-    ) -> Generation:  # fmt: skip
+        self,
+        prompt: str,
+        *,
+        schema: Mapping[str, Any] | None,
+        max_tokens: int,
+        seed: int | None = None,
+        temperature: float | None = None,
+    ) -> Generation:
         return self.vlm._complete(self.url, prompt, schema, max_tokens, seed, temperature)
 
 

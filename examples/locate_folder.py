@@ -1,6 +1,6 @@
 """Geolocate a folder with the public API; write JSONL, GeoJSON and the offline HTML map report.
 
-    python examples/locate_folder.py [FOLDER] [--bundle artifacts/demo] [--out out/]
+python examples/locate_folder.py [FOLDER] [--bundle artifacts/demo] [--out out/]
 """
 
 import argparse

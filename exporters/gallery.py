@@ -109,11 +109,19 @@ def build_gallery(
             "CREATE TABLE cities (name VARCHAR, admin1 VARCHAR, admin2 VARCHAR, country_code VARCHAR, "
             "country VARCHAR, lat DOUBLE, lon DOUBLE, population BIGINT)"
         )
-        con.register("city_rows", {
-            "name": _col(cities, "city"), "admin1": _col(cities, "state"), "admin2": _col(cities, "county"),
-            "country_code": _col(cities, "country_code"), "country": _col(cities, "country"),
-            "lat": c_lat, "lon": c_lon, "population": np.array([c.get("population", 0) for c in cities], dtype=np.int64),
-        })  # fmt: skip
+        con.register(
+            "city_rows",
+            {
+                "name": _col(cities, "city"),
+                "admin1": _col(cities, "state"),
+                "admin2": _col(cities, "county"),
+                "country_code": _col(cities, "country_code"),
+                "country": _col(cities, "country"),
+                "lat": c_lat,
+                "lon": c_lon,
+                "population": np.array([c.get("population", 0) for c in cities], dtype=np.int64),
+            },
+        )
         con.execute("INSERT INTO cities SELECT * FROM city_rows")
         con.execute(
             "CREATE TABLE gallery (key UBIGINT PRIMARY KEY, lat DOUBLE, lon DOUBLE, country_code VARCHAR, "

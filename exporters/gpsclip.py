@@ -67,9 +67,14 @@ class Capsule(nn.Module):
     def __init__(self, sigma: float, dim: int = 512, hidden: int = 1024) -> None:
         super().__init__()
         self.capsule = nn.Sequential(
-            FourierFeatures(sigma, n_freq=256), nn.Linear(512, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-        )  # fmt: skip
+            FourierFeatures(sigma, n_freq=256),
+            nn.Linear(512, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+        )
         self.head = nn.Sequential(nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +101,9 @@ class LocationTower(nn.Module):
     def from_geoclip(cls, projection: str = "equal_earth") -> LocationTower:
         """GeoCLIP's released location-encoder weights (shipped in the ``geoclip`` package)."""
         tower = cls(projection=projection)
-        state = torch.load(geoclip_weights_dir() / "location_encoder_weights.pth", map_location="cpu", weights_only=True)
+        state = torch.load(
+            geoclip_weights_dir() / "location_encoder_weights.pth", map_location="cpu", weights_only=True
+        )
         tower.load_state_dict(state, strict=True)
         return tower.eval()
 
@@ -113,7 +120,9 @@ class ImageTower(nn.Module):
         return self.mlp(self.clip(pixel_values=pixel_values).image_embeds)
 
     def load_geoclip_mlp(self) -> ImageTower:
-        state = torch.load(geoclip_weights_dir() / "image_encoder_mlp_weights.pth", map_location="cpu", weights_only=True)
+        state = torch.load(
+            geoclip_weights_dir() / "image_encoder_mlp_weights.pth", map_location="cpu", weights_only=True
+        )
         self.mlp.load_state_dict(state, strict=True)
         return self
 
@@ -124,7 +133,9 @@ class ImageTower(nn.Module):
 
         vision = CLIPVisionModelWithProjection.from_pretrained(str(path), local_files_only=True)
         if vision.config.projection_dim != 768:
-            raise ValueError(f"{path}: GeoCLIP's MLP needs a 768-d CLIP projection, this one has {vision.config.projection_dim}")
+            raise ValueError(
+                f"{path}: GeoCLIP's MLP needs a 768-d CLIP projection, this one has {vision.config.projection_dim}"
+            )
         return cls(vision).load_geoclip_mlp().eval()
 
     @classmethod
@@ -133,8 +144,15 @@ class ImageTower(nn.Module):
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         torch.manual_seed(seed)
-        cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                               image_size=224, patch_size=32, projection_dim=768)  # fmt: skip
+        cfg = CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=32,
+            projection_dim=768,
+        )
         return cls(CLIPVisionModelWithProjection(cfg)).load_geoclip_mlp().eval()
 
 
@@ -160,14 +178,20 @@ def export_gpsclip(
     out_dir.mkdir(parents=True, exist_ok=True)
     coords = torch.from_numpy(sample_coordinates(64, seed))
     pixels = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
-    loc_path = export_module(location, (coords,), out_dir / "location.onnx", input_names=["latlon"], output_names=["location_embeds"])
-    img_path = export_module(image, (pixels,), out_dir / "image.onnx", input_names=["pixel_values"], output_names=["image_embeds"])
+    loc_path = export_module(
+        location, (coords,), out_dir / "location.onnx", input_names=["latlon"], output_names=["location_embeds"]
+    )
+    img_path = export_module(
+        image, (pixels,), out_dir / "image.onnx", input_names=["pixel_values"], output_names=["image_embeds"]
+    )
     with torch.no_grad():
         ref_loc = location(coords).numpy()
         ref_img = image(pixels).numpy()
     onnx_loc = run_onnx(loc_path, {"latlon": coords.numpy()})[0]
     d_loc = check_close("GPSCLIP location tower", ref_loc, onnx_loc, atol=atol)
-    d_img = check_close("GPSCLIP image tower", ref_img, run_onnx(img_path, {"pixel_values": pixels.numpy()})[0], atol=atol)
+    d_img = check_close(
+        "GPSCLIP image tower", ref_img, run_onnx(img_path, {"pixel_values": pixels.numpy()})[0], atol=atol
+    )
     parity: dict[str, Any] = {"location_max_abs_diff": d_loc, "image_max_abs_diff": d_img, "atol": atol}
     if location.projection == "equal_earth" and location.sigmas == SIGMAS:
         parity["location_vs_geoclip_max_abs_diff"] = check_close(

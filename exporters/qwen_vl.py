@@ -18,12 +18,29 @@ QWEN2_PATTERN = (
 )
 # The 22 added tokens of Qwen2.5, ids 151643..151664 in this order.
 QWEN25_ADDED_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
-)  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
 FIRST_ADDED_ID = 151643
 
 # ChatML with Qwen2-VL's image placeholder; written into the tokenizer so the GGUF carries it.
@@ -154,9 +171,13 @@ def build_tiny_qwen25vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     tcfg["tokenizer_class"] = "Qwen2TokenizerFast"
     cfg_path.write_text(json.dumps(tcfg, indent=2))
     write_preprocessor_config(out)
-    # llama.cpp's converter reads the architecture from the top level of config.json.
-    cfg_json = out / "config.json"
+    write_architectures(out)
+    return out
+
+
+def write_architectures(folder: Path) -> None:
+    """llama.cpp's converter reads the architecture from the top level of config.json."""
+    cfg_json = folder / "config.json"
     cfg = json.loads(cfg_json.read_text())
     cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
     cfg_json.write_text(json.dumps(cfg, indent=2))
-    return out

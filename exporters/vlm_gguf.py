@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from clue2geo_sdk.errors import ExportValidationError
+from clue2geo_sdk.vlm import quiet_native
 
 CACHE = Path(os.environ.get("CLUE2GEO_CACHE", Path.home() / ".cache" / "clue2geo"))
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
@@ -39,8 +40,19 @@ def llama_cpp_source(llama_cpp_dir: str | Path | None = None) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     sdist = CACHE / f"llama_cpp_python-{ver}.tar.gz"
     if not sdist.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--no-build-isolation",
-               f"llama-cpp-python=={ver}", "-d", str(CACHE)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            "--no-build-isolation",
+            f"llama-cpp-python=={ver}",
+            "-d",
+            str(CACHE),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0 or not sdist.is_file():
             raise RuntimeError(
@@ -52,8 +64,8 @@ def llama_cpp_source(llama_cpp_dir: str | Path | None = None) -> Path:
     with tarfile.open(sdist) as tar:
         members = []
         for m in tar.getmembers():
-            if m.name.startswith(prefix) and m.name[len(prefix):].startswith(_CONVERTER_PARTS):
-                m.name = m.name[len(prefix):]
+            if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(_CONVERTER_PARTS):
+                m.name = m.name[len(prefix) :]
                 members.append(m)
         tar.extractall(tmp, members=members, filter="data")
     tmp.rename(root)
@@ -72,8 +84,12 @@ def _run_converter(src: Path, hf_dir: Path, out: Path, *, mmproj: bool) -> Path:
     return out
 
 
-QUANT_TYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-               "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "F16": "LLAMA_FTYPE_MOSTLY_F16"}  # fmt: skip
+QUANT_TYPES = {
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "F16": "LLAMA_FTYPE_MOSTLY_F16",
+}
 
 
 def quantize(src: Path, dst: Path, quant: str) -> Path:
@@ -106,23 +122,33 @@ def check_gguf_pair(model: Path, mmproj: Path) -> dict[str, Any]:
     buf = io.BytesIO()
     Image.new("RGB", (112, 84), (90, 140, 200)).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    handler = Qwen25VLChatHandler(clip_model_path=str(mmproj), verbose=False)
-    llm = Llama(str(model), chat_handler=handler, n_ctx=1024, seed=0, verbose=False)
-    try:
-        out = llm.create_chat_completion(
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                   {"type": "text", "text": "Which country is this?"}]}],
-            response_format={"type": "json_object", "schema": CHECK_SCHEMA},
-            max_tokens=48,
-            temperature=0.0,
-        )  # fmt: skip
-    finally:
-        llm.close()
+    with quiet_native(True):
+        handler = Qwen25VLChatHandler(clip_model_path=str(mmproj), verbose=False)
+        llm = Llama(str(model), chat_handler=handler, n_ctx=1024, seed=0, verbose=False)
+        try:
+            out = llm.create_chat_completion(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": url}},
+                            {"type": "text", "text": "Which country is this?"},
+                        ],
+                    }
+                ],
+                response_format={"type": "json_object", "schema": CHECK_SCHEMA},
+                max_tokens=48,
+                temperature=0.0,
+            )
+        finally:
+            llm.close()
     text = out["choices"][0]["message"]["content"]
     try:
         answer = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ExportValidationError(f"{model}: the image prompt's answer is not JSON under the schema: {text!r}") from exc
+        raise ExportValidationError(
+            f"{model}: the image prompt's answer is not JSON under the schema: {text!r}"
+        ) from exc
     if not isinstance(answer.get("country"), str):
         raise ExportValidationError(f"{model}: the answer lacks the schema's 'country' string: {text!r}")
     return {"prompt_tokens": out["usage"]["prompt_tokens"], "answer": answer}

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from test_images import make_bad_inputs
 
 from clue2geo_sdk.cli import EXIT_SOME_FAILED, main
-from test_images import make_bad_inputs
 
 QUICK = ["--no-verify", "--device", "cpu", "--max-cue-tokens", "16", "--max-answer-tokens", "16"]
 
@@ -47,8 +47,21 @@ def test_folder_with_bad_inputs(demo_bundle: Path, photo: Path, tmp_path: Path) 
     (folder / "sub" / "loop").symlink_to(folder, target_is_directory=True)
     out = tmp_path / "res.jsonl"
     report = tmp_path / "report.html"
-    res = CliRunner().invoke(main, ["locate", str(folder), "--recursive", "--bundle", str(demo_bundle),
-                                    "--out", str(out), "--report", str(report), *QUICK])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        [
+            "locate",
+            str(folder),
+            "--recursive",
+            "--bundle",
+            str(demo_bundle),
+            "--out",
+            str(out),
+            "--report",
+            str(report),
+            *QUICK,
+        ],
+    )
     assert res.exit_code == EXIT_SOME_FAILED, res.output
     recs = _records(out)
     by_name = {Path(r["path"]).name: r for r in recs}
@@ -59,7 +72,11 @@ def test_folder_with_bad_inputs(demo_bundle: Path, photo: Path, tmp_path: Path) 
     assert len(recs) == len(expected) + 3  # 5 bad, 2 good, 1 loop
     assert "2 located, 6 failed" in res.output
     html = report.read_text()
-    assert "<svg" in html and "good.jpg" in html and "http" not in html.split("<svg")[1].replace("http://www.w3.org/2000/svg", "")
+    assert (
+        "<svg" in html
+        and "good.jpg" in html
+        and "http" not in html.split("<svg")[1].replace("http://www.w3.org/2000/svg", "")
+    )
 
 
 def test_all_ok_exits_zero_and_formats(demo_bundle: Path, photo: Path, tmp_path: Path) -> None:
@@ -81,7 +98,9 @@ def test_all_ok_exits_zero_and_formats(demo_bundle: Path, photo: Path, tmp_path:
     out = tmp_path / "res.csv"
     res = runner.invoke(main, ["locate", *map(str, imgs), "--bundle", str(demo_bundle), "--out", str(out), *QUICK])
     assert res.exit_code == 1 and "already holds results" in res.output
-    res = runner.invoke(main, ["locate", *map(str, imgs), "--bundle", str(demo_bundle), "--out", str(out), "--resume", *QUICK])
+    res = runner.invoke(
+        main, ["locate", *map(str, imgs), "--bundle", str(demo_bundle), "--out", str(out), "--resume", *QUICK]
+    )
     assert res.exit_code == 0 and "0 located, 0 failed, 2 skipped" in res.output
     # export converts the JSONL journal
     jl = tmp_path / "res.geojson.records.jsonl"
@@ -93,11 +112,16 @@ def test_resume_skips_by_path_and_digest(demo_bundle: Path, photo: Path, tmp_pat
     imgs = _variants(photo, tmp_path / "in", 2)
     out = tmp_path / "res.jsonl"
     runner = CliRunner()
-    assert runner.invoke(main, ["locate", str(imgs[0]), "--bundle", str(demo_bundle), "--out", str(out), *QUICK]).exit_code == 0
+    assert (
+        runner.invoke(main, ["locate", str(imgs[0]), "--bundle", str(demo_bundle), "--out", str(out), *QUICK]).exit_code
+        == 0
+    )
     with open(out, "a") as fh:  # a torn last line, as a kill mid-write leaves it
         fh.write('{"path": "half')
     Image.open(photo).crop((5, 5, 300, 200)).save(imgs[0])  # same path, new bytes: must be redone
-    res = runner.invoke(main, ["locate", *map(str, imgs), "--bundle", str(demo_bundle), "--out", str(out), "--resume", *QUICK])
+    res = runner.invoke(
+        main, ["locate", *map(str, imgs), "--bundle", str(demo_bundle), "--out", str(out), "--resume", *QUICK]
+    )
     assert res.exit_code == 0, res.output
     recs = _records(out)
     assert len(recs) == 3 and [Path(r["path"]).name for r in recs] == ["img_00.jpg", "img_00.jpg", "img_01.jpg"]
@@ -107,8 +131,19 @@ def test_resume_skips_by_path_and_digest(demo_bundle: Path, photo: Path, tmp_pat
 def test_killed_run_resumes_with_every_image_exactly_once(demo_bundle: Path, photo: Path, tmp_path: Path) -> None:
     imgs = _variants(photo, tmp_path / "in", 6)
     out = tmp_path / "res.jsonl"
-    cmd = [sys.executable, "-m", "clue2geo_sdk.cli", "locate", str(tmp_path / "in"), "--bundle", str(demo_bundle),
-           "--out", str(out), "--resume", *QUICK]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "clue2geo_sdk.cli",
+        "locate",
+        str(tmp_path / "in"),
+        "--bundle",
+        str(demo_bundle),
+        "--out",
+        str(out),
+        "--resume",
+        *QUICK,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
@@ -124,7 +159,9 @@ def test_killed_run_resumes_with_every_image_exactly_once(demo_bundle: Path, pho
 
 
 def test_bad_bundle_and_unknown_option(tmp_path: Path, photo: Path) -> None:
-    res = CliRunner().invoke(main, ["locate", str(photo), "--bundle", str(tmp_path / "none"), "--out", str(tmp_path / "r.jsonl")])
+    res = CliRunner().invoke(
+        main, ["locate", str(photo), "--bundle", str(tmp_path / "none"), "--out", str(tmp_path / "r.jsonl")]
+    )
     assert res.exit_code == 1 and "does not exist" in res.output
 
 

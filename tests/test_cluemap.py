@@ -31,7 +31,15 @@ def test_scores_match_hand_computation() -> None:
     assert [s.primary for s in cm.sets] == [0, 2, 1]
     assert [s.members for s in cm.sets] == [(3,), (), ()]
     text = cm.render()
-    assert text.splitlines() == ["1. Clue Set 1:", "- A: a", "- D: d", "2. Clue Set 2:", "- C: c", "3. Clue Set 3:", "- B: b"]
+    assert text.splitlines() == [
+        "1. Clue Set 1:",
+        "- A: a",
+        "- D: d",
+        "2. Clue Set 2:",
+        "- C: c",
+        "3. Clue Set 3:",
+        "- B: b",
+    ]
 
 
 def test_alpha_weights_the_two_scores() -> None:

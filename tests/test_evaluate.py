@@ -45,7 +45,9 @@ def test_thresholds_are_strict_less_than() -> None:
 
 
 def test_failures_are_misses_and_geoscore() -> None:
-    m = compute_metrics([0.5, None, 3000.0, None], country_true=["FR", "US", "JP", None], country_pred=["FR", None, "CN", None])
+    m = compute_metrics(
+        [0.5, None, 3000.0, None], country_true=["FR", "US", "JP", None], country_pred=["FR", None, "CN", None]
+    )
     assert m.n == 4 and m.n_failed == 2
     assert m.accuracy["1"] == 0.25 and m.accuracy["2500"] == 0.25
     assert m.median_km == pytest.approx(1500.25) and m.mean_km == pytest.approx(1500.25)
@@ -82,9 +84,26 @@ def test_eval_command_end_to_end(demo_bundle: Path, photo: Path, tmp_path: Path)
         w.writerow(["IMG_ID", "LAT", "LON"])
         w.writerows([*rows, ("missing.jpg", 1.0, 1.0)])
     out = tmp_path / "out"
-    args = ["eval", "--dataset", str(meta), "--images", str(images), "--bundle", str(demo_bundle), "--out", str(out),
-            "--ablate", "cluemap,refinement", "--max-cue-tokens", "16", "--max-answer-tokens", "16", "--no-verify",
-            "--device", "cpu"]  # fmt: skip
+    args = [
+        "eval",
+        "--dataset",
+        str(meta),
+        "--images",
+        str(images),
+        "--bundle",
+        str(demo_bundle),
+        "--out",
+        str(out),
+        "--ablate",
+        "cluemap,refinement",
+        "--max-cue-tokens",
+        "16",
+        "--max-answer-tokens",
+        "16",
+        "--no-verify",
+        "--device",
+        "cpu",
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     report = json.loads((out / "metrics.json").read_text())
@@ -96,7 +115,9 @@ def test_eval_command_end_to_end(demo_bundle: Path, photo: Path, tmp_path: Path)
     per = list(csv.DictReader((out / "per-image-full.csv").open()))
     ok = [r for r in per if r["status"] == "ok"]
     for r in ok:  # the per-image distance is the great-circle distance of the recorded prediction
-        ref = great_circle((float(r["true_lat"]), float(r["true_lon"])), (float(r["pred_lat"]), float(r["pred_lon"])), radius=R).km
+        ref = great_circle(
+            (float(r["true_lat"]), float(r["true_lon"])), (float(r["pred_lat"]), float(r["pred_lon"])), radius=R
+        ).km
         assert float(r["distance_km"]) == pytest.approx(ref, abs=1e-3)
     table = (out / "table.md").read_text()
     assert "Street(1km)" in table and "Clue2Geo w/o CM" in table and "Clue2Geo w/o CR" in table

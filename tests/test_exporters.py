@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch  # the tests install the [export] extra
 
 from clue2geo_sdk import Bundle, ExportValidationError
-
-torch = pytest.importorskip("torch", reason="exporters need the [export] extra")
 
 
 def test_check_close_raises_typed_error() -> None:
@@ -34,12 +33,13 @@ def test_manifest_records_parity_within_tolerance(demo_bundle: Path) -> None:
 
 def test_location_onnx_matches_geoclip_module(demo_bundle: Path) -> None:
     """Runtime encoder (onnxruntime) vs GeoCLIP's own torch LocationEncoder with its released weights."""
+    from clue2geo_sdk.encoders import GpsClipEncoder
     from exporters.gpsclip import geoclip_reference, sample_coordinates
 
-    from clue2geo_sdk.encoders import GpsClipEncoder
-
     b = Bundle.open(demo_bundle, verify=False)
-    enc = GpsClipEncoder({k: b.file("gpsclip", k) for k in ("image", "location")}, b.params("gpsclip"), ["CPUExecutionProvider"])
+    enc = GpsClipEncoder(
+        {k: b.file("gpsclip", k) for k in ("image", "location")}, b.params("gpsclip"), ["CPUExecutionProvider"]
+    )
     coords = sample_coordinates(200, seed=7)
     ref = geoclip_reference(coords)
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
@@ -65,9 +65,10 @@ def test_projections_against_hand_values() -> None:
 
 
 def test_clip_export_parity_and_tokenizer(tmp_path: Path) -> None:
-    from exporters.clip_onnx import SAMPLE_TEXTS, export_clip, tiny_open_clip
     from open_clip.tokenizer import tokenize
     from tokenizers import Tokenizer
+
+    from exporters.clip_onnx import SAMPLE_TEXTS, export_clip, tiny_open_clip
 
     res = export_clip(tiny_open_clip(seed=3), tmp_path, seed=3)
     assert res["parity"]["image_max_abs_diff"] < 1e-4 and res["parity"]["text_max_abs_diff"] < 1e-4
@@ -78,13 +79,15 @@ def test_clip_export_parity_and_tokenizer(tmp_path: Path) -> None:
 
 
 def test_sbert_onnx_matches_sentence_transformers(demo_bundle: Path) -> None:
-    from exporters.sbert_onnx import minilm_dir
     from sentence_transformers import SentenceTransformer
 
     from clue2geo_sdk.encoders import SbertEncoder
+    from exporters.sbert_onnx import minilm_dir
 
     b = Bundle.open(demo_bundle, verify=False)
-    enc = SbertEncoder({k: b.file("sbert", k) for k in ("model", "tokenizer")}, b.params("sbert"), ["CPUExecutionProvider"])
+    enc = SbertEncoder(
+        {k: b.file("sbert", k) for k in ("model", "tokenizer")}, b.params("sbert"), ["CPUExecutionProvider"]
+    )
     texts = ["Red pillars on a temple", "A yellow taxi in Manhattan", "Overcast sky over a pine forest, light rain"]
     ref = SentenceTransformer(str(minilm_dir()), device="cpu").encode(texts, normalize_embeddings=True)
     assert np.max(np.abs(enc.encode(texts) - ref)) < 1e-5
@@ -104,7 +107,9 @@ def test_gallery_index_holds_location_embeddings(demo_bundle: Path) -> None:
         rows = con.execute("SELECT lat, lon FROM gallery WHERE key IN (0, 1, 4242, 99999) ORDER BY key").fetchall()
         n_cities = con.execute("SELECT count(*) FROM cities").fetchone()[0]
     assert n_cities > 100_000
-    enc = GpsClipEncoder({k: b.file("gpsclip", k) for k in ("image", "location")}, b.params("gpsclip"), ["CPUExecutionProvider"])
+    enc = GpsClipEncoder(
+        {k: b.file("gpsclip", k) for k in ("image", "location")}, b.params("gpsclip"), ["CPUExecutionProvider"]
+    )
     want = enc.encode_locations(np.array(rows))
     got = np.asarray(idx.get(keys), dtype=np.float32)
     got /= np.linalg.norm(got, axis=1, keepdims=True)

@@ -21,7 +21,13 @@ def test_json_inside_prose_and_nulls() -> None:
 
 
 def test_out_of_range_and_unparsable_are_invalid_not_zero() -> None:
-    for text in ('{"lat": "123.4", "lon": "10.0"}', '{"lat": 10, "lon": 181}', '{"lat": "north", "lon": "1"}', "no idea", ""):
+    for text in (
+        '{"lat": "123.4", "lon": "10.0"}',
+        '{"lat": 10, "lon": 181}',
+        '{"lat": "north", "lon": "1"}',
+        "no idea",
+        "",
+    ):
         a = parse_location(text)
         assert not a.valid and a.lat is None and a.lon is None, text
 
@@ -34,9 +40,15 @@ def test_loose_lat_lon_and_hemisphere_letters() -> None:
 
 
 def test_cues_json_and_figure2_format() -> None:
-    assert parse_cues('[{"cue": "Sign", "description": "Red STOP sign"}, {"cue": "Tree"}]') == [("Sign", "Red STOP sign"), ("Tree", "")]
+    assert parse_cues('[{"cue": "Sign", "description": "Red STOP sign"}, {"cue": "Tree"}]') == [
+        ("Sign", "Red STOP sign"),
+        ("Tree", ""),
+    ]
     text = "(Tower structure, A tall tower with a metal framework)\n(Scene type, urban street)"
-    assert parse_cues(text) == [("Tower structure", "A tall tower with a metal framework"), ("Scene type", "urban street")]
+    assert parse_cues(text) == [
+        ("Tower structure", "A tall tower with a metal framework"),
+        ("Scene type", "urban street"),
+    ]
     assert parse_cues("nothing here") is None
     assert parse_cues('[{"cue": "x", "description": "line1\nline2"}]') == [("x", "line1\nline2")]
 

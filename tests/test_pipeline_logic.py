@@ -17,13 +17,24 @@ from clue2geo_sdk.vlm import Generation
 
 PARIS = (48.8584, 2.2945)
 SYDNEY = (-33.8568, 151.2153)
-CUES = [{"cue": "Tower", "description": "a tall iron lattice tower"}, {"cue": "Sign", "description": "French street sign"},
-        {"cue": "Sky", "description": "overcast sky"}, {"cue": "Cars", "description": "small European hatchbacks"}]  # fmt: skip
+CUES = [
+    {"cue": "Tower", "description": "a tall iron lattice tower"},
+    {"cue": "Sign", "description": "French street sign"},
+    {"cue": "Sky", "description": "overcast sky"},
+    {"cue": "Cars", "description": "small European hatchbacks"},
+]
 
 
 def loc(lat: float, lon: float, **kw: str) -> str:
-    return json.dumps({"country": kw.get("country", ""), "city": kw.get("city", ""), "landmark": kw.get("landmark"),
-                       "lat": f"{lat:.4f}", "lon": f"{lon:.4f}"})  # fmt: skip
+    return json.dumps(
+        {
+            "country": kw.get("country", ""),
+            "city": kw.get("city", ""),
+            "landmark": kw.get("landmark"),
+            "lat": f"{lat:.4f}",
+            "lon": f"{lon:.4f}",
+        }
+    )
 
 
 class FakeVLM:
@@ -39,9 +50,19 @@ class FakeVLM:
         class Session:
             def ask(self, prompt, *, schema, max_tokens, seed=None, temperature=None):  # noqa: ANN001
                 kind = vlm.kind(prompt)
-                vlm.calls.append({"kind": kind, "prompt": prompt, "schema": schema is not None, "seed": seed, "temperature": temperature})
+                vlm.calls.append(
+                    {
+                        "kind": kind,
+                        "prompt": prompt,
+                        "schema": schema is not None,
+                        "seed": seed,
+                        "temperature": temperature,
+                    }
+                )
                 table = vlm.constrained if schema is not None and kind in vlm.constrained else vlm.answers
-                return Generation(text=table.get(kind, "I cannot tell."), constrained=schema is not None, tokens=5, seconds=0.0)
+                return Generation(
+                    text=table.get(kind, "I cannot tell."), constrained=schema is not None, tokens=5, seconds=0.0
+                )
 
         return Session()
 
@@ -63,8 +84,15 @@ def make(bundle: Path, vlm: FakeVLM, **opts) -> Geolocator:  # noqa: ANN003
 
 
 def test_selection_picks_highest_gpsclip_cosine_and_drops_invalid(demo_bundle: Path, photo: Path) -> None:
-    vlm = FakeVLM({"cues": json.dumps(CUES), "direct": loc(*PARIS, country="France", city="Paris", landmark="Eiffel Tower"),
-                   "rag5": loc(*SYDNEY), "rag10": '{"lat": "123.0", "lon": "10.0"}', "rag15": "no coordinates here"})  # fmt: skip
+    vlm = FakeVLM(
+        {
+            "cues": json.dumps(CUES),
+            "direct": loc(*PARIS, country="France", city="Paris", landmark="Eiffel Tower"),
+            "rag5": loc(*SYDNEY),
+            "rag10": '{"lat": "123.0", "lon": "10.0"}',
+            "rag15": "no coordinates here",
+        }
+    )
     geo = make(demo_bundle, vlm)
     pred = geo.locate(photo)
     assert pred.invalid_candidates == 2 and not pred.fallback
@@ -83,7 +111,16 @@ def test_selection_picks_highest_gpsclip_cosine_and_drops_invalid(demo_bundle: P
     assert pred.cluemap is not None and "Clue Set 1" in pred.cluemap["text"]
     direct_prompt = next(c["prompt"] for c in vlm.calls if c["kind"] == "direct")
     assert pred.cluemap["text"] in direct_prompt
-    assert set(pred.timings) >= {"load", "gpsclip_image", "cues_and_cluemap", "direct", "retrieval", "rag", "selection", "total"}
+    assert set(pred.timings) >= {
+        "load",
+        "gpsclip_image",
+        "cues_and_cluemap",
+        "direct",
+        "retrieval",
+        "rag",
+        "selection",
+        "total",
+    }
 
 
 def test_rag_prompts_carry_5_10_15_similar_and_dissimilar(demo_bundle: Path, photo: Path) -> None:
@@ -134,8 +171,14 @@ def test_constrained_decoding_only_on_rejection(demo_bundle: Path, photo: Path) 
 
 def test_samples_per_prompt_and_nearest_neighbour_option(demo_bundle: Path, photo: Path) -> None:
     vlm = FakeVLM({"direct": loc(*PARIS)})
-    pred = make(demo_bundle, vlm, use_cluemap=False, use_refinement=False, samples_per_prompt=3,
-                nearest_neighbour_candidate=True).locate(photo)  # fmt: skip
+    pred = make(
+        demo_bundle,
+        vlm,
+        use_cluemap=False,
+        use_refinement=False,
+        samples_per_prompt=3,
+        nearest_neighbour_candidate=True,
+    ).locate(photo)
     direct = [c for c in vlm.calls if c["kind"] == "direct"]
     assert [c["seed"] for c in direct] == [1000, 1001, 1002] and all(c["temperature"] == 0.7 for c in direct)
     assert [c.source for c in pred.candidates] == ["direct"] * 3 + ["gallery_nearest"]

@@ -78,9 +78,24 @@ def test_runtime_sources_import_nothing_forbidden() -> None:
     import ast
 
     root = Path(__file__).resolve().parents[1] / "clue2geo_sdk"
-    forbidden = {"torch", "transformers", "peft", "optimum", "open_clip", "sentence_transformers", "exporters", "training"}
+    forbidden = {
+        "torch",
+        "transformers",
+        "peft",
+        "optimum",
+        "open_clip",
+        "sentence_transformers",
+        "exporters",
+        "training",
+    }
     for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             for n in names:
                 assert n.split(".")[0] not in forbidden, f"{path.name} imports {n}"

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-pytest.importorskip("peft", reason="training needs the [train] extra")
+pytestmark = pytest.mark.slow
 
 from clue2geo_sdk import Bundle, Geolocator  # noqa: E402
 from clue2geo_sdk.cli import main  # noqa: E402
@@ -42,8 +42,15 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         color = rng.integers(0, 255, 3)
         arr = np.clip(color + rng.normal(0, 20, (64, 96, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(arr).save(root / "imgs" / f"p{i}.jpg")
-        rows.append([f"p{i}.jpg", round(float(rng.uniform(-60, 60)), 5), round(float(rng.uniform(-170, 170)), 5),
-                     "Testland" if i % 2 == 0 else "", "Eiffel Tower" if i == 0 else ""])  # fmt: skip
+        rows.append(
+            [
+                f"p{i}.jpg",
+                round(float(rng.uniform(-60, 60)), 5),
+                round(float(rng.uniform(-170, 170)), 5),
+                "Testland" if i % 2 == 0 else "",
+                "Eiffel Tower" if i == 0 else "",
+            ]
+        )
     with open(root / "photos.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "lat", "lon", "country", "landmark"])
@@ -55,12 +62,29 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with open(root / "photos.csv", "a", newline="") as fh:
         csv.writer(fh).writerow(["broken.jpg", 10, 10, "", ""])
     # precomputed cues and reasons for all but the last image, which goes to the teacher
-    (root / "cues.jsonl").write_text("".join(json.dumps({"path": f"p{i}.jpg", "cues": [
-        {"cue": "Sign", "description": f"street sign number {i}"}, {"cue": "Tree", "description": "a palm tree"},
-        {"cue": "Sky", "description": "clear blue sky"}, {"cue": "Road", "description": "asphalt road"}]}) + "\n"
-        for i in range(N - 1)))  # fmt: skip
-    (root / "reasons.jsonl").write_text("".join(json.dumps({"path": f"p{i}.jpg", "rc": f"city reason {i}", "rl": f"landmark reason {i}"}) + "\n"
-                                                for i in range(N - 1)))  # fmt: skip
+    (root / "cues.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "path": f"p{i}.jpg",
+                    "cues": [
+                        {"cue": "Sign", "description": f"street sign number {i}"},
+                        {"cue": "Tree", "description": "a palm tree"},
+                        {"cue": "Sky", "description": "clear blue sky"},
+                        {"cue": "Road", "description": "asphalt road"},
+                    ],
+                }
+            )
+            + "\n"
+            for i in range(N - 1)
+        )
+    )
+    (root / "reasons.jsonl").write_text(
+        "".join(
+            json.dumps({"path": f"p{i}.jpg", "rc": f"city reason {i}", "rl": f"landmark reason {i}"}) + "\n"
+            for i in range(N - 1)
+        )
+    )
     for stage in ("rc", "rl", "ol"):
         (root / f"{stage}.toml").write_text(STAGE_TOML.format(stage=stage, epochs=4))
     return root
@@ -69,9 +93,29 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def dataset(workdir: Path, demo_bundle: Path) -> Path:
     out = workdir / "data"
-    res = CliRunner().invoke(main, ["train", "dataset", "--csv", str(workdir / "photos.csv"), "--images", str(workdir / "imgs"),
-                                    "--bundle", str(demo_bundle), "--out", str(out), "--cues", str(workdir / "cues.jsonl"),
-                                    "--reasons", str(workdir / "reasons.jsonl"), "--val-percent", "0", "--device", "cpu"])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "dataset",
+            "--csv",
+            str(workdir / "photos.csv"),
+            "--images",
+            str(workdir / "imgs"),
+            "--bundle",
+            str(demo_bundle),
+            "--out",
+            str(out),
+            "--cues",
+            str(workdir / "cues.jsonl"),
+            "--reasons",
+            str(workdir / "reasons.jsonl"),
+            "--val-percent",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     return out
 
@@ -97,7 +141,9 @@ def test_dataset_files_follow_the_templates(dataset: Path, workdir: Path) -> Non
         assert set(ans_rl) == {"country", "city", "landmark", "lat", "lon", "Reasons"}
         assert set(ans_ol) == {"country", "city", "landmark", "lat", "lon"}
         assert ans_ol["lat"] == f"{float(t['lat']):.6f}" and ans_ol["lon"] == f"{float(t['lon']):.6f}"
-        assert ans_ol["country"] == (t["country"] or ans_ol["country"]) and ans_ol["country"]  # filled offline if absent
+        assert (
+            ans_ol["country"] == (t["country"] or ans_ol["country"]) and ans_ol["country"]
+        )  # filled offline if absent
         assert ans_ol["landmark"] == (t["landmark"] or None)
         assert ans_rc["country"] == ans_ol["country"] and ans_rc["city"] == ans_ol["city"]
         prompt = lambda rec: rec["messages"][0]["content"][1]["text"]  # noqa: E731
@@ -115,8 +161,17 @@ def trained(dataset: Path, workdir: Path) -> Path:
 
     base = build_tiny_qwen25vl(workdir / "base", seed=1)
     out = workdir / "run"
-    args = ["train", "run", *sum((["--config", str(workdir / f"{s}.toml")] for s in ("rc", "rl", "ol")), []),
-            "--base", str(base), "--data", str(dataset), "--out", str(out)]  # fmt: skip
+    args = [
+        "train",
+        "run",
+        *sum((["--config", str(workdir / f"{s}.toml")] for s in ("rc", "rl", "ol")), []),
+        "--base",
+        str(base),
+        "--data",
+        str(dataset),
+        "--out",
+        str(out),
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     return out
@@ -166,10 +221,27 @@ def test_skipping_a_stage(dataset: Path, workdir: Path, trained: Path) -> None:
     assert [s["stage"] for s in res["stages"]] == ["ol"] and res["skipped"] == ["rc", "rl"]
 
 
-def test_trained_model_becomes_a_bundle_that_locates(trained: Path, dataset: Path, demo_bundle: Path, workdir: Path) -> None:
+def test_trained_model_becomes_a_bundle_that_locates(
+    trained: Path, dataset: Path, demo_bundle: Path, workdir: Path
+) -> None:
     out = workdir / "bundle"
-    res = CliRunner().invoke(main, ["train", "export", "--model", str(trained / "final"), "--out", str(out), "--name", "tiny-trained",
-                                    "--from-bundle", str(demo_bundle), "--data", str(dataset)])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "export",
+            "--model",
+            str(trained / "final"),
+            "--out",
+            str(out),
+            "--name",
+            "tiny-trained",
+            "--from-bundle",
+            str(demo_bundle),
+            "--data",
+            str(dataset),
+        ],
+    )
     assert res.exit_code == 0, res.output
     b = Bundle.open(out, verify=True)
     assert b.name == "tiny-trained" and not b.component("vlm").random_weights

@@ -15,17 +15,36 @@ def train() -> None:
 
 
 @train.command("dataset")
-@click.option("--csv", "csv_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="CSV with path, lat, lon (and optionally country, city, landmark).")
+@click.option(
+    "--csv",
+    "csv_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CSV with path, lat, lon (and optionally country, city, landmark).",
+)
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--bundle", "teacher", required=True, type=click.Path(path_type=Path), help="Teacher bundle (cues, cluemaps).")
+@click.option(
+    "--bundle", "teacher", required=True, type=click.Path(path_type=Path), help="Teacher bundle (cues, cluemaps)."
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--cues", type=click.Path(exists=True, path_type=Path), help="Precomputed cues JSONL {path, cues:[{cue, description}]}.")
+@click.option(
+    "--cues",
+    type=click.Path(exists=True, path_type=Path),
+    help="Precomputed cues JSONL {path, cues:[{cue, description}]}.",
+)
 @click.option("--reasons", type=click.Path(exists=True, path_type=Path), help="Reasoning chains JSONL {path, rc, rl}.")
 @click.option("--val-percent", default=10, show_default=True, type=click.IntRange(0, 90))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-def dataset_cmd(csv_path: Path, images: Path, teacher: Path, out: Path, cues: Path | None, reasons: Path | None,
-                val_percent: int, device: str) -> None:  # fmt: skip
+def dataset_cmd(
+    csv_path: Path,
+    images: Path,
+    teacher: Path,
+    out: Path,
+    cues: Path | None,
+    reasons: Path | None,
+    val_percent: int,
+    device: str,
+) -> None:
     """Write rc/rl/ol .train/.val JSONL in the paper's templates, and summary.json."""
     from rich.progress import Progress
 
@@ -35,31 +54,70 @@ def dataset_cmd(csv_path: Path, images: Path, teacher: Path, out: Path, cues: Pa
 
     with Geolocator.load(teacher, device=device) as geo, Progress() as progress:
         task = progress.add_task("building", total=None)
-        summary = build_dataset(csv_path, images, geo, out, cues_jsonl=cues, reasons_jsonl=reasons,
-                                val_percent=val_percent, on_row=lambda _: progress.advance(task))  # fmt: skip
+        summary = build_dataset(
+            csv_path,
+            images,
+            geo,
+            out,
+            cues_jsonl=cues,
+            reasons_jsonl=reasons,
+            val_percent=val_percent,
+            on_row=lambda _: progress.advance(task),
+        )
     click.echo(json.dumps({k: summary[k] for k in ("written", "skipped", "sources")}, indent=2))
 
 
 @train.command("run")
-@click.option("--config", "configs", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
-              help="One TOML per stage, in order (training/configs/{rc,rl,ol}.toml).")
-@click.option("--base", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Base Qwen2.5-VL folder.")
+@click.option(
+    "--config",
+    "configs",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="One TOML per stage, in order (training/configs/{rc,rl,ol}.toml).",
+)
+@click.option(
+    "--base",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Base Qwen2.5-VL folder.",
+)
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--skip", multiple=True, type=click.Choice(["rc", "rl", "ol"]), help="Skip a stage (the paper's w/o RC/RL/OL).")
+@click.option(
+    "--skip", multiple=True, type=click.Choice(["rc", "rl", "ol"]), help="Skip a stage (the paper's w/o RC/RL/OL)."
+)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop each stage after N optimizer steps.")
-def run_cmd(configs: tuple[Path, ...], base: Path, data: Path, out: Path, skip: tuple[str, ...], device: str,
-            max_steps: int | None) -> None:  # fmt: skip
+def run_cmd(
+    configs: tuple[Path, ...],
+    base: Path,
+    data: Path,
+    out: Path,
+    skip: tuple[str, ...],
+    device: str,
+    max_steps: int | None,
+) -> None:
     """Train the stages in order, each from the previous stage's merged weights."""
     from .config import StageConfig
     from .train import run_stages
 
     cfgs = [StageConfig.load(c) for c in configs]
-    result = run_stages(cfgs, base, data, out, skip=skip, device=device, max_steps=max_steps,
-                        on_step=lambda st, s, loss: click.echo(f"{st} step {s}: loss {loss:.4f}"))  # fmt: skip
+    result = run_stages(
+        cfgs,
+        base,
+        data,
+        out,
+        skip=skip,
+        device=device,
+        max_steps=max_steps,
+        on_step=lambda st, s, loss: click.echo(f"{st} step {s}: loss {loss:.4f}"),
+    )
     for s in result["stages"]:
-        click.echo(f"{s['stage']}: {s['steps']} steps, loss {s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}, {s['seconds']:.1f} s")
+        click.echo(
+            f"{s['stage']}: {s['steps']} steps, loss {s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}, "
+            f"{s['seconds']:.1f} s"
+        )
     click.echo(f"final model: {result['final']}")
 
 
@@ -67,15 +125,29 @@ def run_cmd(configs: tuple[Path, ...], base: Path, data: Path, out: Path, skip: 
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", default="trained", show_default=True)
-@click.option("--from-bundle", type=click.Path(path_type=Path), help="Copy CLIP, GPSCLIP, SBERT, gallery from this bundle.")
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (its templates go in the manifest).")
+@click.option(
+    "--from-bundle", type=click.Path(path_type=Path), help="Copy CLIP, GPSCLIP, SBERT, gallery from this bundle."
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Dataset folder (its templates go in the manifest).",
+)
 @click.option("--quant", default="Q4_K_M", show_default=True)
 @click.option("--overwrite", is_flag=True)
-def export_cmd(model_dir: Path, out: Path, name: str, from_bundle: Path | None, data: Path | None, quant: str,
-               overwrite: bool) -> None:  # fmt: skip
+def export_cmd(
+    model_dir: Path, out: Path, name: str, from_bundle: Path | None, data: Path | None, quant: str, overwrite: bool
+) -> None:
     """Merged model -> GGUF + mmproj + the other components -> a verified bundle."""
     from .export import export_trained
 
-    b = export_trained(model_dir, out, name=name, from_bundle=from_bundle,
-                       data_summary=data / "summary.json" if data else None, quant=quant, overwrite=overwrite)  # fmt: skip
+    b = export_trained(
+        model_dir,
+        out,
+        name=name,
+        from_bundle=from_bundle,
+        data_summary=data / "summary.json" if data else None,
+        quant=quant,
+        overwrite=overwrite,
+    )
     click.echo(f"bundle {b.name!r} written to {out}")

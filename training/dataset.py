@@ -60,8 +60,16 @@ def read_rows(csv_path: Path, images: Path) -> tuple[list[Row], dict[str, list[s
             if not path.is_file():
                 bad["missing_file"].append(f"line {i}: {path}")
                 continue
-            rows.append(Row(path=path, lat=lat, lon=lon, country=r.get("country") or None,
-                            city=r.get("city") or None, landmark=r.get("landmark") or None))  # fmt: skip
+            rows.append(
+                Row(
+                    path=path,
+                    lat=lat,
+                    lon=lon,
+                    country=r.get("country") or None,
+                    city=r.get("city") or None,
+                    landmark=r.get("landmark") or None,
+                )
+            )
     return rows, bad
 
 
@@ -115,7 +123,9 @@ def build_dataset(
     reasons_given = _load_jsonl(reasons_jsonl)
     prompts = teacher.prompts
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {(s, sp): open(out_dir / f"{s}.{sp}.jsonl", "w", encoding="utf-8") for s in STAGES for sp in ("train", "val")}
+    files = {
+        (s, sp): open(out_dir / f"{s}.{sp}.jsonl", "w", encoding="utf-8") for s in STAGES for sp in ("train", "val")
+    }
     counts = {f"{s}.{sp}": 0 for s, sp in files}
     sources = {"cues": {"teacher": 0, "file": 0}, "reasons": {"teacher": 0, "file": 0}}
     try:
@@ -135,20 +145,43 @@ def build_dataset(
             cue_src = "file" if given else "teacher"
             sources["cues"][cue_src] += 1
             if name in reasons_given:
-                rc_reason, rl_reason, why_src = reasons_given[name].get("rc", ""), reasons_given[name].get("rl", ""), "file"
+                rc_reason, rl_reason, why_src = (
+                    reasons_given[name].get("rc", ""),
+                    reasons_given[name].get("rl", ""),
+                    "file",
+                )
             else:
                 rc_reason = teacher.ask(img.image, prompts["city_reason"].format())
                 rl_reason = teacher.ask(img.image, prompts["locate_reason"].format(cluemap=cm.render()))
                 why_src = "teacher"
             sources["reasons"][why_src] += 1
             split = split_of(row.path, val_percent)
-            meta = {"lat": row.lat, "lon": row.lon, "cues_source": cue_src, "reasons_source": why_src,
-                    "country_source": "csv" if row.country else "reverse_geocoder",
-                    "city_source": "csv" if row.city else "reverse_geocoder", "split": split}  # fmt: skip
-            loc = {"country": country, "city": city, "landmark": row.landmark, "lat": _coord(row.lat), "lon": _coord(row.lon)}
+            meta = {
+                "lat": row.lat,
+                "lon": row.lon,
+                "cues_source": cue_src,
+                "reasons_source": why_src,
+                "country_source": "csv" if row.country else "reverse_geocoder",
+                "city_source": "csv" if row.city else "reverse_geocoder",
+                "split": split,
+            }
+            loc = {
+                "country": country,
+                "city": city,
+                "landmark": row.landmark,
+                "lat": _coord(row.lat),
+                "lon": _coord(row.lon),
+            }
             recs = {
-                "rc": _record(row.path, prompts["city_reason"].format(), {"country": country, "city": city, "Reasons": rc_reason}, meta),
-                "rl": _record(row.path, prompts["locate_reason"].format(cluemap=cm.render()), {**loc, "Reasons": rl_reason}, meta),
+                "rc": _record(
+                    row.path,
+                    prompts["city_reason"].format(),
+                    {"country": country, "city": city, "Reasons": rc_reason},
+                    meta,
+                ),
+                "rl": _record(
+                    row.path, prompts["locate_reason"].format(cluemap=cm.render()), {**loc, "Reasons": rl_reason}, meta
+                ),
                 "ol": _record(row.path, prompts["locate"].format(cluemap=cm.render()), loc, meta),
             }
             for stage, rec in recs.items():

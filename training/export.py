@@ -33,15 +33,27 @@ def export_trained(
 ) -> Bundle:
     prompts = trained_templates(data_summary)
     if from_bundle is None:
-        return build_bundle(out, name=name, qwen_dir=model_dir, clip_model=None, clip_vision_dir=None, quant=quant,
-                            overwrite=overwrite, prompts=prompts)  # fmt: skip
+        return build_bundle(
+            out,
+            name=name,
+            qwen_dir=model_dir,
+            clip_model=None,
+            clip_vision_dir=None,
+            quant=quant,
+            overwrite=overwrite,
+            prompts=prompts,
+        )
     src = Bundle.open(from_bundle, verify=True)
     writer = BundleWriter(out, name=name, demo=False, overwrite=overwrite)
     vlm = vlm_gguf.export_vlm(model_dir, out / "vlm", quant=quant)
     params: dict[str, Any] = _vlm_params(quant, vlm["check"])
     params["prompts"] = {**DEFAULT_PROMPTS, **prompts}
-    writer.add("vlm", {"model": vlm["model"], "mmproj": vlm["mmproj"]}, params=params,
-               provenance={"source": str(model_dir), "trained": True, "data": str(data_summary) if data_summary else None})  # fmt: skip
+    writer.add(
+        "vlm",
+        {"model": vlm["model"], "mmproj": vlm["mmproj"]},
+        params=params,
+        provenance={"source": str(model_dir), "trained": True, "data": str(data_summary) if data_summary else None},
+    )
     random_parts = []
     for role, comp in src.components.items():
         if role == "vlm":
@@ -52,8 +64,13 @@ def export_trained(
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src.root / f.path, dst)
             files[key] = dst
-        writer.add(role, files, params=comp.params, provenance={**comp.provenance, "copied_from": src.name},
-                   random_weights=comp.random_weights)  # fmt: skip
+        writer.add(
+            role,
+            files,
+            params=comp.params,
+            provenance={**comp.provenance, "copied_from": src.name},
+            random_weights=comp.random_weights,
+        )
         if comp.random_weights:
             random_parts.append(role)
     writer.demo = bool(random_parts)

@@ -22,11 +22,22 @@ from typing import Any
 import torch
 from PIL import Image
 
+from exporters.qwen_vl import write_architectures
+
 from .config import StageConfig
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-HF_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                  "vocab.json", "merges.txt", "chat_template.jinja", "preprocessor_config.json", "generation_config.json")  # fmt: skip
+HF_EXTRA_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
 
 
 def model_digest(folder: Path) -> str:
@@ -59,7 +70,8 @@ def encode_example(processor: Any, rec: dict[str, Any], cfg: StageConfig) -> dic
     user, assistant = rec["messages"]
     prompt = next(c["text"] for c in user["content"] if c["type"] == "text")
     img = fit_pixels(load_image(rec["image"]).image, cfg.max_pixels)
-    head = f"{SYSTEM}<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    head = f"{SYSTEM}<|im_start|>user\n{image}{prompt}<|im_end|>\n<|im_start|>assistant\n"
     full = head + assistant["content"] + "<|im_end|>\n"
     enc = processor(text=[full], images=[img], return_tensors="pt")
     n_prompt = processor(text=[head], images=[img], return_tensors="pt")["input_ids"].shape[1]
@@ -75,10 +87,7 @@ def finalize_hf_folder(src: Path, dst: Path) -> None:
     for name in HF_EXTRA_FILES:
         if (src / name).exists() and not (dst / name).exists():
             shutil.copy(src / name, dst / name)
-    cfg_path = dst / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
-    cfg_path.write_text(json.dumps(cfg, indent=2))
+    write_architectures(dst)
 
 
 def train_stage(
@@ -107,14 +116,26 @@ def train_stage(
     if cuda and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-                      task_type="CAUSAL_LM")  # fmt: skip
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     digest = model_digest(base)
     ckpt = out / "checkpoint"
-    state: dict[str, Any] = {"stage": cfg.stage, "step": 0, "config": cfg.to_dict(), "base": str(base), "base_digest": digest, "losses": []}
+    state: dict[str, Any] = {
+        "stage": cfg.stage,
+        "step": 0,
+        "config": cfg.to_dict(),
+        "base": str(base),
+        "base_digest": digest,
+        "losses": [],
+    }
     if (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "state.json").read_text())
         if saved["base_digest"] != digest or saved["config"] != cfg.to_dict():
@@ -160,8 +181,15 @@ def train_stage(
     merged = model.merge_and_unload()
     merged.to(torch.float32 if not cuda else dtype).save_pretrained(str(merged_dir), safe_serialization=True)
     finalize_hf_folder(base, merged_dir)
-    summary = {"stage": cfg.stage, "steps": state["step"], "losses": state["losses"], "seconds": round(seconds, 2),
-               "base_digest": digest, "merged": str(merged_dir), "records": len(records)}  # fmt: skip
+    summary = {
+        "stage": cfg.stage,
+        "steps": state["step"],
+        "losses": state["losses"],
+        "seconds": round(seconds, 2),
+        "base_digest": digest,
+        "merged": str(merged_dir),
+        "records": len(records),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -196,14 +224,26 @@ def run_stages(
         if cfg.stage in skip:
             continue
         stage_out = out / cfg.stage
-        summary = train_stage(cfg, current, data, stage_out, device=device, max_steps=max_steps,
-                              on_step=(lambda s, l, st=cfg.stage: on_step(st, s, l)) if on_step else None)  # fmt: skip
+        summary = train_stage(
+            cfg,
+            current,
+            data,
+            stage_out,
+            device=device,
+            max_steps=max_steps,
+            on_step=(lambda s, loss, st=cfg.stage: on_step(st, s, loss)) if on_step else None,
+        )
         summaries.append(summary)
         current = Path(summary["merged"])
     final = out / "final"
     if final.is_symlink() or final.exists():
         final.unlink() if final.is_symlink() else shutil.rmtree(final)
     shutil.copytree(current, final)
-    result = {"stages": summaries, "skipped": list(skip), "final": str(final), "templates_from": str(data / "summary.json")}
+    result = {
+        "stages": summaries,
+        "skipped": list(skip),
+        "final": str(final),
+        "templates_from": str(data / "summary.json"),
+    }
     (out / "run.json").write_text(json.dumps(result, indent=2))
     return result

@@ -45,9 +45,8 @@ def main() -> None:
                     stages[k].append(v)
                 for kind, gens in pred.raw_outputs.items():
                     for g in gens:
-                        calls[kind if not kind.startswith("rag") else "rag"].append(
-                            (g["tokens"], g["seconds"], g["constrained"])
-                        )
+                        key = f"{'rag' if kind.startswith('rag') else kind}/{'schema' if g['constrained'] else 'free'}"
+                        calls[key].append((g["tokens"], g["seconds"], g["constrained"]))
     out = {
         "bundle": str(args.bundle),
         "device": args.device,
@@ -60,7 +59,7 @@ def main() -> None:
                 "calls": len(v),
                 "mean_tokens": round(statistics.mean(t for t, _, _ in v), 1),
                 "tokens_per_s": round(sum(t for t, _, _ in v) / max(1e-9, sum(s for _, s, _ in v)), 1),
-                "constrained_share": round(sum(c for _, _, c in v) / len(v), 3),
+                "ms_per_token": round(1000 * sum(s for _, s, _ in v) / max(1, sum(t for t, _, _ in v)), 2),
             }
             for k, v in calls.items()
         },

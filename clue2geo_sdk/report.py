@@ -20,6 +20,10 @@ def _xy(lat: float, lon: float) -> tuple[float, float]:
     return (lon + 180.0) / 360.0 * W, (90.0 - lat) / 180.0 * H
 
 
+def _km(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f} km"
+
+
 def world_cells(db_path: Path) -> list[tuple[int, int]]:
     """Inhabited 1-degree cells from the cities table of a bundle's metadata DuckDB."""
     import duckdb
@@ -68,7 +72,7 @@ def render_report(records: Iterable[dict[str, Any]], db_path: Path, *, title: st
         place = ", ".join(html.escape(str(v)) for v in (r.get("city"), r.get("country")) if v)
         rows.append(
             f"<tr><td>{n}</td><td>{html.escape(str(r.get('path')))}</td><td>{r['lat']:.4f}, {r['lon']:.4f}"
-            f"<br>{place}</td><td>{r['confidence']:.3f}<br><small>spread {r.get('spread_km') or 0:.0f} km"
+            f"<br>{place}</td><td>{r['confidence']:.3f}<br><small>spread {_km(r.get('spread_km'))}"
             f"{' · fallback' if r.get('fallback') else ''}</small></td><td>{cands}</td><td>{cues or '—'}</td></tr>"
         )
     fails = "".join(

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import attrs
+
 from .geolocator import Failure, Geolocator
 from .results import Prediction
 
@@ -89,11 +91,15 @@ def discover(paths: Iterable[str | Path], *, recursive: bool) -> Iterator[Path |
             stack.extend(reversed(subdirs))
 
 
-def file_sha256(path: Path) -> str | None:
+def _read_bytes(path: Path) -> bytes | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return path.read_bytes()
     except OSError:
         return None
+
+
+def _sha256(data: bytes | None) -> str | None:
+    return hashlib.sha256(data).hexdigest() if data is not None else None
 
 
 def record_of(item: Prediction | Failure, path: str, seconds: float) -> dict[str, Any]:
@@ -202,25 +208,20 @@ def run_batch(
     try:
         for item in inputs:
             t0 = time.perf_counter()
-            if isinstance(item, Failure):
-                key = (item.image, None)
-                rec = record_of(item, item.image, 0.0)
-            else:
-                key = (str(item), file_sha256(item))
-                if key in done:
-                    counts["skipped"] += 1
-                    if on_record:
-                        on_record({"path": str(item), "status": "skipped"})
-                    continue
-                result = geo.try_locate(item)
-                if isinstance(result, Failure) and key[1] is not None:
-                    result = Failure(
-                        image=result.image, error=result.error, message=result.message, image_sha256=key[1]
-                    )
-                rec = record_of(result, str(item), time.perf_counter() - t0)
+            data = None if isinstance(item, Failure) else _read_bytes(item)
+            key = (item.image, None) if isinstance(item, Failure) else (str(item), _sha256(data))
             if key in done:
                 counts["skipped"] += 1
+                if on_record:
+                    on_record({"path": key[0], "status": "skipped"})
                 continue
+            if isinstance(item, Failure):
+                result: Prediction | Failure = item
+            else:  # the bytes read for the digest are the ones decoded; unreadable paths report why
+                result = geo.try_locate(data if data is not None else item, name=str(item))
+                if isinstance(result, Failure):
+                    result = attrs.evolve(result, image_sha256=key[1])
+            rec = record_of(result, key[0], time.perf_counter() - t0)
             writer.write(rec)
             done.add(key)
             counts["ok" if rec["status"] == "ok" else "error"] += 1

@@ -245,7 +245,7 @@ class Geolocator:
         use_nearest = opts.nearest_neighbour_candidate or not valid
         if use_nearest:
             points.append((nearest.lat, nearest.lon))
-        scores = select(image_emb, self.gpsclip.encode_locations(np.asarray(points, dtype=np.float32)))[1]
+        best, scores = select(image_emb, self.gpsclip.encode_locations(np.asarray(points, dtype=np.float32)))
         candidates = [
             Candidate(
                 source=src,
@@ -270,7 +270,6 @@ class Geolocator:
                     city=nearest.city or None,
                 )
             )
-        best = int(np.argmax(scores))
         win = candidates[best]
         lap("selection")
         place = self.geocoder.lookup(win.lat, win.lon)
@@ -305,11 +304,11 @@ class Geolocator:
         gen = (self.try_locate(img) for img in images)
         return gen if stream else list(gen)
 
-    def try_locate(self, image: ImageInput) -> Prediction | Failure:
+    def try_locate(self, image: ImageInput, *, name: str | None = None) -> Prediction | Failure:
         """``locate``, but any error becomes a :class:`Failure` (what batches record)."""
-        name = str(image) if isinstance(image, str | Path) else f"<{type(image).__name__}>"
+        name = name or (str(image) if isinstance(image, str | Path) else f"<{type(image).__name__}>")
         try:
-            return self.locate(image)
+            return self.locate(image, name=name)
         except Exception as exc:  # one bad input must not end a batch
             return Failure(image=name, error=type(exc).__name__, message=str(exc) or repr(exc))
 

@@ -13,12 +13,10 @@ GPU in llama-cpp-python). "always" and "never" force one way.
 from __future__ import annotations
 
 import base64
-import contextlib
-import os
-import sys
+import ctypes
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -109,25 +107,29 @@ def ask_parsed(
     return parse(gen.text), gens
 
 
-@contextlib.contextmanager
-def quiet_native(enabled: bool) -> Iterator[None]:
-    """Silence native stdout/stderr (llama.cpp / mtmd print from C); no-op when verbose."""
-    if not enabled:
-        yield
+_SILENT_CALLBACK: Any = None
+
+
+def silence_native_logs() -> None:
+    """Route llama.cpp's and mtmd's native logs to a no-op callback (process-wide, idempotent).
+
+    Both libraries log through callbacks, so this silences them without touching stdout/stderr
+    (which other threads may be using). A verbose VLM simply doesn't call it.
+    """
+    global _SILENT_CALLBACK
+    if _SILENT_CALLBACK is not None:
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, devnull):
-            os.close(fd)
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
+
+    @llama_cpp.llama_log_callback
+    def _drop(level: int, text: bytes, user_data: Any) -> None:
+        return None
+
+    _SILENT_CALLBACK = _drop  # keep a reference: the C side holds only the pointer
+    llama_cpp.llama_log_set(_drop, ctypes.c_void_p(0))
+    mtmd.mtmd_log_set(_drop, ctypes.c_void_p(0))
+    mtmd.mtmd_helper_log_set(_drop, ctypes.c_void_p(0))
 
 
 class LlamaCppVLM:
@@ -158,17 +160,18 @@ class LlamaCppVLM:
         handler_cls = Qwen25VLChatHandler
         if image_max_tokens:
             handler_cls = _capped_handler(Qwen25VLChatHandler, image_max_tokens)
-        with quiet_native(not verbose):
-            self._handler = handler_cls(clip_model_path=str(mmproj_path), verbose=verbose)
-            self._llm = Llama(
-                str(model_path),
-                chat_handler=self._handler,
-                n_ctx=n_ctx,
-                n_gpu_layers=n_gpu_layers,
-                n_threads=n_threads,
-                seed=seed,
-                verbose=verbose,
-            )
+        if not verbose:
+            silence_native_logs()
+        self._handler = handler_cls(clip_model_path=str(mmproj_path), verbose=verbose)
+        self._llm = Llama(
+            str(model_path),
+            chat_handler=self._handler,
+            n_ctx=n_ctx,
+            n_gpu_layers=n_gpu_layers,
+            n_threads=n_threads,
+            seed=seed,
+            verbose=verbose,
+        )
 
     def open(self, image: LoadedImage) -> _LlamaSession:
         return _LlamaSession(self, "data:image/png;base64," + base64.b64encode(image.png_bytes()).decode())
@@ -196,7 +199,7 @@ class LlamaCppVLM:
             kwargs["seed"] = seed
         if schema is not None:
             kwargs["response_format"] = {"type": "json_object", "schema": dict(schema)}
-        with self._lock, quiet_native(not self.verbose):
+        with self._lock:
             t0 = time.perf_counter()
             out = self._llm.create_chat_completion(messages=messages, **kwargs)
             dt = time.perf_counter() - t0
@@ -211,8 +214,7 @@ class LlamaCppVLM:
         with self._lock:
             llm = getattr(self, "_llm", None)
             if llm is not None:
-                with quiet_native(not self.verbose):
-                    llm.close()
+                llm.close()
                 self._llm = None
 
 

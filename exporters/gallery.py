@@ -94,7 +94,8 @@ def build_gallery(
     out_dir.mkdir(parents=True, exist_ok=True)
     emb = embed_locations(location_onnx, coords)
     index = usearch_index().Index(ndim=emb.shape[1], metric="cos", dtype=dtype)
-    index.add(np.arange(len(emb), dtype=np.uint64), emb, threads=0)
+    # one thread: the HNSW graph (and so the file) is then the same on every build
+    index.add(np.arange(len(emb), dtype=np.uint64), emb, threads=1)
     index_path = out_dir / "gallery.usearch"
     index.save(str(index_path))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from clue2geo_sdk.errors import ExportValidationError
-from clue2geo_sdk.vlm import quiet_native
+from clue2geo_sdk.vlm import silence_native_logs
 
 CACHE = Path(os.environ.get("CLUE2GEO_CACHE", Path.home() / ".cache" / "clue2geo"))
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
@@ -98,6 +98,7 @@ def quantize(src: Path, dst: Path, quant: str) -> Path:
 
     if quant not in QUANT_TYPES:
         raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
+    silence_native_logs()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
@@ -122,26 +123,26 @@ def check_gguf_pair(model: Path, mmproj: Path) -> dict[str, Any]:
     buf = io.BytesIO()
     Image.new("RGB", (112, 84), (90, 140, 200)).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    with quiet_native(True):
-        handler = Qwen25VLChatHandler(clip_model_path=str(mmproj), verbose=False)
-        llm = Llama(str(model), chat_handler=handler, n_ctx=1024, seed=0, verbose=False)
-        try:
-            out = llm.create_chat_completion(
-                messages=[
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image_url", "image_url": {"url": url}},
-                            {"type": "text", "text": "Which country is this?"},
-                        ],
-                    }
-                ],
-                response_format={"type": "json_object", "schema": CHECK_SCHEMA},
-                max_tokens=48,
-                temperature=0.0,
-            )
-        finally:
-            llm.close()
+    silence_native_logs()
+    handler = Qwen25VLChatHandler(clip_model_path=str(mmproj), verbose=False)
+    llm = Llama(str(model), chat_handler=handler, n_ctx=1024, seed=0, verbose=False)
+    try:
+        out = llm.create_chat_completion(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": "Which country is this?"},
+                    ],
+                }
+            ],
+            response_format={"type": "json_object", "schema": CHECK_SCHEMA},
+            max_tokens=48,
+            temperature=0.0,
+        )
+    finally:
+        llm.close()
     text = out["choices"][0]["message"]["content"]
     try:
         answer = json.loads(text)

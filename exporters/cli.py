@@ -1,11 +1,15 @@
-"""Entry points the runtime CLI finds by name (group ``clue2geo.plugins``) so it never imports torch."""
+"""Entry points the runtime CLI finds by name (group ``clue2geo.plugins``) so it never imports torch.
+
+Importing this module imports the export stack, so a missing extra fails when the plugin is
+loaded, where the runtime CLI turns it into a MissingExtraError naming the extra.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .bundle_builder import build_demo as _build
+
 
 def build_demo(path: Path, *, seed: int = 0, overwrite: bool = True) -> None:
-    from .bundle_builder import build_demo as _build
-
     _build(path, seed=seed, overwrite=overwrite)

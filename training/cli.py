@@ -1,5 +1,6 @@
 """``clue2geo train dataset|run|export``: found by the runtime CLI through an entry point, so the
-runtime never imports torch or this package unless a training command runs."""
+runtime never imports torch or this package unless a training command runs. The training stack is
+imported here, at load, so a missing [train] extra is reported as such."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 from pathlib import Path
 
 import click
+import peft  # noqa: F401  (fail at plugin load when the [train] extra is missing)
+import torch  # noqa: F401
 
 
 @click.group("train")

@@ -29,7 +29,7 @@ def _step(label: str, timings: dict[str, float]) -> Iterator[None]:
     console.print(f"  done in {timings[label]:.1f} s")
 
 
-def _vlm_params(quant: str, check: dict[str, Any]) -> dict[str, Any]:
+def vlm_params(quant: str, check: dict[str, Any]) -> dict[str, Any]:
     return {
         "chat_format": "qwen2.5-vl",
         "quant": quant,
@@ -73,7 +73,7 @@ def build_bundle(
                 qwen_dir = qwen_vl.build_tiny_qwen25vl(Path(tmp) / "qwen", seed=seed)
                 random_parts.append("vlm")
             vlm = vlm_gguf.export_vlm(qwen_dir, out / "vlm", quant=quant, llama_cpp_dir=llama_cpp_dir)
-            params = _vlm_params(quant, vlm["check"])
+            params = vlm_params(quant, vlm["check"])
             if prompts:
                 params["prompts"] = {**params["prompts"], **prompts}
             writer.add(

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from ._onnx import export_module, run_onnx
 from ._validate import check_close
@@ -120,8 +121,8 @@ def export_clip(model, out_dir: str | Path, *, atol: float = 1e-4, seed: int = 0
         ref_txt = model.encode_text(ids).numpy()
     d_img = check_close("CLIP image tower", ref_img, run_onnx(img_path, {"pixel_values": pixels.numpy()})[0], atol=atol)
     d_txt = check_close("CLIP text tower", ref_txt, run_onnx(txt_path, {"input_ids": ids.numpy()})[0], atol=atol)
-    mean = getattr(model.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-    std = getattr(model.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    mean = getattr(model.visual, "image_mean", None) or OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or OPENAI_DATASET_STD
     return {
         "files": {"image": img_path, "text": txt_path, "tokenizer": tok_path},
         "params": {

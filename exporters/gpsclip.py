@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from ._onnx import export_module, run_onnx
@@ -204,8 +205,8 @@ def export_gpsclip(
             "sigmas": list(location.sigmas),
             "dim": int(ref_loc.shape[1]),
             "image_size": image_size,
-            "mean": [0.48145466, 0.4578275, 0.40821073],
-            "std": [0.26862954, 0.26130258, 0.27577711],
+            "mean": list(OPENAI_DATASET_MEAN),
+            "std": list(OPENAI_DATASET_STD),
             "resize": "shortest_side_bicubic_center_crop",
         },
         "parity": parity,

@@ -11,6 +11,8 @@ import json
 from importlib.resources import files
 from pathlib import Path
 
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
 # Qwen2's pre-tokenizer split (digits one at a time), as in the released tokenizer.json.
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -57,9 +59,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def build_qwen_tokenizer():  # -> transformers.Qwen2TokenizerFast
@@ -143,8 +142,8 @@ def write_preprocessor_config(folder: Path, *, min_pixels: int = 3136, max_pixel
         "do_normalize": True,
         "do_convert_rgb": True,
         "rescale_factor": 1 / 255,
-        "image_mean": list(CLIP_MEAN),
-        "image_std": list(CLIP_STD),
+        "image_mean": list(OPENAI_DATASET_MEAN),
+        "image_std": list(OPENAI_DATASET_STD),
         "min_pixels": min_pixels,
         "max_pixels": max_pixels,
         "patch_size": 14,

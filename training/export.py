@@ -11,7 +11,7 @@ from typing import Any
 from clue2geo_sdk.bundle import Bundle, BundleWriter
 from clue2geo_sdk.prompts import DEFAULT_PROMPTS
 from exporters import vlm_gguf
-from exporters.bundle_builder import _vlm_params, build_bundle
+from exporters.bundle_builder import build_bundle, vlm_params
 
 
 def trained_templates(data_summary: Path | None) -> dict[str, str]:
@@ -46,7 +46,7 @@ def export_trained(
     src = Bundle.open(from_bundle, verify=True)
     writer = BundleWriter(out, name=name, demo=False, overwrite=overwrite)
     vlm = vlm_gguf.export_vlm(model_dir, out / "vlm", quant=quant)
-    params: dict[str, Any] = _vlm_params(quant, vlm["check"])
+    params: dict[str, Any] = vlm_params(quant, vlm["check"])
     params["prompts"] = {**DEFAULT_PROMPTS, **prompts}
     writer.add(
         "vlm",

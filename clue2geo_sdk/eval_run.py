@@ -112,17 +112,17 @@ def run_eval(
         "conventions": CONVENTIONS,
         "variants": {},
     }
+    paths = [images / s.img_id for s in samples]
+    c_true = [geo.geocoder.lookup(s.lat, s.lon).country_code for s in samples]  # same for every variant
     try:
         for slug, label, overrides in variants(ablate):
             geo.options = attrs.evolve(base, **overrides)
             pred_path = out / f"predictions-{slug}.jsonl"
-            paths = [images / s.img_id for s in samples]
             run_batch(geo, paths, pred_path, fmt="jsonl", resume=True, on_record=on_record)
             latest = {r["path"]: r for r in read_records(pred_path, "jsonl")}
-            rows, dists, c_true, c_pred = [], [], [], []
-            for s, p in zip(samples, paths, strict=True):
+            rows, dists, c_pred = [], [], []
+            for s, p, ct in zip(samples, paths, c_true, strict=True):
                 rec = latest.get(str(p), {"status": "error", "error": "NotRun"})
-                ct = geo.geocoder.lookup(s.lat, s.lon).country_code
                 row: dict[str, Any] = {
                     "img_id": s.img_id,
                     "true_lat": s.lat,
@@ -147,7 +147,6 @@ def run_eval(
                 else:
                     dists.append(None)
                     c_pred.append(None)
-                c_true.append(ct)
                 rows.append(row)
             with open(out / f"per-image-{slug}.csv", "w", newline="", encoding="utf-8") as fh:
                 w = csv.DictWriter(fh, fieldnames=PER_IMAGE_FIELDS)

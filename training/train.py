@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from clue2geo_sdk.bundle import sha256_file
 from exporters.qwen_vl import write_architectures
 
 from .config import StageConfig
@@ -41,13 +42,10 @@ HF_EXTRA_FILES = (
 
 
 def model_digest(folder: Path) -> str:
-    """sha256 over the model's safetensors files (names and bytes), to tie checkpoints to their base."""
+    """sha256 over the model's safetensors files (names and digests), to tie checkpoints to their base."""
     h = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
+        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 
@@ -72,11 +70,15 @@ def encode_example(processor: Any, rec: dict[str, Any], cfg: StageConfig) -> dic
     img = fit_pixels(load_image(rec["image"]).image, cfg.max_pixels)
     image = "<|vision_start|><|image_pad|><|vision_end|>"
     head = f"{SYSTEM}<|im_start|>user\n{image}{prompt}<|im_end|>\n<|im_start|>assistant\n"
-    full = head + assistant["content"] + "<|im_end|>\n"
-    enc = processor(text=[full], images=[img], return_tensors="pt")
-    n_prompt = processor(text=[head], images=[img], return_tensors="pt")["input_ids"].shape[1]
+    answer = assistant["content"] + "<|im_end|>\n"
+    enc = processor(text=[head + answer], images=[img], return_tensors="pt")
+    # The answer follows a newline, where Qwen2's pre-tokenizer always splits, so its tokens are the
+    # sequence's tail: tokenizing it alone finds the boundary without preprocessing the image twice.
+    answer_ids = processor.tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if not torch.equal(enc["input_ids"][0, -len(answer_ids) :], answer_ids):
+        raise ValueError(f"{rec['image']}: the answer's tokens are not the tail of the encoded example")
     labels = enc["input_ids"].clone()
-    labels[:, :n_prompt] = -100
+    labels[:, : -len(answer_ids)] = -100
     if enc["input_ids"].shape[1] > cfg.max_length:
         raise ValueError(f"{rec['image']}: {enc['input_ids'].shape[1]} tokens exceed max_length {cfg.max_length}")
     return {**enc, "labels": labels}

@@ -9,6 +9,8 @@ read-only; VLM calls are serialized by a lock inside the VLM, so threads add no 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -54,6 +56,15 @@ class Options:
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}")
         return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = attrs.asdict(self)
+        d["references"] = list(self.references)
+        return d
+
+    def digest(self) -> str:
+        """sha256 of the options as canonical JSON: records made under other options are not reused."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 @attrs.frozen(kw_only=True)
@@ -142,7 +153,7 @@ class Geolocator:
         also the raw VLM outputs. The training-data builder uses this, so both share one implementation."""
         img = load_image(image)
         raw: dict[str, Any] = {"cues": []}
-        return self._cues(self.vlm.open(img), img, raw, given=cues), raw["cues"]
+        return self._cues(self.vlm.open(img), img, raw, given=cues, opts=self.options), raw["cues"]
 
     def ask(self, image: ImageInput, prompt: str) -> str:
         """One free-form answer about an image (e.g. a teacher's reasoning chain)."""
@@ -150,7 +161,13 @@ class Geolocator:
         return self.vlm.open(img).ask(prompt, schema=None, max_tokens=self.options.max_answer_tokens).text
 
     def _cues(
-        self, session: Any, img: LoadedImage, raw: dict[str, Any], given: list[tuple[str, str]] | None = None
+        self,
+        session: Any,
+        img: LoadedImage,
+        raw: dict[str, Any],
+        given: list[tuple[str, str]] | None = None,
+        *,
+        opts: Options,
     ) -> Cluemap:
         if given is None:
             given, gens = ask_parsed(
@@ -158,8 +175,8 @@ class Geolocator:
                 self.prompts["cues"],
                 parse_cues,
                 schema=CUES_SCHEMA,
-                max_tokens=self.options.max_cue_tokens,
-                constrain=self.options.constrain,
+                max_tokens=opts.max_cue_tokens,
+                constrain=opts.constrain,
             )
             raw["cues"] = [_gen_dict(g) for g in gens]
         cues, merged = dedupe(given or [])
@@ -171,14 +188,13 @@ class Geolocator:
             self.clip.encode_texts(texts),
             patch_emb,
             self.sbert.encode(texts),
-            alpha=self.options.alpha,
+            alpha=opts.alpha,
             duplicates_merged=merged,
         )
 
     def _ask_location(
-        self, session: Any, prompt: str, source: str, raw: dict[str, Any]
+        self, session: Any, prompt: str, source: str, raw: dict[str, Any], opts: Options
     ) -> list[tuple[int, LocationAnswer]]:
-        opts = self.options
         answers = []
         for s in range(opts.samples_per_prompt):
             several = opts.samples_per_prompt > 1
@@ -198,9 +214,10 @@ class Geolocator:
 
     # -- the pipeline -----------------------------------------------------------------------------
 
-    def locate(self, image: ImageInput, *, name: str | None = None) -> Prediction:
-        """Geolocate one image (path, bytes, PIL image or HxWx3 uint8 array)."""
-        opts = self.options
+    def locate(self, image: ImageInput, *, name: str | None = None, options: Options | None = None) -> Prediction:
+        """Geolocate one image (path, bytes, PIL image or HxWx3 uint8 array); ``options`` override the
+        loaded defaults for this call only (shared state is never changed, so threads may differ)."""
+        opts = options or self.options
         timings: dict[str, float] = {}
         raw: dict[str, Any] = {}
         t = time.perf_counter()
@@ -218,13 +235,13 @@ class Geolocator:
         session = self.vlm.open(img)
         cluemap: Cluemap | None = None
         if opts.use_cluemap:
-            cluemap = self._cues(session, img, raw)
+            cluemap = self._cues(session, img, raw, opts=opts)
             lap("cues_and_cluemap")
             prompt = self.prompts["locate"].format(cluemap=cluemap.render())
         else:
             prompt = self.prompts["locate_no_cluemap"]
         proposals: list[tuple[str, int, LocationAnswer]] = [
-            ("direct", s, a) for s, a in self._ask_location(session, prompt, "direct", raw)
+            ("direct", s, a) for s, a in self._ask_location(session, prompt, "direct", raw, opts)
         ]
         lap("direct")
         similar = self.gallery.most_similar(image_emb, max(opts.references, default=1))
@@ -236,7 +253,7 @@ class Geolocator:
                     similar=format_references([(h.lat, h.lon) for h in similar[:k]]),
                     dissimilar=format_references([(h.lat, h.lon) for h in dissimilar[:k]]),
                 )
-                proposals += [(f"rag{k}", s, a) for s, a in self._ask_location(session, rag_prompt, f"rag{k}", raw)]
+                proposals += [(f"rag{k}", s, a) for s, a in self._ask_location(session, rag_prompt, f"rag{k}", raw, opts)]
             lap("rag")
         valid = [(src, s, a) for src, s, a in proposals if a.valid]
         invalid = len(proposals) - len(valid)
@@ -294,21 +311,23 @@ class Geolocator:
             image_sha256=img.sha256,
             image=img.source,
             bundle=self.bundle.name,
-            options=_options_dict(opts),
+            options=opts.to_dict(),
         )
 
     def locate_many(
-        self, images: Iterable[ImageInput], *, stream: bool = True
+        self, images: Iterable[ImageInput], *, stream: bool = True, options: Options | None = None
     ) -> Iterator[Prediction | Failure] | list[Prediction | Failure]:
         """Geolocate many inputs; a bad input yields a :class:`Failure`, never an exception."""
-        gen = (self.try_locate(img) for img in images)
+        gen = (self.try_locate(img, options=options) for img in images)
         return gen if stream else list(gen)
 
-    def try_locate(self, image: ImageInput, *, name: str | None = None) -> Prediction | Failure:
+    def try_locate(
+        self, image: ImageInput, *, name: str | None = None, options: Options | None = None
+    ) -> Prediction | Failure:
         """``locate``, but any error becomes a :class:`Failure` (what batches record)."""
         name = name or (str(image) if isinstance(image, str | Path) else f"<{type(image).__name__}>")
         try:
-            return self.locate(image, name=name)
+            return self.locate(image, name=name, options=options)
         except Exception as exc:  # one bad input must not end a batch
             return Failure(image=name, error=type(exc).__name__, message=str(exc) or repr(exc))
 
@@ -317,10 +336,6 @@ def _gen_dict(g: Generation) -> dict[str, Any]:
     return {"text": g.text, "constrained": g.constrained, "tokens": g.tokens, "seconds": round(g.seconds, 4)}
 
 
-def _options_dict(opts: Options) -> Mapping[str, Any]:
-    d = attrs.asdict(opts)
-    d["references"] = list(opts.references)
-    return d
 
 
 __all__ = ["Constrain", "Failure", "Geolocator", "Options"]

@@ -28,6 +28,7 @@ from .parsing import LocationAnswer, parse_cues, parse_location
 from .prompts import resolve
 from .results import Candidate, Prediction
 from .retrieval import Gallery
+from .sanitize import clean_text
 from .selection import confidence, format_references, select, spread_km
 from .vlm import CUES_SCHEMA, LOCATION_SCHEMA, Constrain, Generation, LlamaCppVLM, VisionLanguageModel, ask_parsed
 
@@ -295,9 +296,13 @@ class Geolocator:
         return Prediction(
             lat=win.lat,
             lon=win.lon,
-            country=win.country or place.country or None,
-            city=win.city or place.city or None,
-            landmark=win.landmark,
+            country=place.country or None,
+            country_code=place.country_code or None,
+            admin1=place.admin1 or None,
+            city=place.city or None,
+            landmark=clean_text(win.landmark),
+            model_country=clean_text(win.country),
+            model_city=clean_text(win.city),
             confidence=confidence(win.score),
             spread_km=spread_km(win.lat, win.lon, [(c.lat, c.lon) for i, c in enumerate(candidates) if i != best]),
             source=win.source,

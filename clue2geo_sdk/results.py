@@ -37,13 +37,23 @@ class Prediction:
     ``confidence`` is the winner's GPSCLIP cosine mapped from [-1, 1] to [0, 1]: a similarity, not a
     probability. ``spread_km`` is the median great-circle distance from the winner to the other
     valid candidates: small when the model's independent answers agree.
+
+    ``country``, ``country_code``, ``admin1`` and ``city`` come from the offline geocoder of the
+    winning coordinate; the model's own strings are kept apart (``model_country``, ``model_city``,
+    ``landmark``), cleaned of control characters and capped in length. ``cues_status`` is "ok",
+    "reasked" (the free answer did not parse; the schema-constrained one did), "failed" (no usable
+    cue list: the cluemap is empty) or "skipped" (``use_cluemap=False``).
     """
 
     lat: float
     lon: float
     country: str | None
+    country_code: str | None
+    admin1: str | None
     city: str | None
     landmark: str | None
+    model_country: str | None
+    model_city: str | None
     confidence: float
     spread_km: float | None
     source: str
@@ -58,6 +68,7 @@ class Prediction:
     image: str
     bundle: str
     options: Mapping[str, Any] = attrs.field(factory=dict)
+    cues_status: str = "ok"
 
     def to_dict(self) -> dict[str, Any]:
         d = attrs.asdict(self, recurse=False)

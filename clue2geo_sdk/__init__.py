@@ -9,6 +9,7 @@ with Geolocator.load("artifacts/demo") as geo:
 from ._version import __version__
 from .bundle import Bundle
 from .errors import (
+    BundleExistsError,
     BundleFormatError,
     BundleIntegrityError,
     BundleNotFoundError,
@@ -22,6 +23,7 @@ from .results import Candidate, Prediction
 
 __all__ = [
     "Bundle",
+    "BundleExistsError",
     "BundleFormatError",
     "BundleIntegrityError",
     "BundleNotFoundError",

@@ -14,7 +14,7 @@ import click
 
 from ._version import __version__
 from .bundle import Bundle
-from .errors import Clue2GeoError, MissingExtraError
+from .errors import Clue2GeoError, MissingExtraError, install_hint
 
 # Commands that need the heavy export/train stacks are found by entry point at call time,
 # so the runtime never imports them (DESIGN §1).
@@ -22,14 +22,14 @@ _PLUGIN_GROUP = "clue2geo.plugins"
 
 
 def _plugin(name: str) -> Any:
+    extra = "train" if name == "train" else "export"
     for ep in entry_points(group=_PLUGIN_GROUP):
         if ep.name == name:
             try:
                 return ep.load()
             except ImportError as exc:
-                extra = "train" if name == "train" else "export"
                 raise MissingExtraError(exc.name or "torch", extra, f"'clue2geo {name}'") from exc
-    raise click.ClickException(f"no plugin {name!r} is installed; reinstall clue2geo with its [export] extra")
+    raise click.ClickException(f"no plugin {name!r} is installed; reinstall clue2geo: {install_hint(extra)}")
 
 
 def _fail(exc: Exception) -> None:

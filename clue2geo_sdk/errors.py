@@ -19,13 +19,28 @@ class BundleIntegrityError(Clue2GeoError, ValueError):
     """A component file is missing or its bytes do not match the manifest's digest."""
 
 
-class MissingExtraError(Clue2GeoError, ImportError):
-    """An optional dependency is not installed; the message names the pip extra that brings it."""
+class BundleExistsError(Clue2GeoError, FileExistsError):
+    """A bundle would be written over files it does not own; the message names them and what to do."""
 
-    def __init__(self, module: str, extra: str, purpose: str) -> None:
+
+def install_hint(extra: str) -> str:
+    """A command that brings an extra on both kinds of install: a source checkout (editable, pinned)
+    and a package index. The README's install is the first, where ``pip install 'clue2geo[x]'`` alone
+    would look for clue2geo on the index rather than the checkout."""
+    return (
+        f"pip install -c constraints.txt -e '.[{extra}]' in the clue2geo source folder "
+        f"(or pip install 'clue2geo[{extra}]' where clue2geo comes from a package index)"
+    )
+
+
+class MissingExtraError(Clue2GeoError, ImportError):
+    """An optional dependency is not installed; the message names a command that installs it:
+    the extra that brings it, or ``install`` for a package that is no extra's (e.g. a core one)."""
+
+    def __init__(self, module: str, extra: str | None, purpose: str, *, install: str | None = None) -> None:
+        how = install or (install_hint(extra) if extra else f"pip install {module}")
         super().__init__(
-            f"{purpose} needs the Python package '{module}', which is not installed. "
-            f"Install it with: pip install 'clue2geo[{extra}]'"
+            f"{purpose} needs the Python package '{module}', which is not installed. Install it with: {how}"
         )
         self.module = module
         self.extra = extra

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import importlib.util
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from clue2geo_sdk.errors import ExportValidationError
+from clue2geo_sdk.errors import ExportValidationError, MissingExtraError
 from clue2geo_sdk.vlm import silence_native_logs
 
 CACHE = Path(os.environ.get("CLUE2GEO_CACHE", Path.home() / ".cache" / "clue2geo"))
@@ -40,6 +41,10 @@ def llama_cpp_source(llama_cpp_dir: str | Path | None = None) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     sdist = CACHE / f"llama_cpp_python-{ver}.tar.gz"
     if not sdist.is_file():
+        # pip prepares the sdist's metadata with its build backend, taken from this environment
+        # (--no-build-isolation: nothing fetched beyond the sdist itself); the [export] extra brings it.
+        if importlib.util.find_spec("scikit_build_core") is None:
+            raise MissingExtraError("scikit_build_core", "export", "fetching llama.cpp's converter (pip download)")
         cmd = [
             sys.executable,
             "-m",

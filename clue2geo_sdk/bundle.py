@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import shutil
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from ._version import __version__
-from .errors import BundleFormatError, BundleIntegrityError, BundleNotFoundError
+from .errors import BundleExistsError, BundleFormatError, BundleIntegrityError, BundleNotFoundError
 
 FORMAT_VERSION = "1.0"
 MANIFEST = "manifest.json"
@@ -221,20 +221,65 @@ class Bundle:
         }
 
 
+def remove_bundle(root: Path) -> None:
+    """Delete a bundle: its manifest, the files the manifest lists, then folders left empty.
+
+    Refuses, before deleting anything, when ``root`` holds no manifest or holds any file the manifest
+    does not list: a folder that only looks like a bundle may hold the user's own files.
+    """
+    if not (root / MANIFEST).is_file():
+        raise BundleExistsError(
+            f"{root} is not empty and holds no bundle ({MANIFEST}); refusing to delete it: choose a new or empty folder"
+        )
+    try:
+        bundle = Bundle.open(root, verify=False)
+    except (BundleFormatError, BundleNotFoundError) as exc:
+        raise BundleExistsError(
+            f"{root}: cannot tell which files the old bundle owns ({exc}); nothing deleted"
+        ) from None
+    owned = {MANIFEST} | {Path(f.path).as_posix() for c in bundle.components.values() for f in c.files.values()}
+    found, folders = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        folders.append(here)
+        for d in dirnames:  # a link to a folder is an entry, not a folder to walk
+            if (here / d).is_symlink():
+                filenames.append(d)
+        found += [(here / f).relative_to(root).as_posix() for f in filenames]
+    foreign = sorted(set(found) - owned)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise BundleExistsError(
+            f"{root} holds {len(foreign)} file(s) that are not part of its bundle ({shown}); nothing deleted. "
+            "Move them away (or remove the folder yourself) and try again"
+        )
+    for rel in sorted(owned & set(found)):
+        (root / rel).unlink()
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        if folder != root and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 class BundleWriter:
     """Builds a bundle directory: copy component files in, record their digests, write the manifest."""
 
     def __init__(self, root: str | Path, *, name: str, demo: bool, overwrite: bool = False) -> None:
         self.root = Path(root)
-        if self.root.exists() and any(self.root.iterdir()):
+        if self.root.is_dir() and any(self.root.iterdir()):
             if not overwrite:
-                raise FileExistsError(f"{self.root} is not empty; pass overwrite=True to replace it")
-            shutil.rmtree(self.root)
+                hint = ", or pass --overwrite (overwrite=True) to replace the bundle in it"
+                raise BundleExistsError(
+                    f"{self.root} is not empty; choose a new or empty folder{hint if self._has_manifest() else ''}"
+                )
+            remove_bundle(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.demo = demo
         self.components: list[Component] = []
         self.extra: dict[str, Any] = {}
+
+    def _has_manifest(self) -> bool:
+        return (self.root / MANIFEST).is_file()
 
     def add(
         self,

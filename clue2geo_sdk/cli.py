@@ -115,9 +115,16 @@ def bundle_verify(path: Path) -> None:
 @bundle.command("demo")
 @click.argument("path", type=click.Path(path_type=Path), default=Path("artifacts/demo"))
 @click.option("--seed", default=0, show_default=True, help="Seed for the random-weight stand-ins.")
-@click.option("--overwrite/--no-overwrite", default=True, show_default=True)
+@click.option(
+    "--overwrite/--no-overwrite",
+    default=False,
+    show_default=True,
+    help="Replace a bundle already in PATH (only its own files; a folder holding anything else is refused).",
+)
 def bundle_demo(path: Path, seed: int, overwrite: bool) -> None:
-    """Build the demo bundle (real SBERT, GeoCLIP location tower, gallery; tiny random VLM/CLIP)."""
+    """Build the demo bundle (real SBERT, GeoCLIP location tower, gallery; tiny random VLM/CLIP).
+
+    PATH must be new or empty, or (with --overwrite) hold only a previous bundle."""
     try:
         build = _plugin("build-demo")
         build(path, seed=seed, overwrite=overwrite)

@@ -151,8 +151,11 @@ def build_bundle(
     return bundle
 
 
-def build_demo(out: str | Path = "artifacts/demo", *, seed: int = 0, overwrite: bool = True) -> Bundle:
-    """The demo bundle: real SBERT, GeoCLIP location tower, 100K gallery, GeoNames; tiny random VLM/CLIP."""
+def build_demo(out: str | Path = "artifacts/demo", *, seed: int = 0, overwrite: bool = False) -> Bundle:
+    """The demo bundle: real SBERT, GeoCLIP location tower, 100K gallery, GeoNames; tiny random VLM/CLIP.
+
+    A non-empty ``out`` is refused unless ``overwrite`` and it holds only a previous bundle (see
+    :func:`clue2geo_sdk.bundle.remove_bundle`): a mistyped path must never cost the user files."""
     return build_bundle(
         out,
         name="demo",

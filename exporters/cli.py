@@ -11,5 +11,5 @@ from pathlib import Path
 from .bundle_builder import build_demo as _build
 
 
-def build_demo(path: Path, *, seed: int = 0, overwrite: bool = True) -> None:
+def build_demo(path: Path, *, seed: int = 0, overwrite: bool = False) -> None:
     _build(path, seed=seed, overwrite=overwrite)

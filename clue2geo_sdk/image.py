@@ -4,6 +4,11 @@ Accepts a path, raw bytes, a PIL image or an HxWx3 uint8 array. Applies EXIF ori
 the first frame of animations, flattens transparency onto white, converts CMYK / 16-bit / palette
 to 8-bit RGB, and refuses inputs that are empty, not images, truncated, too large or too small,
 with an :class:`ImageLoadError` that names the input and the reason.
+
+Inputs are untrusted (evidence folders): Pillow picks a decoder by content, not by suffix, so a
+``.jpg`` that is really EPS would reach Ghostscript. Only the :data:`ALLOWED_FORMATS` decoders are
+ever run; any other format is named (from its magic bytes) and refused. Files over
+:data:`MAX_FILE_BYTES` are refused from their size before a byte is read.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from pathlib import Path
+import stat
+import threading
 from typing import Any
 
 import attrs
@@ -22,6 +28,11 @@ from .errors import ImageLoadError
 
 MAX_PIXELS = 100_000_000  # 100 MP: above any camera; stops decompression bombs before decoding.
 MIN_SIDE = 16  # smaller inputs carry no geographic information and break patching.
+MAX_FILE_BYTES = 200_000_000  # 200 MB: above any camera file; read at call time, so it can be changed.
+# Camera and web formats whose Pillow decoders are pure format parsers (no external programs).
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "HEIF")
+_heif_lock = threading.Lock()
+_heif_state: list[bool] = []  # [available] once pillow-heif's opener was tried
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 
@@ -58,11 +69,57 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _heif_available() -> bool:
+    """Register pillow-heif's HEIF/HEIC opener on first use (not at import: no global side effects
+    until an image is decoded); False when pillow-heif is not installed."""
+    with _heif_lock:
+        if not _heif_state:
+            try:
+                from pillow_heif import register_heif_opener
+            except ImportError:
+                _heif_state.append(False)
+            else:
+                register_heif_opener()
+                _heif_state.append(True)
+        return _heif_state[0]
+
+
+def detect_format(head: bytes) -> str | None:
+    """The format Pillow would pick for a file starting with ``head``, from the plugins' ``accept``
+    checks on the magic bytes alone: no decoder is opened."""
+    Image.init()
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        try:
+            if accept is not None and accept(head[:16]):
+                return fmt
+        except Exception:  # a plugin's check must not decide for us
+            continue
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"heim", b"heis", b"mif1", b"msf1", b"hevc"):
+        return "HEIF"
+    return None
+
+
+def _refuse_format(head: bytes, source: str) -> ImageLoadError:
+    fmt = detect_format(head)
+    if fmt is None:
+        return ImageLoadError(f"{source}: not an image file Pillow can read")
+    if fmt == "HEIF" and not _heif_available():
+        return ImageLoadError(f"{source}: HEIF/HEIC image, but pillow-heif is not installed (pip install pillow-heif)")
+    if fmt in ALLOWED_FORMATS:
+        return ImageLoadError(f"{source}: looks like {fmt} but cannot be decoded")
+    return ImageLoadError(
+        f"{source}: {fmt} file (by its content, whatever its name); refused: only {', '.join(ALLOWED_FORMATS)} "
+        "images are decoded"
+    )
+
+
 def _decode(data: bytes, source: str) -> Image.Image:
     if not data:
         raise ImageLoadError(f"{source}: empty file (0 bytes)")
+    formats = [f for f in ALLOWED_FORMATS if f != "HEIF" or _heif_available()]
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=formats) as img:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageLoadError(
@@ -75,31 +132,57 @@ def _decode(data: bytes, source: str) -> Image.Image:
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{source}: not an image file Pillow can read") from None
+        raise _refuse_format(data[:16], source) from None
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"{source}: exceeds the pixel guard, refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"{source}: cannot decode image ({exc})") from None
 
 
-def load_image(obj: ImageInput | Any, *, name: str | None = None) -> LoadedImage:
-    """Decode any supported input into a :class:`LoadedImage`; raise ImageLoadError on bad input."""
-    if isinstance(obj, str | os.PathLike):
-        path = Path(obj)
-        source = name or str(path)
-        if path.is_dir():
+def _too_big(source: str, size: int, cap: int) -> ImageLoadError:
+    return ImageLoadError(
+        f"{source}: a file of {size:,} bytes exceeds the {cap:,}-byte file-size cap (max_bytes); not read"
+    )
+
+
+def read_image_file(path: str | os.PathLike[str], *, name: str | None = None, max_bytes: int | None = None) -> bytes:
+    """A file's bytes for decoding. The size is checked from ``stat`` before any byte is read (and the
+    read is bounded, should the file grow), so a huge or endless file costs no memory."""
+    source = name or str(path)
+    cap = MAX_FILE_BYTES if max_bytes is None else max_bytes
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
             raise ImageLoadError(f"{source}: is a directory, not an image")
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ImageLoadError(f"{source}: no such file") from None
-        except OSError as exc:
-            raise ImageLoadError(f"{source}: cannot read file ({exc.strerror or exc})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageLoadError(f"{source}: not a regular file (a device, pipe or socket)")
+        if st.st_size > cap:
+            raise _too_big(source, st.st_size, cap)
+        with open(path, "rb") as fh:
+            data = fh.read(cap + 1)
+    except FileNotFoundError:
+        raise ImageLoadError(f"{source}: no such file") from None
+    except OSError as exc:
+        raise ImageLoadError(f"{source}: cannot read file ({exc.strerror or exc})") from None
+    if len(data) > cap:
+        raise _too_big(source, len(data), cap)
+    return data
+
+
+def load_image(obj: ImageInput | Any, *, name: str | None = None, max_bytes: int | None = None) -> LoadedImage:
+    """Decode any supported input into a :class:`LoadedImage`; raise ImageLoadError on bad input.
+    ``max_bytes`` caps the file (or bytes) size; None means :data:`MAX_FILE_BYTES`."""
+    cap = MAX_FILE_BYTES if max_bytes is None else max_bytes
+    if isinstance(obj, str | os.PathLike):
+        source = name or str(obj)
+        data = read_image_file(obj, name=source, max_bytes=cap)
         img = _decode(data, source)
         digest = hashlib.sha256(data).hexdigest()
     elif isinstance(obj, bytes | bytearray | memoryview):
         data = bytes(obj)
         source = name or "<bytes>"
+        if len(data) > cap:
+            raise _too_big(source, len(data), cap)
         img = _decode(data, source)
         digest = hashlib.sha256(data).hexdigest()
     elif isinstance(obj, Image.Image):

@@ -115,3 +115,62 @@ def test_other_input_kinds_and_digest(photo: Path) -> None:
     assert load_image(from_path.image).size == from_path.size
     with pytest.raises(ImageLoadError, match="shape"):
         load_image(np.zeros((4, 4, 7), dtype=np.uint8))
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nnewpath 0 0 moveto 32 32 lineto stroke\nshowpage\n"
+
+
+def test_eps_named_jpg_is_refused_without_running_its_decoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import EpsImagePlugin
+
+    def reached(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the EPS decoder (Ghostscript's way in) was reached")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", reached)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", reached)
+    (tmp_path / "evidence.jpg").write_bytes(EPS)
+    with pytest.raises(ImageLoadError, match=r"evidence\.jpg: EPS file .*refused"):
+        load_image(tmp_path / "evidence.jpg")
+    with pytest.raises(ImageLoadError, match="EPS"):
+        load_image(EPS + b"\n" * 100)
+
+
+def test_other_pillow_formats_are_named_and_refused(tmp_path: Path) -> None:
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "icon.png", format="ICO")
+    with pytest.raises(ImageLoadError, match=r"icon\.png: ICO file"):
+        load_image(tmp_path / "icon.png")
+
+
+def test_heic_from_pillow_heif_loads(tmp_path: Path) -> None:
+    import pillow_heif
+
+    pillow_heif.from_pillow(Image.new("RGB", (64, 48), (10, 200, 30))).save(tmp_path / "phone.heic", quality=95)
+    img = load_image(tmp_path / "phone.heic").image
+    r, g, b = img.getpixel((32, 24))
+    assert img.size == (64, 48) and g > 150 and r < 80 and b < 80
+    from clue2geo_sdk.batch import discover
+
+    assert [p.name for p in discover([tmp_path], recursive=False)] == ["phone.heic"]  # type: ignore[union-attr]
+
+
+def test_oversized_file_is_refused_before_it_is_read(
+    tmp_path: Path, photo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clue2geo_sdk.image as image_mod
+    from clue2geo_sdk.batch import _read_bytes
+
+    opened: list[object] = []
+    real_open = open
+    monkeypatch.setattr(image_mod, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k), raising=False)
+    monkeypatch.setattr(image_mod, "MAX_FILE_BYTES", 1000)
+    assert photo.stat().st_size > 1000
+    with pytest.raises(
+        ImageLoadError, match=r"summer_palace_beijing\.jpg: a file of [\d,]+ bytes exceeds the 1,000-byte file-size cap"
+    ):
+        load_image(photo)
+    with pytest.raises(ImageLoadError, match="file-size cap"):
+        load_image(photo.read_bytes())
+    assert _read_bytes(photo) is None  # the batch neither hashes nor holds it
+    assert opened == []  # refused from stat, before a byte was read
+    assert load_image(photo, max_bytes=photo.stat().st_size).size[0] > 0  # the cap is the caller's to set
+    assert len(opened) == 1

@@ -1,36 +1,46 @@
 """``Geolocator``: the Clue2Geo pipeline over one bundle (DESIGN §3).
 
-image -> cues (VLM) -> cluemap (CLIP + SBERT) -> direct prediction (VLM)
-      -> retrieval (GPSCLIP + USearch) -> 3 RAG predictions (VLM) -> selection (GPSCLIP) -> result
+image -> GPSCLIP + retrieval (USearch) -> 3 RAG prompts (VLM) ----------------+
+      -> cues (VLM) -> cluemap (CLIP + SBERT) -> direct prompt (VLM) ----------+-> selection -> result
 
-Thread-safety: one ``Geolocator`` may be shared by threads. Encoders and the gallery are
-read-only; VLM calls are serialized by a lock inside the VLM, so threads add no VLM throughput.
+The stages live in :mod:`clue2geo_sdk.stages`; ``Geolocator`` schedules them by dependency so the
+VLM engine always has every prompt it could be working on. Thread-safety: one ``Geolocator`` may
+be shared by threads; encoders and the gallery are read-only, and the batched engine decodes the
+prompts of every thread's images together.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import json
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import attrs
-import numpy as np
 
+from . import stages
 from .bundle import Bundle
-from .cluemap import Cluemap, build_cluemap, dedupe
-from .encoders import ClipEncoder, Device, GpsClipEncoder, SbertEncoder, patch_grid, providers_for
+from .cluemap import Cluemap
+from .encoders import ClipEncoder, Device, GpsClipEncoder, SbertEncoder, providers_for
+from .engines import EngineName, make_engine
+from .errors import Clue2GeoError
 from .geocode import ReverseGeocoder
 from .image import ImageInput, LoadedImage, load_image
-from .parsing import LocationAnswer, parse_cues, parse_location
+from .image_tokens import IMAGE_MAX_TOKENS
 from .prompts import resolve
-from .results import Candidate, Prediction
+from .results import Prediction
 from .retrieval import Gallery
-from .sanitize import clean_text
-from .selection import confidence, format_references, select, spread_km
-from .vlm import CUES_SCHEMA, LOCATION_SCHEMA, Constrain, Generation, LlamaCppVLM, VisionLanguageModel, ask_parsed
+from .selection import confidence, spread_km
+from .vlm import Constrain, PendingAnswer, VisionLanguageModel
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @attrs.frozen(kw_only=True)
@@ -44,7 +54,7 @@ class Options:
     sample_temperature: float = 0.7
     nearest_neighbour_candidate: bool = False
     constrain: Literal["fallback", "always", "never"] = attrs.field(
-        default="fallback", validator=attrs.validators.in_(("fallback", "always", "never"))
+        default="always", validator=attrs.validators.in_(("fallback", "always", "never"))
     )
     alpha: float = attrs.field(default=0.5, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)])
     max_cue_tokens: int = 512
@@ -82,12 +92,25 @@ class Failure:
 
 
 class Geolocator:
-    """Load once, then ``locate`` images. Use as a context manager or call ``close()``."""
+    """Load once, then ``locate`` images. Use as a context manager or call ``close()``.
 
-    def __init__(self, bundle: Bundle, vlm: VisionLanguageModel, *, device: Device = "auto", options: Options) -> None:
+    Thread-safe: any number of threads may call ``locate`` at once; their prompts share the
+    engine's batches. ``close()`` refuses new calls and waits for running ones to finish.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        vlm: VisionLanguageModel,
+        *,
+        device: Device = "auto",
+        options: Options,
+        max_in_flight: int = 1,
+    ) -> None:
         self.bundle = bundle
         self.options = options
         self.vlm = vlm
+        self.max_in_flight = max(1, int(max_in_flight))
         providers = providers_for(device)
         files = {role: {k: bundle.file(role, k) for k in bundle.component(role).files} for role in bundle.components}
         self.clip = ClipEncoder(files["clip"], bundle.params("clip"), providers)
@@ -105,6 +128,9 @@ class Geolocator:
         self.prompts = resolve(bundle.params("vlm").get("prompts"))
         grid = bundle.params("clip").get("patch_grid", [3, 3])
         self.grid = (int(grid[0]), int(grid[1]))
+        self._calls = threading.Condition()
+        self._running = 0
+        self._closing = False
 
     @classmethod
     def load(
@@ -113,28 +139,35 @@ class Geolocator:
         *,
         device: Device = "auto",
         verify: bool = True,
+        engine: EngineName = "batched",
+        max_in_flight: int = 4,
         n_gpu_layers: int | None = None,
         n_threads: int | None = None,
         verbose: bool = False,
         **options: Any,
     ) -> Geolocator:
-        """Open a bundle and every model in it. ``options`` are :class:`Options` fields."""
+        """Open a bundle and every model in it. ``engine`` picks the VLM engine ("batched", the
+        default, or the "chat" baseline); ``max_in_flight`` is how many images ``locate_many`` and
+        concurrent callers keep in the engine at once (each reserves ``n_ctx`` KV cells).
+        ``options`` are :class:`Options` fields."""
         opts = Options.from_kwargs(**options)
         bundle = Bundle.open(path, verify=verify)
         p = bundle.params("vlm")
         if n_gpu_layers is None:
             n_gpu_layers = 0 if device == "cpu" else -1
-        vlm = LlamaCppVLM(
+        vlm = make_engine(
+            engine,
             bundle.file("vlm", "model"),
             bundle.file("vlm", "mmproj"),
-            n_ctx=int(p.get("n_ctx", 4096)),
+            max_images=max_in_flight,
+            ctx_per_image=int(p.get("n_ctx", 4096)),
             n_gpu_layers=n_gpu_layers,
             n_threads=n_threads,
-            image_max_tokens=p.get("image_max_tokens"),
+            image_max_tokens=int(p.get("image_max_tokens") or IMAGE_MAX_TOKENS),
             temperature=float(p.get("generation", {}).get("temperature", 0.0)),
             verbose=verbose,
         )
-        return cls(bundle, vlm, device=device, options=opts)
+        return cls(bundle, vlm, device=device, options=opts, max_in_flight=max_in_flight)
 
     def __enter__(self) -> Geolocator:
         return self
@@ -143,9 +176,28 @@ class Geolocator:
         self.close()
 
     def close(self) -> None:
+        """Refuse new calls, wait for the running ones, then free the models."""
+        with self._calls:
+            if self._closing:
+                return
+            self._closing = True
+            self._calls.wait_for(lambda: self._running == 0)
         self.vlm.close()
 
-    # -- stages ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        with self._calls:
+            if self._closing:
+                raise Clue2GeoError("this Geolocator is closed")
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._calls:
+                self._running -= 1
+                self._calls.notify_all()
+
+    # -- single stages, for the training-data builder and teachers ------------------------------
 
     def cluemap(
         self, image: ImageInput, cues: list[tuple[str, str]] | None = None
@@ -153,65 +205,26 @@ class Geolocator:
         """The cluemap of one image, from the VLM's cues or from ``cues`` given as (cue, description);
         also the raw VLM outputs. The training-data builder uses this, so both share one implementation."""
         img = load_image(image)
-        raw: dict[str, Any] = {"cues": []}
-        return self._cues(self.vlm.open(img), img, raw, given=cues, opts=self.options), raw["cues"]
+        opts = self.options
+        raw: list[dict[str, Any]] = []
+        with self._call():
+            if cues is None:
+                with self.vlm.open(img) as session:
+                    found = stages.finish_cues(
+                        stages.submit_cues(
+                            session, self.prompts["cues"], max_tokens=opts.max_cue_tokens, constrain=opts.constrain
+                        )
+                    )
+                cues = list(found.items)
+                raw = [dict(stages.generation_dict(g)) for g in found.generations]
+            cmap = stages.make_cluemap(img, cues, clip=self.clip, sbert=self.sbert, grid=self.grid, alpha=opts.alpha)
+        return cmap, raw
 
-    def ask(self, image: ImageInput, prompt: str) -> str:
+    def ask(self, image: ImageInput, prompt: str, *, max_tokens: int | None = None) -> str:
         """One free-form answer about an image (e.g. a teacher's reasoning chain)."""
         img = load_image(image)
-        return self.vlm.open(img).ask(prompt, schema=None, max_tokens=self.options.max_answer_tokens).text
-
-    def _cues(
-        self,
-        session: Any,
-        img: LoadedImage,
-        raw: dict[str, Any],
-        given: list[tuple[str, str]] | None = None,
-        *,
-        opts: Options,
-    ) -> Cluemap:
-        if given is None:
-            given, gens = ask_parsed(
-                session,
-                self.prompts["cues"],
-                parse_cues,
-                schema=CUES_SCHEMA,
-                max_tokens=opts.max_cue_tokens,
-                constrain=opts.constrain,
-            )
-            raw["cues"] = [_gen_dict(g) for g in gens]
-        cues, merged = dedupe(given or [])
-        texts = [f"{c}: {d}" if d else c for c, d in cues]
-        patches = [crop for crop, _ in patch_grid(img.image, *self.grid)]
-        patch_emb = self.clip.encode_images(patches) if cues else np.zeros((0, 1))
-        return build_cluemap(
-            cues,
-            self.clip.encode_texts(texts),
-            patch_emb,
-            self.sbert.encode(texts),
-            alpha=opts.alpha,
-            duplicates_merged=merged,
-        )
-
-    def _ask_location(
-        self, session: Any, prompt: str, source: str, raw: dict[str, Any], opts: Options
-    ) -> list[tuple[int, LocationAnswer]]:
-        answers = []
-        for s in range(opts.samples_per_prompt):
-            several = opts.samples_per_prompt > 1
-            answer, gens = ask_parsed(
-                session,
-                prompt,
-                parse_location,
-                schema=LOCATION_SCHEMA,
-                max_tokens=opts.max_answer_tokens,
-                constrain=opts.constrain,
-                seed=1000 + s if several else None,
-                temperature=opts.sample_temperature if several else None,
-            )
-            raw.setdefault(source, []).extend(_gen_dict(g) for g in gens)
-            answers.append((s, answer))
-        return answers
+        with self._call(), self.vlm.open(img) as session:
+            return session.ask(prompt, schema=None, max_tokens=max_tokens or self.options.max_answer_tokens).text
 
     # -- the pipeline -----------------------------------------------------------------------------
 
@@ -219,9 +232,13 @@ class Geolocator:
         """Geolocate one image (path, bytes, PIL image or HxWx3 uint8 array); ``options`` override the
         loaded defaults for this call only (shared state is never changed, so threads may differ)."""
         opts = options or self.options
+        with self._call():
+            return self._locate(load_image(image, name=name), opts)
+
+    def _locate(self, img: LoadedImage, opts: Options) -> Prediction:
         timings: dict[str, float] = {}
         raw: dict[str, Any] = {}
-        t = time.perf_counter()
+        t0 = t = time.perf_counter()
 
         def lap(stage: str) -> None:
             nonlocal t
@@ -229,70 +246,61 @@ class Geolocator:
             timings[stage] = round(now - t, 4)
             t = now
 
-        img = load_image(image, name=name)
-        lap("load")
-        image_emb = self.gpsclip.encode_images([img.image])[0]
-        lap("gpsclip_image")
-        session = self.vlm.open(img)
-        cluemap: Cluemap | None = None
-        if opts.use_cluemap:
-            cluemap = self._cues(session, img, raw, opts=opts)
-            lap("cues_and_cluemap")
-            prompt = self.prompts["locate"].format(cluemap=cluemap.render())
-        else:
-            prompt = self.prompts["locate_no_cluemap"]
-        proposals: list[tuple[str, int, LocationAnswer]] = [
-            ("direct", s, a) for s, a in self._ask_location(session, prompt, "direct", raw, opts)
-        ]
-        lap("direct")
-        similar = self.gallery.most_similar(image_emb, max(opts.references, default=1))
-        if opts.use_refinement:
-            dissimilar = self.gallery.least_similar(image_emb, max(opts.references))
+        with self.vlm.open(img) as session:  # the engine starts encoding the image now
+            pending_cues = None
+            if opts.use_cluemap:
+                pending_cues = stages.submit_cues(
+                    session, self.prompts["cues"], max_tokens=opts.max_cue_tokens, constrain=opts.constrain
+                )
+            image_emb = self.gpsclip.encode_images([img.image])[0]
+            lap("gpsclip_image")
+            refs = stages.retrieve(self.gallery, image_emb, opts.references if opts.use_refinement else ())
             lap("retrieval")
-            for k in opts.references:
-                rag_prompt = self.prompts["rag"].format(
-                    similar=format_references([(h.lat, h.lon) for h in similar[:k]]),
-                    dissimilar=format_references([(h.lat, h.lon) for h in dissimilar[:k]]),
+
+            def locate_prompt(prompt: str) -> list[PendingAnswer]:
+                return stages.submit_location(
+                    session,
+                    prompt,
+                    samples=opts.samples_per_prompt,
+                    temperature=opts.sample_temperature,
+                    max_tokens=opts.max_answer_tokens,
+                    constrain=opts.constrain,
                 )
-                proposals += [(f"rag{k}", s, a) for s, a in self._ask_location(session, rag_prompt, f"rag{k}", raw, opts)]
+
+            # The RAG prompts need only the image and the references: they run beside cue extraction.
+            pending_rag = (
+                {f"rag{k}": locate_prompt(stages.rag_prompt(self.prompts["rag"], refs, k)) for k in opts.references}
+                if opts.use_refinement
+                else {}
+            )
+            cluemap: Cluemap | None = None
+            if pending_cues is not None:
+                cues = stages.finish_cues(pending_cues)
+                raw["cues"] = [stages.generation_dict(g) for g in cues.generations]
+                cues_status = cues.status
+                lap("cues")
+                cluemap = stages.make_cluemap(
+                    img, cues.items, clip=self.clip, sbert=self.sbert, grid=self.grid, alpha=opts.alpha
+                )
+                lap("cluemap")
+                direct = locate_prompt(self.prompts["locate"].format(cluemap=cluemap.render()))
+            else:
+                cues_status = "skipped"
+                direct = locate_prompt(self.prompts["locate_no_cluemap"])
+            proposals = stages.finish_location("direct", direct, raw)
+            lap("direct")
+            for source, pending in pending_rag.items():
+                proposals += stages.finish_location(source, pending, raw)
             lap("rag")
-        valid = [(src, s, a) for src, s, a in proposals if a.valid]
-        invalid = len(proposals) - len(valid)
-        points = [(a.lat, a.lon) for _, _, a in valid]
-        nearest = similar[0]
-        use_nearest = opts.nearest_neighbour_candidate or not valid
-        if use_nearest:
-            points.append((nearest.lat, nearest.lon))
-        best, scores = select(image_emb, self.gpsclip.encode_locations(np.asarray(points, dtype=np.float32)))
-        candidates = [
-            Candidate(
-                source=src,
-                lat=a.lat,
-                lon=a.lon,
-                score=float(scores[i]),
-                country=a.country,
-                city=a.city,
-                landmark=a.landmark,
-                sample=s,
-            )
-            for i, (src, s, a) in enumerate(valid)
-        ]
-        if use_nearest:
-            candidates.append(
-                Candidate(
-                    source="gallery_nearest",
-                    lat=nearest.lat,
-                    lon=nearest.lon,
-                    score=float(scores[-1]),
-                    country=nearest.country or None,
-                    city=nearest.city or None,
-                )
-            )
-        win = candidates[best]
+        chosen = stages.choose(
+            proposals, image_emb, self.gpsclip, refs.similar[0], add_nearest=opts.nearest_neighbour_candidate
+        )
+        win = chosen.candidates[chosen.best]
         lap("selection")
         place = self.geocoder.lookup(win.lat, win.lon)
         lap("reverse_geocode")
-        timings["total"] = round(sum(timings.values()), 4)
+        timings["total"] = round(time.perf_counter() - t0, 4)
+        others = [(c.lat, c.lon) for i, c in enumerate(chosen.candidates) if i != chosen.best]
         return Prediction(
             lat=win.lat,
             lon=win.lon,
@@ -300,15 +308,15 @@ class Geolocator:
             country_code=place.country_code or None,
             admin1=place.admin1 or None,
             city=place.city or None,
-            landmark=clean_text(win.landmark),
-            model_country=clean_text(win.country),
-            model_city=clean_text(win.city),
+            landmark=win.landmark,
+            model_country=win.country,
+            model_city=win.city,
             confidence=confidence(win.score),
-            spread_km=spread_km(win.lat, win.lon, [(c.lat, c.lon) for i, c in enumerate(candidates) if i != best]),
+            spread_km=spread_km(win.lat, win.lon, others),
             source=win.source,
-            fallback=not valid,
-            candidates=tuple(candidates),
-            invalid_candidates=invalid,
+            fallback=chosen.fallback,
+            candidates=chosen.candidates,
+            invalid_candidates=chosen.invalid,
             cues=cluemap.cues if cluemap else (),
             cluemap=cluemap.to_dict() if cluemap else None,
             raw_outputs=raw,
@@ -317,14 +325,37 @@ class Geolocator:
             image=img.source,
             bundle=self.bundle.name,
             options=opts.to_dict(),
+            cues_status=cues_status,
         )
 
     def locate_many(
-        self, images: Iterable[ImageInput], *, stream: bool = True, options: Options | None = None
+        self,
+        images: Iterable[ImageInput],
+        *,
+        stream: bool = True,
+        options: Options | None = None,
+        in_flight: int | None = None,
     ) -> Iterator[Prediction | Failure] | list[Prediction | Failure]:
-        """Geolocate many inputs; a bad input yields a :class:`Failure`, never an exception."""
-        gen = (self.try_locate(img, options=options) for img in images)
+        """Geolocate many inputs, up to ``in_flight`` (default ``max_in_flight``) at once, results in
+        input order; a bad input yields a :class:`Failure`, never an exception."""
+        gen = self.map_in_flight(lambda img: self.try_locate(img, options=options), images, in_flight=in_flight)
         return gen if stream else list(gen)
+
+    def map_in_flight(self, fn: Callable[[T], R], items: Iterable[T], *, in_flight: int | None = None) -> Iterator[R]:
+        """``fn`` over ``items`` on up to ``in_flight`` threads, results in input order, reading
+        ``items`` lazily (a window of ``in_flight`` ahead). The engine batches their prompts."""
+        n = max(1, in_flight or self.max_in_flight)
+        if n == 1:
+            yield from map(fn, items)
+            return
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="clue2geo-locate") as pool:
+            window: collections.deque[Future[R]] = collections.deque()
+            for item in items:
+                window.append(pool.submit(fn, item))
+                if len(window) >= n:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
 
     def try_locate(
         self, image: ImageInput, *, name: str | None = None, options: Options | None = None
@@ -335,12 +366,6 @@ class Geolocator:
             return self.locate(image, name=name, options=options)
         except Exception as exc:  # one bad input must not end a batch
             return Failure(image=name, error=type(exc).__name__, message=str(exc) or repr(exc))
-
-
-def _gen_dict(g: Generation) -> dict[str, Any]:
-    return {"text": g.text, "constrained": g.constrained, "tokens": g.tokens, "seconds": round(g.seconds, 4)}
-
-
 
 
 __all__ = ["Constrain", "Failure", "Geolocator", "Options"]

@@ -18,7 +18,9 @@ IMAGE_MAX_TOKENS = 1024  # the bundle's default (vlm.params.image_max_tokens); t
 IMAGE_MIN_TOKENS = 4
 
 
-def smart_size(width: int, height: int, max_tokens: int = IMAGE_MAX_TOKENS, min_tokens: int = IMAGE_MIN_TOKENS) -> tuple[int, int]:
+def smart_size(
+    width: int, height: int, max_tokens: int = IMAGE_MAX_TOKENS, min_tokens: int = IMAGE_MIN_TOKENS
+) -> tuple[int, int]:
     """The (width, height), multiples of 28, closest to the input's aspect within the token budget
     (Qwen2.5-VL's ``smart_resize`` rule: round, then scale down or up to fit the pixel bounds)."""
     if width <= 0 or height <= 0:

@@ -149,3 +149,14 @@ def parse_cues(text: str) -> list[tuple[str, str]] | None:
         return out
     pairs = re.findall(r"\(\s*([^,()]+?)\s*,\s*([^()]+?)\s*\)", text)
     return [(c, d) for c, d in pairs] or None
+
+
+def salvage_cues(text: str) -> list[tuple[str, str]]:
+    """The complete cue objects of a list cut off mid-way (the token budget ran out): every
+    balanced ``{...}`` after the opening bracket; the unfinished last one is dropped."""
+    start = text.find("[")
+    rest, objects = (text[start + 1 :] if start != -1 else ""), []
+    while (obj := _balanced(rest, "{", "}")) is not None:
+        objects.append(obj)
+        rest = rest[rest.find(obj) + len(obj) :]
+    return parse_cues("[" + ",".join(objects) + "]") or [] if objects else []

@@ -1,0 +1,129 @@
+"""What every VLM engine shares: the answer type, the session seam, counters and native set-up."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Mapping
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+import attrs
+
+from ..errors import Clue2GeoError
+from ..image import LoadedImage
+
+# The system turn Qwen2.5-VL's chat template adds when none is given (llama-cpp-python's
+# Qwen25VLChatHandler and the model's own template agree); training uses the same text.
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+class VLMError(Clue2GeoError, RuntimeError):
+    """The VLM could not answer one prompt (image encode failed, context overflow, closed engine)."""
+
+
+@attrs.frozen(kw_only=True)
+class Generation:
+    """One model answer: the text, whether a grammar constrained it, whether it hit ``max_tokens``
+    (``truncated``), tokens generated, prompt tokens after the shared image prefix, and seconds."""
+
+    text: str
+    constrained: bool
+    tokens: int
+    seconds: float
+    truncated: bool = False
+    prompt_tokens: int = 0
+
+
+@attrs.define
+class EngineStats:
+    """Counted, not timed: what the engine did (the benchmark reads these)."""
+
+    image_encodes: int = 0
+    prefix_tokens: int = 0
+    suffix_tokens: int = 0
+    generated_tokens: int = 0
+    decode_calls: int = 0
+    grammar_checks: int = 0
+    grammar_full_masks: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return attrs.asdict(self)
+
+
+class ImageSession(Protocol):
+    """Every prompt about one image goes through its session, so an engine can share the image."""
+
+    def submit(
+        self,
+        prompt: str,
+        *,
+        schema: Mapping[str, Any] | None,
+        max_tokens: int,
+        seed: int | None = None,
+        temperature: float | None = None,
+    ) -> Future[Generation]: ...
+
+    def ask(self, prompt: str, **kwargs: Any) -> Generation: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> ImageSession: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class VisionLanguageModel(Protocol):
+    name: str
+    stats: EngineStats
+
+    def open(self, image: LoadedImage) -> ImageSession: ...
+
+    def close(self) -> None: ...
+
+
+_SILENT_CALLBACK: Any = None
+_INIT_LOCK = threading.Lock()
+_BACKEND_READY = False
+
+
+def silence_native_logs() -> None:
+    """Route llama.cpp's and mtmd's native logs to a no-op callback (process-wide, idempotent).
+
+    Both libraries log through callbacks, so this silences them without touching stdout/stderr
+    (which other threads may be using). A verbose VLM simply doesn't call it.
+    """
+    global _SILENT_CALLBACK
+    if _SILENT_CALLBACK is not None:
+        return
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
+
+    @llama_cpp.llama_log_callback
+    def _drop(level: int, text: bytes, user_data: Any) -> None:
+        return None
+
+    _SILENT_CALLBACK = _drop  # keep a reference: the C side holds only the pointer
+    llama_cpp.llama_log_set(_drop, ctypes.c_void_p(0))
+    mtmd.mtmd_log_set(_drop, ctypes.c_void_p(0))
+    mtmd.mtmd_helper_log_set(_drop, ctypes.c_void_p(0))
+
+
+def load_llama_cpp(verbose: bool) -> tuple[Any, Any]:
+    """llama-cpp-python's low-level bindings and mtmd, the backend initialised once per process."""
+    global _BACKEND_READY
+    try:
+        import llama_cpp
+        import llama_cpp.mtmd_cpp as mtmd
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise Clue2GeoError(
+            "the VLM needs llama-cpp-python, a core dependency of clue2geo that is not importable here "
+            f"({exc}); reinstall it with: pip install --force-reinstall llama-cpp-python"
+        ) from exc
+    if not verbose:
+        silence_native_logs()
+    with _INIT_LOCK:
+        if not _BACKEND_READY:
+            llama_cpp.llama_backend_init()
+            _BACKEND_READY = True
+    return llama_cpp, mtmd

@@ -3,17 +3,25 @@ it, every live answer of every image in flight decoded together (DESIGN §7–8)
 
 Per image: Pillow resizes it to the bundle's image-token budget (in the caller's thread), the engine
 thread encodes it once with the vision tower and evaluates the shared prefix (system message + user
-turn + image) into one sequence. Each prompt about the image copies that sequence (with a unified KV
-cache a copy is cell metadata, not memory), prefills only its own suffix, and joins the batch: one
-``llama_decode`` per step advances every live sequence of every image. New prompts and new images
-are admitted between steps, so answers that finish early make room at once (continuous batching).
+turn + image) into one sequence. Each prompt about the image copies that sequence (with its own KV stream
+the copy is one memory copy of the prefix, not a second encode or prefill), prefills only its own
+suffix, and joins the batch: one ``llama_decode`` per step advances every live sequence of every
+image. New prompts and new images are admitted between steps, so answers that finish early make
+room at once (continuous batching).
+
+Why a KV stream per sequence and not one unified cache (where a copy is only cell metadata): in a
+unified cache a sequence's cells land wherever space is free, so the order of the terms in the
+attention sums, and with it the last bits of the logits, depends on what else is in flight. On a
+random-weight model that flips near-tied tokens; on any model it makes an answer depend on the load.
+Per-sequence streams give the same cell layout every time: the same image and prompt give the same
+tokens alone, batched, or beside other threads' images (tested).
 
 One thread owns the llama and mtmd contexts (neither is thread-safe); callers hand it work through a
 queue and wait on futures, so any number of threads may use the engine at once.
 
-KV budget: ``ctx_per_image`` cells are reserved per image slot, ``max_images`` slots in all. A prompt
-is admitted when its suffix plus ``max_tokens`` fits its image's slot beside the prefix and the other
-live prompts of the same image; one that can never fit fails alone (that prompt, not the batch).
+KV budget: every sequence's stream holds ``ctx_per_image`` cells: the image prefix, a prompt's
+suffix and its ``max_tokens``. A prompt that cannot fit fails alone (that prompt, not the batch);
+prompts wait for a free sequence (``max_images`` x 6: the prefix and 5 prompts per image).
 """
 
 from __future__ import annotations
@@ -49,7 +57,6 @@ class _Image:
     seq: int = -1
     n_past: int = 0  # next position after the prefix (M-RoPE: not the token count)
     prefix_tokens: int = 0
-    cells: int = 0  # KV cells held: prefix + reservations of live prompts
     error: BaseException | None = None
     closed: bool = False
 
@@ -149,7 +156,7 @@ class LlamaBatchEngine:
         self.temperature, self.seed = temperature, seed
         self.stats = EngineStats()
         self._n_batch = int(n_batch)
-        self._seqs_per_image = 9  # the prefix + direct, cues, 3 RAG, with room for re-asks and samples
+        self._seqs_per_image = 6  # the prefix + cues and 3 RAG at once, then direct / re-asks / samples
         n_seq = min(256, self.max_images * self._seqs_per_image)
 
         mparams = lib.llama_model_default_params()
@@ -160,11 +167,11 @@ class LlamaBatchEngine:
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = self.ctx_per_image * self.max_images
+        cparams.n_ctx = self.ctx_per_image * n_seq  # one stream of ctx_per_image per sequence
         cparams.n_batch = self._n_batch
         cparams.n_ubatch = min(512, self._n_batch)
         cparams.n_seq_max = n_seq
-        cparams.kv_unified = True
+        cparams.kv_unified = False
         cparams.flash_attn_type = _flash(lib, flash_attn)
         if n_threads:
             cparams.n_threads = cparams.n_threads_batch = n_threads
@@ -345,7 +352,6 @@ class LlamaBatchEngine:
                 mtmd.mtmd_input_chunks_free(chunks)
                 mtmd.mtmd_bitmap_free(bitmap)
             img.n_past, img.prefix_tokens = int(new_n_past.value), int(n_tokens)
-            img.cells = img.prefix_tokens
             self.stats.image_encodes += 1
             self.stats.prefix_tokens += int(n_tokens)
         except BaseException as exc:  # this image fails; the engine and other images go on
@@ -364,7 +370,7 @@ class LlamaBatchEngine:
         self._slots.release()
 
     def _admit(self, waiting: list[_Ask], live: list[_Ask]) -> list[_Ask]:
-        """Start every waiting prompt that fits its image's slot; the rest wait (FIFO per image)."""
+        """Start waiting prompts while sequences are free (FIFO); fail those that can never fit."""
         rest = []
         for a in waiting:
             img = a.image
@@ -378,10 +384,9 @@ class LlamaBatchEngine:
                         f"{img.prefix_tokens}, more than the {self.ctx_per_image} per image (ctx_per_image)"
                     ),
                 )
-            elif img.cells + a.cost <= self.ctx_per_image and self._free_seqs:
+            elif self._free_seqs:
                 a.seq = self._free_seqs.pop()
                 self._lib.llama_memory_seq_cp(self._mem, img.seq, a.seq, -1, -1)
-                img.cells += a.cost
                 a.pos, a.feed = img.n_past, list(a.suffix)
                 self.stats.suffix_tokens += len(a.suffix)
                 live.append(a)
@@ -447,7 +452,6 @@ class LlamaBatchEngine:
         if a.seq >= 0:
             self._lib.llama_memory_seq_rm(self._mem, a.seq, -1, -1)
             self._free_seqs.append(a.seq)
-            a.image.cells -= a.cost
             a.seq = -1
         if a.grammar is not None:
             self.stats.grammar_checks += a.grammar.checks

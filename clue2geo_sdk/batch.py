@@ -1,49 +1,76 @@
 """Batch runs that an analyst can trust: every input accounted for, nothing lost on interruption.
 
-Each result is one *record* (``status`` "ok" or "error"), appended to the output and flushed and
-fsynced before the next image starts. ``resume`` reads the output back (dropping a torn last line)
-and skips inputs whose (path, sha256) already has a record, so a run killed at any moment and
-resumed ends with every input exactly once.
+Each result is one *record* (``status`` "ok" or "error"), appended to a JSONL *journal* and flushed
+and fsynced before the next image starts. The journal is the output itself for ``jsonl``; for ``csv``
+and ``geojson`` it is ``OUT.records.jsonl`` beside it, and OUT is written from it when the run ends.
+
+The journal holds one JSON object per ``\\n``-terminated line and is split on the byte ``\\n`` only,
+so no string (U+2028, U+0085, NUL, ...) can cut a record. A torn last line (a run killed
+mid-write) and any unreadable line are reported with their line numbers, never dropped silently;
+``resume`` cuts the torn line off. Every record carries what made it (``bundle_digest``,
+``options_digest``, ``sdk_version``, ``demo``): ``resume`` reuses a record only when the path, the
+image's sha256 and those all match; otherwise the input runs again and the new record supersedes
+(readers take the latest record per path).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 
-from .geolocator import Failure, Geolocator
+from ._version import __version__
+from .errors import ImageLoadError
+from .geolocator import Failure, Geolocator, Options
+from .image import read_image_file
 from .results import Prediction
+from .sanitize import csv_cell
 
 Format = Literal["jsonl", "csv", "geojson"]
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".hif"}
+)
+IDENTITY_FIELDS = ("bundle_digest", "options_digest", "sdk_version", "demo")
 CSV_FIELDS = (
     "path",
     "status",
     "lat",
     "lon",
     "country",
+    "country_code",
+    "admin1",
     "city",
     "landmark",
+    "model_country",
+    "model_city",
     "confidence",
     "spread_km",
     "source",
     "fallback",
     "invalid_candidates",
+    "cues_status",
     "image_sha256",
     "bundle",
+    "bundle_digest",
+    "options_digest",
+    "sdk_version",
+    "demo",
     "seconds",
     "error",
     "message",
 )
+
+
+class JournalWarning(UserWarning):
+    """A journal line was torn or unreadable (issued when no ``on_notice`` callback is given)."""
 
 
 def discover(paths: Iterable[str | Path], *, recursive: bool) -> Iterator[Path | Failure]:
@@ -92,9 +119,11 @@ def discover(paths: Iterable[str | Path], *, recursive: bool) -> Iterator[Path |
 
 
 def _read_bytes(path: Path) -> bytes | None:
+    """The bytes to hash and decode, or None (unreadable, not a file, over the size cap: checked from
+    ``stat`` before reading); the locator then reads the path itself and records why it failed."""
     try:
-        return path.read_bytes()
-    except OSError:
+        return read_image_file(path)
+    except ImageLoadError:
         return None
 
 
@@ -102,14 +131,26 @@ def _sha256(data: bytes | None) -> str | None:
     return hashlib.sha256(data).hexdigest() if data is not None else None
 
 
-def record_of(item: Prediction | Failure, path: str, seconds: float) -> dict[str, Any]:
-    if isinstance(item, Prediction):
-        return {"path": path, "status": "ok", "seconds": round(seconds, 3), **item.to_dict()}
-    return {"path": path, "status": "error", "seconds": round(seconds, 3), **item.to_dict()}
+def identity(geo: Geolocator, options: Options | None = None) -> dict[str, Any]:
+    """What makes a record: the bundle, the options and the SDK. Stored in every record so a
+    result is never reused, nor read, as if another model or setting had made it."""
+    return {
+        "bundle_digest": geo.bundle.digest,
+        "options_digest": (options or geo.options).digest(),
+        "sdk_version": __version__,
+        "demo": geo.bundle.demo,
+    }
 
 
-def _csv_row(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: rec.get(k) for k in CSV_FIELDS}
+def record_of(item: Prediction | Failure, path: str, seconds: float, ident: Mapping[str, Any]) -> dict[str, Any]:
+    """One journal record: the result's ``to_dict`` with its path, status, time and identity."""
+    status = "ok" if isinstance(item, Prediction) else "error"
+    return {"path": path, "status": status, "seconds": round(seconds, 3), **item.to_dict(), **ident}
+
+
+def csv_row(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """A record as one spreadsheet-safe CSV row (text cells that start a formula are neutralised)."""
+    return {k: csv_cell(rec.get(k)) for k in CSV_FIELDS}
 
 
 def record_to_feature(rec: dict[str, Any]) -> dict[str, Any] | None:
@@ -123,70 +164,159 @@ def record_to_feature(rec: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def _journal_path(out: Path, fmt: Format) -> Path:
-    """Where records are appended: the output itself for jsonl/csv; a sidecar JSONL for geojson."""
-    return out.with_name(out.name + ".records.jsonl") if fmt == "geojson" else out
+def journal_path(out: Path, fmt: Format) -> Path:
+    """Where records are appended: the output itself for jsonl; a sidecar JSONL for csv and geojson."""
+    return out if fmt == "jsonl" else out.with_name(out.name + ".records.jsonl")
 
 
-def _read_complete_lines(path: Path) -> list[str]:
-    """Lines up to the last newline; a torn final line (killed mid-write) is cut off the file."""
+@attrs.frozen
+class Journal:
+    """The records read from a journal, and what was wrong with it (one line each, with line numbers)."""
+
+    records: list[dict[str, Any]]
+    problems: list[str]
+
+
+def read_journal(path: Path, *, repair: bool = False) -> Journal:
+    """Every record of a JSONL journal, split on ``b"\\n"`` only. A torn last line is reported and, with
+    ``repair``, cut off the file; an unreadable line is reported with its number and skipped."""
     if not path.exists():
-        return []
+        return Journal([], [])
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as fh:
-            fh.truncate(end)
-    return data[:end].decode("utf-8", errors="replace").splitlines()
-
-
-def read_records(out: Path, fmt: Format) -> list[dict[str, Any]]:
-    journal = _journal_path(out, fmt)
-    lines = _read_complete_lines(journal)
-    if fmt == "csv":
-        return list(csv.DictReader(io.StringIO("\n".join(lines) + "\n"))) if lines else []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+    lines = data[:end].split(b"\n")[:-1]
+    records: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
-    return records
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            if not isinstance(rec, dict):
+                raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+        except (UnicodeDecodeError, ValueError) as exc:
+            problems.append(f"{path}:{n}: unreadable record skipped ({exc}): {raw[:60]!r}")
+            continue
+        records.append(rec)
+    if end < len(data):
+        what = f"{path}:{len(lines) + 1}: incomplete last line ({len(data) - end} bytes; a run killed mid-write?)"
+        if repair:
+            with open(path, "r+b") as fh:
+                fh.truncate(end)
+                os.fsync(fh.fileno())
+            problems.append(what + "; cut off, its input runs again")
+        else:
+            problems.append(what + "; ignored")
+    return Journal(records, problems)
+
+
+def read_records(out: Path, fmt: Format = "jsonl") -> list[dict[str, Any]]:
+    """Every record behind ``out``; each problem in the journal is issued as a :class:`JournalWarning`."""
+    journal = read_journal(journal_path(out, fmt))
+    for problem in journal.problems:
+        warnings.warn(problem, JournalWarning, stacklevel=2)
+    return journal.records
+
+
+def latest(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The latest record per path (a re-run supersedes), in the order they were last written."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        key = str(r.get("path"))
+        out.pop(key, None)
+        out[key] = dict(r)
+    return out
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        write(fh)
+    os.replace(tmp, path)
 
 
 def write_geojson(path: Path, records: Iterable[dict[str, Any]]) -> None:
     features = [f for f in map(record_to_feature, records) if f is not None]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}, ensure_ascii=False))
-    os.replace(tmp, path)
+    doc = {"type": "FeatureCollection", "features": features}
+    _atomic_write(path, lambda fh: fh.write(json.dumps(doc, ensure_ascii=False)))
+
+
+def write_csv(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
+    """CSV_FIELDS of each record, every cell through :func:`csv_cell` (numbers stay numbers)."""
+
+    def write(fh: Any) -> None:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(csv_row(r) for r in records)
+
+    _atomic_write(path, write)
+
+
+def write_output(out: Path, fmt: Format, records: Iterable[dict[str, Any]]) -> None:
+    """Write a csv or geojson output from the latest record per path (jsonl is its own journal)."""
+    rows = list(latest(records).values())
+    if fmt == "csv":
+        write_csv(out, rows)
+    elif fmt == "geojson":
+        write_geojson(out, rows)
+
+
+def _encode(rec: Mapping[str, Any]) -> bytes:
+    """One journal line. Lone surrogates (undecodable file names) cannot be UTF-8: escape them."""
+    try:
+        return json.dumps(rec, ensure_ascii=False).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(rec).encode("ascii") + b"\n"
 
 
 class RecordWriter:
-    """Appends one record at a time, durably (flush + fsync)."""
+    """Appends one record at a time to the journal, durably (flush + fsync)."""
 
     def __init__(self, out: Path, fmt: Format) -> None:
         self.out, self.fmt = out, fmt
-        self.path = _journal_path(out, fmt)
+        self.path = journal_path(out, fmt)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self._fh = open(self.path, "a", encoding="utf-8", newline="")
-        if fmt == "csv":
-            self._csv = csv.DictWriter(self._fh, fieldnames=CSV_FIELDS)
-            if new:
-                self._csv.writeheader()
+        self._fh = open(self.path, "ab")
 
-    def write(self, rec: dict[str, Any]) -> None:
-        if self.fmt == "csv":
-            self._csv.writerow(_csv_row(rec))
-        else:
-            self._fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    def write(self, rec: Mapping[str, Any]) -> None:
+        self._fh.write(_encode(rec))
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
     def close(self) -> None:
         self._fh.close()
-        if self.fmt == "geojson":
-            write_geojson(self.out, read_records(self.out, "geojson"))
+        if self.fmt != "jsonl":
+            write_output(self.out, self.fmt, read_journal(self.path).records)
+
+
+@attrs.define
+class BatchSummary:
+    """Counts of a run and the notices it gave (journal problems, records made by something else)."""
+
+    ok: int = 0
+    error: int = 0
+    skipped: int = 0
+    rerun: int = 0
+    notices: list[str] = attrs.field(factory=list)
+
+
+def _short(value: Any) -> str:
+    return "unrecorded" if value in (None, "") else str(value)[:12]
+
+
+def stale_notice(journal: Path, records: Iterable[Mapping[str, Any]], ident: Mapping[str, Any]) -> str | None:
+    """One line saying how many records were made by another bundle, options or SDK, or None."""
+    labels = {"bundle_digest": "bundle", "options_digest": "options", "sdk_version": "clue2geo version"}
+    n, parts = 0, {}
+    for r in records:
+        differ = [k for k in labels if r.get(k) != ident[k]]
+        n += bool(differ)
+        for k in differ:
+            parts.setdefault(k, r.get(k))
+    if not n:
+        return None
+    what = ", ".join(f"{labels[k]} ({_short(v)} here, {_short(ident[k])} now)" for k, v in parts.items())
+    return f"{journal}: {n} record(s) were made with another {what}; those inputs run again (new records supersede)"
 
 
 def run_batch(
@@ -196,37 +326,74 @@ def run_batch(
     *,
     fmt: Format = "jsonl",
     resume: bool = False,
+    retry_failed: bool = False,
+    options: Options | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, int]:
-    """Geolocate every input into ``out``; return counts {ok, error, skipped}."""
-    journal = _journal_path(out, fmt)
-    if not resume and journal.exists() and journal.stat().st_size > 0:
+    on_notice: Callable[[str], None] | None = None,
+) -> BatchSummary:
+    """Geolocate every input into ``out`` under ``options`` (default: the geolocator's own).
+
+    ``resume`` skips an input whose latest record has the same path, image sha256, bundle, options
+    and SDK version; ``retry_failed`` also runs again those whose latest record is an error. Notices
+    go to ``on_notice`` (default: a :class:`JournalWarning`)."""
+    opts = options or geo.options
+    ident = identity(geo, opts)
+    journal = journal_path(out, fmt)
+    summary = BatchSummary()
+
+    def notice(msg: str) -> None:
+        summary.notices.append(msg)
+        if on_notice:
+            on_notice(msg)
+        else:
+            warnings.warn(msg, JournalWarning, stacklevel=3)
+
+    has_journal = journal.exists() and journal.stat().st_size > 0
+    if not resume and has_journal:
         raise FileExistsError(f"{out} already holds results; pass resume=True (--resume) or choose another file")
-    done = {(r.get("path"), r.get("image_sha256") or None) for r in read_records(out, fmt)} if resume else set()
-    counts = {"ok": 0, "error": 0, "skipped": 0}
+    if out != journal and not has_journal and out.exists() and out.stat().st_size > 0:
+        raise FileExistsError(
+            f"{out} exists and is not a clue2geo run (no {journal.name} beside it); choose another file"
+        )
+    prior: dict[str, dict[str, Any]] = {}
+    if resume:
+        read = read_journal(journal, repair=True)
+        for problem in read.problems:
+            notice(problem)
+        prior = latest(read.records)
+        stale = stale_notice(journal, prior.values(), ident)
+        if stale:
+            notice(stale)
     writer = RecordWriter(out, fmt)
     try:
         for item in inputs:
             t0 = time.perf_counter()
             data = None if isinstance(item, Failure) else _read_bytes(item)
-            key = (item.image, None) if isinstance(item, Failure) else (str(item), _sha256(data))
-            if key in done:
-                counts["skipped"] += 1
-                if on_record:
-                    on_record({"path": key[0], "status": "skipped"})
-                continue
+            path, sha = (item.image, None) if isinstance(item, Failure) else (str(item), _sha256(data))
+            old = prior.get(path)
+            if old is not None:
+                same = (old.get("image_sha256") or None) == sha and all(old.get(k) == ident[k] for k in IDENTITY_FIELDS)
+                if same and not (retry_failed and old.get("status") == "error"):
+                    summary.skipped += 1
+                    if on_record:
+                        on_record({"path": path, "status": "skipped"})
+                    continue
+                summary.rerun += 1
             if isinstance(item, Failure):
                 result: Prediction | Failure = item
             else:  # the bytes read for the digest are the ones decoded; unreadable paths report why
-                result = geo.try_locate(data if data is not None else item, name=str(item))
+                result = geo.try_locate(data if data is not None else item, name=str(item), options=opts)
                 if isinstance(result, Failure):
-                    result = attrs.evolve(result, image_sha256=key[1])
-            rec = record_of(result, key[0], time.perf_counter() - t0)
+                    result = attrs.evolve(result, image_sha256=sha)
+            rec = record_of(result, path, time.perf_counter() - t0, ident)
             writer.write(rec)
-            done.add(key)
-            counts["ok" if rec["status"] == "ok" else "error"] += 1
+            prior[path] = rec
+            if rec["status"] == "ok":
+                summary.ok += 1
+            else:
+                summary.error += 1
             if on_record:
                 on_record(rec)
     finally:
         writer.close()
-    return counts
+    return summary

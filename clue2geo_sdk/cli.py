@@ -133,6 +133,20 @@ def bundle_demo(path: Path, seed: int, overwrite: bool) -> None:
 
 
 EXIT_SOME_FAILED = 3
+DEMO_WARNING = (
+    "warning: bundle {name!r} has random-weight parts (a demo bundle): its predictions are meaningless; "
+    "it shows the plumbing only"
+)
+
+
+def _warn(msg: str) -> None:
+    click.secho(msg, fg="yellow", err=True)
+
+
+def _warn_if_demo(bundle: Bundle) -> None:
+    """One line on stderr when the bundle's predictions mean nothing, so no one takes them for real."""
+    if bundle.demo:
+        _warn(DEMO_WARNING.format(name=bundle.name))
 
 
 @contextlib.contextmanager
@@ -182,7 +196,12 @@ def _progress(total: int) -> Iterator[Callable[[dict[str, Any]], None]]:
     help="Output format (default: from --out's suffix, else jsonl).",
 )
 @click.option("--recursive", "-r", is_flag=True, help="Descend into sub-folders.")
-@click.option("--resume", is_flag=True, help="Skip images already in --out (same path and sha256).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Skip images already in --out (same path, sha256, bundle and options); run the rest.",
+)
+@click.option("--retry-failed", is_flag=True, help="With --resume: also run again images whose latest record failed.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write an offline HTML map report.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--use-cluemap/--no-use-cluemap", default=True, show_default=True, help="Off: the paper's w/o CM.")
@@ -201,6 +220,7 @@ def locate(
     fmt: str | None,
     recursive: bool,
     resume: bool,
+    retry_failed: bool,
     report: Path | None,
     device: str,
     verify: bool,
@@ -208,29 +228,41 @@ def locate(
     **options: Any,
 ) -> None:
     """Geolocate images and folders into --out; exit 0 if all succeeded, 3 if some failed."""
-    from .batch import discover, read_records, run_batch
+    from .batch import discover, journal_path, latest, read_journal, run_batch
     from .geolocator import Geolocator
 
+    if retry_failed and not resume:
+        raise click.UsageError("--retry-failed runs again the failures recorded in --out; pass --resume with it")
     fmt = fmt or {".csv": "csv", ".geojson": "geojson"}.get(out.suffix.lower(), "jsonl")
     inputs = list(discover(paths, recursive=recursive))
     try:
         geo = Geolocator.load(bundle_path, device=device, verify=verify, verbose=verbose, **options)
     except (Clue2GeoError, TypeError, RuntimeError) as exc:
         _fail(exc)
+    _warn_if_demo(geo.bundle)
     try:
         with geo, _progress(len(inputs)) as tick:
-            counts = run_batch(geo, inputs, out, fmt=fmt, resume=resume, on_record=tick)  # type: ignore[arg-type]
+            summary = run_batch(
+                geo,
+                inputs,
+                out,
+                fmt=fmt,  # type: ignore[arg-type]
+                resume=resume,
+                retry_failed=retry_failed,
+                on_record=tick,
+                on_notice=_warn,
+            )
             db = geo.bundle.file("metadata", "db")
     except FileExistsError as exc:
         _fail(exc)
     if report is not None:
         from .report import write_report
 
-        write_report(report, read_records(out, fmt), db)  # type: ignore[arg-type]
-    click.echo(f"{counts['ok']} located, {counts['error']} failed, {counts['skipped']} skipped (already in {out})")
+        write_report(report, latest(read_journal(journal_path(out, fmt)).records).values(), db)  # type: ignore[arg-type]
+    click.echo(f"{summary.ok} located, {summary.error} failed, {summary.skipped} skipped (already in {out})")
     if report is not None:
         click.echo(f"report: {report}")
-    if counts["error"]:
+    if summary.error:
         sys.exit(EXIT_SOME_FAILED)
 
 
@@ -241,20 +273,18 @@ def locate(
     "--bundle", "bundle_path", type=click.Path(path_type=Path), help="Bundle (needed for .html: its map data)."
 )
 def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
-    """Convert a JSONL results file into GeoJSON, CSV or the HTML map report."""
-    import csv as _csv
+    """Convert a JSONL results file into GeoJSON, CSV or the HTML map report (latest record per image)."""
+    from .batch import latest, read_journal, write_csv, write_geojson
 
-    from .batch import CSV_FIELDS, read_records, write_geojson
-
-    recs = read_records(records, "jsonl")
+    journal = read_journal(records)
+    for problem in journal.problems:
+        _warn(f"warning: {problem}")
+    recs = list(latest(journal.records).values())
     suffix = dest.suffix.lower()
     if suffix == ".geojson":
         write_geojson(dest, recs)
     elif suffix == ".csv":
-        with open(dest, "w", newline="", encoding="utf-8") as fh:
-            w = _csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(recs)
+        write_csv(dest, recs)
     elif suffix in (".html", ".htm"):
         if bundle_path is None:
             raise click.UsageError("--bundle is needed to draw the HTML report's map")
@@ -297,7 +327,8 @@ def evaluate_cmd(
     verify: bool,
     **options: Any,
 ) -> None:
-    """Run the pipeline over a dataset (resumable) and write per-image CSV, metrics.json and table.md."""
+    """Run the pipeline over a dataset (resumable) and write per-image CSV, metrics.json and table.md;
+    exit 0 if every image was located, 3 if some failed (they count as misses in the metrics)."""
     from .eval_run import run_eval, variants
     from .geolocator import Geolocator
 
@@ -309,12 +340,17 @@ def evaluate_cmd(
         _fail(exc)
     from .evaluate import read_dataset
 
+    _warn_if_demo(geo.bundle)
     n = len(read_dataset(dataset, limit=limit, seed=seed)[0]) * (1 + len(abl))
     with geo, _progress(n) as tick:
-        report = run_eval(geo, dataset, images, out, ablate=abl, limit=limit, seed=seed, on_record=tick)
+        report = run_eval(
+            geo, dataset, images, out, ablate=abl, limit=limit, seed=seed, on_record=tick, on_notice=_warn
+        )
     click.echo((out / "table.md").read_text())
     failed = {k: len(v["failed"]) for k, v in report["variants"].items()}
     click.echo(f"wrote {out}/metrics.json, table.md, per-image-*.csv; failed images per variant: {failed}")
+    if any(failed.values()):
+        sys.exit(EXIT_SOME_FAILED)
 
 
 if __name__ == "__main__":

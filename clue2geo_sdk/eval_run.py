@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from ._version import __version__
-from .batch import read_records, run_batch
+from .batch import journal_path, latest, read_journal, run_batch
 from .evaluate import (
     CONVENTIONS,
     THRESHOLD_NAMES,
@@ -28,6 +28,7 @@ from .evaluate import (
     read_dataset,
 )
 from .geolocator import Geolocator
+from .sanitize import csv_cell
 
 ABLATIONS = {
     "cluemap": ("wo_cm", "Clue2Geo w/o CM", {"use_cluemap": False}),
@@ -87,7 +88,10 @@ def run_eval(
     limit: int | None = None,
     seed: int = 0,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    """Each variant runs under its own Options passed per call: ``geo.options`` is never changed, so
+    a geolocator shared with other threads keeps its settings."""
     samples, problems = read_dataset(dataset, limit=limit, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     base = geo.options
@@ -114,54 +118,55 @@ def run_eval(
     }
     paths = [images / s.img_id for s in samples]
     c_true = [geo.geocoder.lookup(s.lat, s.lon).country_code for s in samples]  # same for every variant
-    try:
-        for slug, label, overrides in variants(ablate):
-            geo.options = attrs.evolve(base, **overrides)
-            pred_path = out / f"predictions-{slug}.jsonl"
-            run_batch(geo, paths, pred_path, fmt="jsonl", resume=True, on_record=on_record)
-            latest = {r["path"]: r for r in read_records(pred_path, "jsonl")}
-            rows, dists, c_pred = [], [], []
-            for s, p, ct in zip(samples, paths, c_true, strict=True):
-                rec = latest.get(str(p), {"status": "error", "error": "NotRun"})
-                row: dict[str, Any] = {
-                    "img_id": s.img_id,
-                    "true_lat": s.lat,
-                    "true_lon": s.lon,
-                    "status": rec["status"],
-                    "country_true": ct,
-                    "error": rec.get("error") or "",
-                }
-                if rec["status"] == "ok":
-                    d = distance_km(s.lat, s.lon, rec["lat"], rec["lon"])
-                    cp = geo.geocoder.lookup(rec["lat"], rec["lon"]).country_code
-                    row.update(
-                        pred_lat=rec["lat"],
-                        pred_lon=rec["lon"],
-                        distance_km=round(d, 4),
-                        geoscore=round(float(geoscore(d)), 2),
-                        country_pred=cp,
-                        source=rec.get("source"),
-                    )
-                    dists.append(d)
-                    c_pred.append(cp)
-                else:
-                    dists.append(None)
-                    c_pred.append(None)
-                rows.append(row)
-            with open(out / f"per-image-{slug}.csv", "w", newline="", encoding="utf-8") as fh:
-                w = csv.DictWriter(fh, fieldnames=PER_IMAGE_FIELDS)
-                w.writeheader()
-                w.writerows(rows)
-            m = compute_metrics(dists, country_true=c_true, country_pred=c_pred)
-            table_rows.append((label, m))
-            report["variants"][slug] = {
-                "label": label,
-                "options": overrides,
-                "metrics": m.to_dict(),
-                "failed": [r["img_id"] for r in rows if r["status"] != "ok"],
+    for slug, label, overrides in variants(ablate):
+        opts = attrs.evolve(base, **overrides)
+        pred_path = out / f"predictions-{slug}.jsonl"
+        run_batch(
+            geo, paths, pred_path, fmt="jsonl", resume=True, options=opts, on_record=on_record, on_notice=on_notice
+        )
+        # records are read back (latest per image) so a resumed run gives the same numbers
+        recs = latest(read_journal(journal_path(pred_path, "jsonl")).records)
+        rows, dists, c_pred = [], [], []
+        for s, p, ct in zip(samples, paths, c_true, strict=True):
+            rec = recs.get(str(p), {"status": "error", "error": "NotRun"})
+            row: dict[str, Any] = {
+                "img_id": s.img_id,
+                "true_lat": s.lat,
+                "true_lon": s.lon,
+                "status": rec["status"],
+                "country_true": ct,
+                "error": rec.get("error") or "",
             }
-    finally:
-        geo.options = base
+            if rec["status"] == "ok":
+                d = distance_km(s.lat, s.lon, rec["lat"], rec["lon"])
+                cp = geo.geocoder.lookup(rec["lat"], rec["lon"]).country_code
+                row.update(
+                    pred_lat=rec["lat"],
+                    pred_lon=rec["lon"],
+                    distance_km=round(d, 4),
+                    geoscore=round(float(geoscore(d)), 2),
+                    country_pred=cp,
+                    source=rec.get("source"),
+                )
+                dists.append(d)
+                c_pred.append(cp)
+            else:
+                dists.append(None)
+                c_pred.append(None)
+            rows.append(row)
+        with open(out / f"per-image-{slug}.csv", "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=PER_IMAGE_FIELDS)
+            w.writeheader()
+            w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
+        m = compute_metrics(dists, country_true=c_true, country_pred=c_pred)
+        table_rows.append((label, m))
+        report["variants"][slug] = {
+            "label": label,
+            "options": overrides,
+            "options_digest": opts.digest(),
+            "metrics": m.to_dict(),
+            "failed": [r["img_id"] for r in rows if r["status"] != "ok"],
+        }
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     (out / "table.md").write_text(markdown_table(table_rows, dataset.stem))
     return report

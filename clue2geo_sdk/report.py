@@ -80,14 +80,23 @@ def render_report(records: Iterable[dict[str, Any]], db_path: Path, *, title: st
         f"<td>{html.escape(str(r.get('message')))}</td></tr>"
         for r in failed
     )
+    demo = any(r.get("demo") for r in records)
+    banner = (
+        '<p id="demo-warning" role="alert" style="background:#fff3cd;border:2px solid #d39e00;padding:.6em;font-weight:bold">'
+        "Made with a demo bundle (random-weight models): these locations are meaningless. "
+        "They show the plumbing only; do not use them as evidence.</p>"
+        if demo
+        else ""
+    )
     legend = " ".join(f'<span style="color:{c}">●</span> {s}' for s, c in _COLORS.items())
-    data = html.escape(json.dumps({"ok": len(ok), "failed": len(failed)}))
+    data = html.escape(json.dumps({"ok": len(ok), "failed": len(failed), "demo": demo}))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:1em}}svg{{width:100%;height:auto;background:#eef4fa}}
 table{{border-collapse:collapse;margin-top:1em}}td,th{{border:1px solid #ccc;padding:4px;vertical-align:top;font-size:13px}}</style>
 </head><body data-summary="{data}">
 <h1>{html.escape(title)}</h1>
+{banner}
 <p>{len(ok)} located, {len(failed)} failed. Orange: prediction; small dots: candidates ({legend}).
 Land drawn from GeoNames places (offline).</p>
 <svg viewBox="0 0 {W} {H}" xmlns="http://www.w3.org/2000/svg"><g fill="#b9c7b0">{land}</g>{"".join(marks)}</svg>

@@ -22,13 +22,16 @@ out.mkdir(parents=True, exist_ok=True)
 images = sorted(p for p in Path(args.folder).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
 features, records = [], []
 with Geolocator.load(args.bundle) as geo:
+    demo = geo.bundle.demo  # random-weight parts: the report says so, and so do we
+    if demo:
+        print(f"warning: bundle {geo.bundle.name!r} is a demo bundle (random weights): predictions are meaningless")
     for result in geo.locate_many(images):
         if isinstance(result, Failure):
             print(f"FAILED {result.image}: {result.message}")
-            records.append({"path": result.image, "status": "error", **result.to_dict()})
+            records.append({"path": result.image, "status": "error", **result.to_dict(), "demo": demo})
             continue
         print(f"{result.image}: {result.lat:.4f}, {result.lon:.4f} ({result.city}, {result.country})")
-        records.append({"path": result.image, "status": "ok", **result.to_dict()})
+        records.append({"path": result.image, "status": "ok", **result.to_dict(), "demo": demo})
         features.append(result.to_geojson())
     db = geo.bundle.file("metadata", "db")
 

@@ -88,9 +88,10 @@ def test_previous_bundle_is_rebuilt_with_overwrite(demo_bundle: Path, tmp_path: 
     target = tmp_path / "demo"
     shutil.copytree(demo_bundle, target)
     old = Bundle.open(target, verify=False)
+    old_digest = old.digest  # of the manifest file, read now
     res = CliRunner().invoke(main, ["bundle", "demo", str(target)])
     assert res.exit_code == 1 and "--overwrite" in res.stderr
     res = CliRunner().invoke(main, ["bundle", "demo", str(target), "--overwrite"])
     assert res.exit_code == 0, res.output
     new = Bundle.open(target, verify=True)
-    assert new.name == "demo" and new.created >= old.created and new.digest != old.digest
+    assert new.name == "demo" and new.created > old.created and new.digest != old_digest

@@ -86,6 +86,7 @@ def test_all_ok_exits_zero_and_formats(demo_bundle: Path, photo: Path, tmp_path:
         out = tmp_path / f"res.{fmt}"
         res = runner.invoke(main, ["locate", *map(str, imgs), "--bundle", str(demo_bundle), "--out", str(out), *QUICK])
         assert res.exit_code == 0, res.output
+        assert res.stderr.count("meaningless") == 1  # the demo bundle is named as such, once
         if fmt == "csv":
             rows = list(csv.DictReader(out.open()))
             assert [Path(r["path"]).name for r in rows] == ["img_00.jpg", "img_01.jpg"] and rows[0]["status"] == "ok"
@@ -98,6 +99,10 @@ def test_all_ok_exits_zero_and_formats(demo_bundle: Path, photo: Path, tmp_path:
     out = tmp_path / "res.csv"
     res = runner.invoke(main, ["locate", *map(str, imgs), "--bundle", str(demo_bundle), "--out", str(out), *QUICK])
     assert res.exit_code == 1 and "already holds results" in res.output
+    mine = tmp_path / "mine.csv"  # a CSV that is not a clue2geo run is never written over
+    mine.write_text("my,own\n")
+    res = runner.invoke(main, ["locate", str(imgs[0]), "--bundle", str(demo_bundle), "--out", str(mine), *QUICK])
+    assert res.exit_code == 1 and "not a clue2geo run" in res.output and mine.read_text() == "my,own\n"
     res = runner.invoke(
         main, ["locate", *map(str, imgs), "--bundle", str(demo_bundle), "--out", str(out), "--resume", *QUICK]
     )
@@ -123,6 +128,7 @@ def test_resume_skips_by_path_and_digest(demo_bundle: Path, photo: Path, tmp_pat
         main, ["locate", *map(str, imgs), "--bundle", str(demo_bundle), "--out", str(out), "--resume", *QUICK]
     )
     assert res.exit_code == 0, res.output
+    assert "res.jsonl:2: incomplete last line" in res.stderr and "cut off" in res.stderr  # said, then repaired
     recs = _records(out)
     assert len(recs) == 3 and [Path(r["path"]).name for r in recs] == ["img_00.jpg", "img_00.jpg", "img_01.jpg"]
     assert recs[0]["image_sha256"] != recs[1]["image_sha256"]

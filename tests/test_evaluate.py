@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from clue2geo_sdk.cli import main
+from clue2geo_sdk.cli import EXIT_SOME_FAILED, main
 from clue2geo_sdk.evaluate import compute_metrics, distance_km, geoscore, read_dataset
 
 R = 6371.0088
@@ -105,7 +105,8 @@ def test_eval_command_end_to_end(demo_bundle: Path, photo: Path, tmp_path: Path)
         "cpu",
     ]
     res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == EXIT_SOME_FAILED, res.output  # missing.jpg failed
+    assert res.stderr.count("meaningless") == 1
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["variants"]) == {"full", "wo_cm", "wo_cr"}
     assert report["bundle"]["name"] == "demo" and len(report["bundle"]["digest"]) == 64
@@ -122,7 +123,33 @@ def test_eval_command_end_to_end(demo_bundle: Path, photo: Path, tmp_path: Path)
     table = (out / "table.md").read_text()
     assert "Street(1km)" in table and "Clue2Geo w/o CM" in table and "Clue2Geo w/o CR" in table
     # resuming does not redo anything and yields the same metrics
+    lines = (out / "predictions-full.jsonl").read_bytes().count(b"\n")
     res2 = CliRunner().invoke(main, args)
-    assert res2.exit_code == 0
+    assert res2.exit_code == EXIT_SOME_FAILED and "another" not in res2.stderr
+    assert (out / "predictions-full.jsonl").read_bytes().count(b"\n") == lines
     again = json.loads((out / "metrics.json").read_text())
     assert again["variants"] == report["variants"]
+    # other options: said in one line, and every image runs again
+    res3 = CliRunner().invoke(main, [*args, "--max-answer-tokens", "17"])
+    assert res3.exit_code == EXIT_SOME_FAILED
+    assert res3.stderr.count("another options") == 3  # one line per variant's journal
+    assert (out / "predictions-full.jsonl").read_bytes().count(b"\n") == 2 * lines
+
+
+def test_eval_never_changes_the_geolocators_options(
+    geo, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clue2geo_sdk.eval_run import run_eval
+    from clue2geo_sdk.geolocator import Geolocator
+
+    def refuse(self: Geolocator, value: object) -> None:
+        raise AssertionError("eval must pass options per call, not change the shared geolocator's")
+
+    monkeypatch.setattr(Geolocator, "options", property(lambda self: self.__dict__["options"], refuse), raising=False)
+    (tmp_path / "imgs").mkdir()
+    Image.open(photo).convert("RGB").resize((160, 120)).save(tmp_path / "imgs" / "0.jpg")
+    (tmp_path / "m.csv").write_text("IMG_ID,LAT,LON\n0.jpg,40.0,116.3\n")
+    report = run_eval(geo, tmp_path / "m.csv", tmp_path / "imgs", tmp_path / "out", ablate=["cluemap"])
+    assert report["variants"]["wo_cm"]["metrics"]["n"] == 1 and report["variants"]["wo_cm"]["failed"] == []
+    recs = [json.loads(x) for x in (tmp_path / "out" / "predictions-wo_cm.jsonl").read_text().splitlines()]
+    assert recs[0]["options"]["use_cluemap"] is False and recs[0]["options_digest"] != geo.options.digest()

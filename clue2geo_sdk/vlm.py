@@ -26,6 +26,7 @@ LOCATION_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"country": _NAME, "city": _NAME, "landmark": _NAME, "lat": _LAT, "lon": _LON},
     "required": ["country", "city", "landmark", "lat", "lon"],
+    "additionalProperties": False,
 }
 CUES_SCHEMA: dict[str, Any] = {
     "type": "array",
@@ -35,6 +36,7 @@ CUES_SCHEMA: dict[str, Any] = {
         "type": "object",
         "properties": {"cue": {"type": "string", "maxLength": 48}, "description": {"type": "string", "maxLength": 200}},
         "required": ["cue", "description"],
+        "additionalProperties": False,
     },
 }
 

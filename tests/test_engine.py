@@ -39,13 +39,26 @@ def image():
 
 
 def test_greedy_tokens_identical_to_chat_handler(engines, image) -> None:
-    for schema in (None, LOCATION_SCHEMA):
-        got = {}
-        for name, eng in engines.items():
-            with eng.open(image) as s:
-                got[name] = s.ask(PROMPTS[0], schema=schema, max_tokens=40)
-        assert got["batched"].text == got["chat"].text, schema
-        assert got["batched"].tokens == got["chat"].tokens == 40
+    """Free decoding: same template, same image tokens, same greedy tokens. (Under a schema the two
+    engines use different grammar implementations — llama.cpp GBNF vs llguidance with the training
+    data's JSON layout — so constrained answers are compared for validity, not token by token.)"""
+    got = {}
+    for name, eng in engines.items():
+        with eng.open(image) as s:
+            got[name] = s.ask(PROMPTS[0], schema=None, max_tokens=40)
+    assert got["batched"].text == got["chat"].text
+    assert got["batched"].tokens == got["chat"].tokens == 40
+
+
+def test_constrained_answer_is_schema_valid_json(engines, image) -> None:
+    with engines["batched"].open(image) as s:
+        g = s.ask(PROMPTS[0], schema=LOCATION_SCHEMA, max_tokens=120)
+    assert not g.truncated and g.constrained
+    obj = json.loads(g.text)
+    assert set(obj) == {"country", "city", "landmark", "lat", "lon"}
+    assert g.text.startswith('{"country": ')  # json.dumps layout, as in the training data
+    answer = parse_location(g.text)
+    assert answer.valid and -90 <= answer.lat <= 90 and -180 <= answer.lon <= 180
 
 
 def test_one_encode_and_one_prefix_for_all_prompts_of_an_image(engines, image) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import json
 import queue
 import threading
 import time
@@ -42,7 +43,7 @@ import numpy as np
 from ..image import LoadedImage
 from ..image_tokens import IMAGE_MAX_TOKENS, fit_image
 from .base import SYSTEM_PROMPT, EngineStats, Generation, VLMError, load_llama_cpp
-from .grammar import CheckFirstGrammar, GrammarError, GrammarFactory
+from .grammar import CheckFirstGrammar, GrammarError, GrammarFactory, build_tokenizer
 
 _PREFIX = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{marker}"
 _SUFFIX = "{prompt}<|im_end|>\n<|im_start|>assistant\n"
@@ -201,6 +202,7 @@ class LlamaBatchEngine:
         self._free_seqs = list(range(n_seq - 1, -1, -1))
         self._grammars: dict[str, GrammarFactory] = {}
         self._grammar_lock = threading.Lock()
+        self._lltokenizer: Any = None
         self._slots = threading.BoundedSemaphore(self.max_images)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._keys = itertools.count()
@@ -258,20 +260,18 @@ class LlamaBatchEngine:
         self._closed = True
         self._inbox.put(("stop", None))
         self._thread.join()
-        for g in self._grammars.values():
-            g.close()
         self._lib.llama_batch_free(self._batch)
         self._mtmd.mtmd_free(self._mctx)
         self._lib.llama_free(self._ctx)
         self._lib.llama_model_free(self._model)
 
     def _grammar(self, schema: Mapping[str, Any]) -> GrammarFactory:
-        import json
-
         key = json.dumps(dict(schema), sort_keys=True)
         with self._grammar_lock:
+            if self._lltokenizer is None:
+                self._lltokenizer = build_tokenizer(self._lib, self._vocab)
             if key not in self._grammars:
-                self._grammars[key] = GrammarFactory(self._vocab, schema)
+                self._grammars[key] = GrammarFactory(self._lltokenizer, schema)
             return self._grammars[key]
 
     def _tokenize(self, text: str) -> list[int]:

@@ -1,111 +1,95 @@
-"""JSON-schema constrained sampling that checks one token, not the whole vocabulary.
+"""JSON-schema constrained sampling at the cost of free sampling: check one token, mask on rejection.
 
-llama-cpp-python applies the grammar to all ~152k candidate pieces before sampling (~30 ms a token
-on this CPU). llama.cpp's own server samples first and asks the grammar about that single token;
-only when the grammar rejects it is the full vocabulary masked and the sample redrawn. The answer
-is the same token either way (greedy: the best allowed token), at the price of free decoding.
+llama-cpp-python applies llama.cpp's GBNF grammar to all ~152k candidate pieces before sampling
+(~30 ms a token on this CPU). Here the grammar is llguidance's (a lexer + Earley parser with a token
+trie): the sampled token is checked alone (a few µs); only when it is rejected is the allowed set
+computed (~0.1–0.3 ms for the whole vocabulary) and the sample redrawn from it. Greedy picks the
+best allowed token either way.
 
-A token is accepted into the grammar's state only after the grammar allowed it: accepting an
-unchecked token makes llama.cpp throw a C++ exception, which aborts the whole process via ctypes.
+JSON is written as the training data writes it (``json.dumps``: ", " and ": " separators, no other
+whitespace), so the grammar never lets a model wander into whitespace. A token enters the grammar
+state only after the grammar allowed it; an error state is reported, never ignored.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+# The JSON layout the training data uses (json.dumps defaults) and nothing else.
+JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 
 
 class GrammarError(RuntimeError):
     """The grammar allows no continuation (the model cannot complete a valid answer)."""
 
 
-def schema_to_gbnf(schema: Mapping[str, Any]) -> str:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+def build_tokenizer(lib: Any, vocab: Any) -> Any:
+    """llguidance's view of the llama.cpp vocabulary, with every end-of-generation token as EOS
+    (~1 s for 152k tokens: build once per engine)."""
+    from llguidance.llamacpp import lltokenizer_from_vocab
 
-    return json_schema_to_gbnf(json.dumps(dict(schema)))
+    n = lib.llama_vocab_n_tokens(vocab)
+    eog = [t for t in range(n) if lib.llama_vocab_is_eog(vocab, t)]
+    with warnings.catch_warnings():  # it calls a binding llama-cpp-python marks deprecated, per token
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return lltokenizer_from_vocab(vocab, eos_token=eog)
 
 
 class GrammarFactory:
-    """Parses a schema's grammar once; ``new()`` gives each sequence its own state (a clone)."""
+    """Compiles a schema once; ``new()`` gives each sequence its own matcher (a cheap deep copy)."""
 
-    def __init__(self, vocab: Any, schema: Mapping[str, Any]) -> None:
-        import llama_cpp
+    def __init__(self, tokenizer: Any, schema: Mapping[str, Any]) -> None:
+        from llguidance import LLMatcher
 
-        self._lib = llama_cpp
-        self._template = llama_cpp.llama_sampler_init_grammar(vocab, schema_to_gbnf(schema).encode(), b"root")
-        if not self._template:
-            raise ValueError(f"llama.cpp could not compile a grammar for the schema {json.dumps(dict(schema))[:200]}")
+        grammar = LLMatcher.grammar_from_json_schema(dict(schema), overrides=JSON_LAYOUT)  # type: ignore[arg-type]
+        self._template = LLMatcher(tokenizer, grammar, log_level=0)
+        if self._template.is_error():
+            raise ValueError(
+                f"no grammar for the schema {json.dumps(dict(schema))[:200]}: {self._template.get_error()}"
+            )
 
     def new(self) -> CheckFirstGrammar:
-        return CheckFirstGrammar(self._lib, self._lib.llama_sampler_clone(self._template))
-
-    def close(self) -> None:
-        if self._template:
-            self._lib.llama_sampler_free(self._template)
-            self._template = None
+        return CheckFirstGrammar(self._template.deep_copy())
 
 
 class CheckFirstGrammar:
-    """One sequence's grammar state. Counts how often the full-vocabulary mask was needed."""
+    """One sequence's grammar state. Counts checks and how often the full mask was needed."""
 
-    def __init__(self, lib: Any, sampler: Any) -> None:
-        self._lib = lib
-        self._smpl = sampler
-        self._one = lib.llama_token_data()
-        self._one_arr = lib.llama_token_data_array(data=ctypes.pointer(self._one), size=1, selected=-1, sorted=False)
+    def __init__(self, matcher: Any) -> None:
+        self._m = matcher
         self.checks = 0
         self.full_masks = 0
 
     def allows(self, token: int) -> bool:
         self.checks += 1
-        self._one.id, self._one.logit, self._one.p = token, 0.0, 0.0
-        self._one_arr.size, self._one_arr.selected = 1, -1
-        self._lib.llama_sampler_apply(self._smpl, ctypes.byref(self._one_arr))
-        return bool(np.isfinite(self._one.logit))
+        return self._m.validate_tokens([token]) == 1
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
-        """``logits`` with every token the grammar forbids set to -inf (the full-vocabulary pass)."""
+        """``logits`` with every token the grammar forbids set to -inf."""
         self.full_masks += 1
-        data = np.empty(len(logits), dtype=_TOKEN_DATA)
-        data["id"] = np.arange(len(logits), dtype=np.int32)
-        data["logit"] = logits
-        data["p"] = 0.0
-        arr = self._lib.llama_token_data_array(
-            data=data.ctypes.data_as(ctypes.POINTER(self._lib.llama_token_data)),
-            size=len(logits),
-            selected=-1,
-            sorted=False,
-        )
-        self._lib.llama_sampler_apply(self._smpl, ctypes.byref(arr))
-        # Samplers may only rewrite logits in place here (the grammar never reorders or shrinks).
-        out = np.full(len(logits), -np.inf, dtype=np.float32)
-        n = int(arr.size)
-        view = np.ctypeslib.as_array(
-            ctypes.cast(arr.data, ctypes.POINTER(ctypes.c_uint8)), shape=(n * _TOKEN_DATA.itemsize,)
-        )
-        got = view.view(_TOKEN_DATA)
-        out[got["id"]] = got["logit"]
-        return out
+        bits = np.unpackbits(np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        allowed = np.zeros(len(logits), dtype=bool)
+        n = min(len(logits), len(bits))
+        allowed[:n] = bits[:n].astype(bool)
+        return np.where(allowed, logits, -np.inf).astype(np.float32)
 
     def choose(self, logits: np.ndarray, sample: Callable[[np.ndarray], int]) -> int:
-        """The sampled token if the grammar allows it, else a sample from the masked logits;
-        the chosen token is then accepted into the grammar state."""
+        """The sampled token if the grammar allows it, else a sample from the masked logits; the
+        chosen token is then consumed by the grammar."""
         token = sample(logits)
         if not self.allows(token):
             masked = self.mask(logits)
             if not np.isfinite(masked).any():
-                raise GrammarError("the grammar allows no next token")
+                raise GrammarError(f"the grammar allows no next token ({self._m.get_error() or 'dead end'})")
             token = sample(masked)
-        self._lib.llama_sampler_accept(self._smpl, token)
+        if not self._m.consume_token(token):
+            raise GrammarError(f"the grammar refused token {token}: {self._m.get_error()}")
         return token
 
     def close(self) -> None:
-        if self._smpl:
-            self._lib.llama_sampler_free(self._smpl)
-            self._smpl = None
+        self._m = None

@@ -328,10 +328,12 @@ def run_batch(
     resume: bool = False,
     retry_failed: bool = False,
     options: Options | None = None,
+    in_flight: int | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     on_notice: Callable[[str], None] | None = None,
 ) -> BatchSummary:
-    """Geolocate every input into ``out`` under ``options`` (default: the geolocator's own).
+    """Geolocate every input into ``out`` under ``options`` (default: the geolocator's own), up to
+    ``in_flight`` images at once (default: the geolocator's ``max_in_flight``).
 
     ``resume`` skips an input whose latest record has the same path, image sha256, bundle, options
     and SDK version; ``retry_failed`` also runs again those whose latest record is an error. Notices
@@ -364,10 +366,10 @@ def run_batch(
         stale = stale_notice(journal, prior.values(), ident)
         if stale:
             notice(stale)
-    writer = RecordWriter(out, fmt)
-    try:
+
+    def todo() -> Iterator[tuple[Path | Failure, str, str | None, bytes | None]]:
+        """Inputs that need a record, read here in input order; skips are counted as they pass."""
         for item in inputs:
-            t0 = time.perf_counter()
             data = None if isinstance(item, Failure) else _read_bytes(item)
             path, sha = (item.image, None) if isinstance(item, Failure) else (str(item), _sha256(data))
             old = prior.get(path)
@@ -379,15 +381,24 @@ def run_batch(
                         on_record({"path": path, "status": "skipped"})
                     continue
                 summary.rerun += 1
-            if isinstance(item, Failure):
-                result: Prediction | Failure = item
-            else:  # the bytes read for the digest are the ones decoded; unreadable paths report why
-                result = geo.try_locate(data if data is not None else item, name=str(item), options=opts)
-                if isinstance(result, Failure):
-                    result = attrs.evolve(result, image_sha256=sha)
-            rec = record_of(result, path, time.perf_counter() - t0, ident)
+            yield item, path, sha, data
+
+    def work(task: tuple[Path | Failure, str, str | None, bytes | None]) -> dict[str, Any]:
+        item, path, sha, data = task
+        t0 = time.perf_counter()
+        if isinstance(item, Failure):
+            result: Prediction | Failure = item
+        else:  # the bytes read for the digest are the ones decoded; unreadable paths report why
+            result = geo.try_locate(data if data is not None else item, name=str(item), options=opts)
+            if isinstance(result, Failure):
+                result = attrs.evolve(result, image_sha256=sha)
+        return record_of(result, path, time.perf_counter() - t0, ident)
+
+    writer = RecordWriter(out, fmt)
+    try:  # up to in_flight images in the engine at once; records are written in input order
+        for rec in geo.map_in_flight(work, todo(), in_flight=in_flight):
             writer.write(rec)
-            prior[path] = rec
+            prior[rec["path"]] = rec
             if rec["status"] == "ok":
                 summary.ok += 1
             else:

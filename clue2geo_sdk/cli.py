@@ -203,12 +203,27 @@ def _progress(total: int) -> Iterator[Callable[[dict[str, Any]], None]]:
 )
 @click.option("--retry-failed", is_flag=True, help="With --resume: also run again images whose latest record failed.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write an offline HTML map report.")
+@click.option(
+    "--engine",
+    type=click.Choice(["batched", "chat"]),
+    default="batched",
+    show_default=True,
+    help="VLM engine: batched (shared image prefix, many images at once) or the chat-handler baseline.",
+)
+@click.option(
+    "--in-flight",
+    "max_in_flight",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Images in the engine at once (each reserves its KV cache).",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--use-cluemap/--no-use-cluemap", default=True, show_default=True, help="Off: the paper's w/o CM.")
 @click.option("--use-refinement/--no-use-refinement", default=True, show_default=True, help="Off: the paper's w/o CR.")
 @click.option("--samples-per-prompt", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--nearest-neighbour-candidate", is_flag=True, help="Add the nearest gallery coordinate as a candidate.")
-@click.option("--constrain", type=click.Choice(["fallback", "always", "never"]), default="fallback", show_default=True)
+@click.option("--constrain", type=click.Choice(["fallback", "always", "never"]), default="always", show_default=True)
 @click.option("--max-cue-tokens", default=512, show_default=True, type=click.IntRange(16))
 @click.option("--max-answer-tokens", default=128, show_default=True, type=click.IntRange(16))
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check the bundle's sha256 digests first.")
@@ -223,6 +238,8 @@ def locate(
     retry_failed: bool,
     report: Path | None,
     device: str,
+    engine: str,
+    max_in_flight: int,
     verify: bool,
     verbose: bool,
     **options: Any,
@@ -236,7 +253,15 @@ def locate(
     fmt = fmt or {".csv": "csv", ".geojson": "geojson"}.get(out.suffix.lower(), "jsonl")
     inputs = list(discover(paths, recursive=recursive))
     try:
-        geo = Geolocator.load(bundle_path, device=device, verify=verify, verbose=verbose, **options)
+        geo = Geolocator.load(
+            bundle_path,
+            device=device,
+            verify=verify,
+            verbose=verbose,
+            engine=engine,  # type: ignore[arg-type]
+            max_in_flight=max_in_flight,
+            **options,
+        )
     except (Clue2GeoError, TypeError, RuntimeError) as exc:
         _fail(exc)
     _warn_if_demo(geo.bundle)
@@ -311,6 +336,21 @@ def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
     "--limit", type=click.IntRange(1), default=None, help="Evaluate a deterministic random sample of N images."
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the --limit sample.")
+@click.option(
+    "--engine",
+    type=click.Choice(["batched", "chat"]),
+    default="batched",
+    show_default=True,
+    help="VLM engine: batched (shared image prefix, many images at once) or the chat-handler baseline.",
+)
+@click.option(
+    "--in-flight",
+    "max_in_flight",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Images in the engine at once (each reserves its KV cache).",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-cue-tokens", default=512, show_default=True, type=click.IntRange(16))
 @click.option("--max-answer-tokens", default=128, show_default=True, type=click.IntRange(16))
@@ -324,6 +364,8 @@ def evaluate_cmd(
     limit: int | None,
     seed: int,
     device: str,
+    engine: str,
+    max_in_flight: int,
     verify: bool,
     **options: Any,
 ) -> None:
@@ -335,7 +377,14 @@ def evaluate_cmd(
     abl = [a.strip() for a in ablate.split(",") if a.strip()]
     try:
         variants(abl)
-        geo = Geolocator.load(bundle_path, device=device, verify=verify, **options)
+        geo = Geolocator.load(
+            bundle_path,
+            device=device,
+            verify=verify,
+            engine=engine,  # type: ignore[arg-type]
+            max_in_flight=max_in_flight,
+            **options,
+        )
     except (Clue2GeoError, ValueError) as exc:
         _fail(exc)
     from .evaluate import read_dataset

@@ -45,6 +45,8 @@ from ..image_tokens import IMAGE_MAX_TOKENS, fit_image
 from .base import SYSTEM_PROMPT, EngineStats, Generation, VLMError, load_llama_cpp
 from .grammar import CheckFirstGrammar, GrammarError, GrammarFactory, build_tokenizer
 
+SEQS_PER_IMAGE = 6  # the prefix + cues and 3 RAG at once, then direct / re-asks / samples as they free up
+MAX_SEQUENCES = 256  # llama.cpp's limit on n_seq_max
 _PREFIX = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{marker}"
 _SUFFIX = "{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -157,8 +159,12 @@ class LlamaBatchEngine:
         self.temperature, self.seed = temperature, seed
         self.stats = EngineStats()
         self._n_batch = int(n_batch)
-        self._seqs_per_image = 6  # the prefix + cues and 3 RAG at once, then direct / re-asks / samples
-        n_seq = min(256, self.max_images * self._seqs_per_image)
+        n_seq = self.max_images * SEQS_PER_IMAGE
+        if n_seq > MAX_SEQUENCES:
+            raise ValueError(
+                f"max_images={self.max_images} needs {n_seq} sequences; llama.cpp allows {MAX_SEQUENCES} "
+                f"({MAX_SEQUENCES // SEQS_PER_IMAGE} images in flight at most)"
+            )
 
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers

@@ -1,4 +1,6 @@
-"""Training end to end on a tiny random Qwen2.5-VL: dataset builder -> 3 LoRA stages -> bundle -> locate."""
+"""Training end to end on a tiny random Qwen2.5-VL: dataset builder -> 3 LoRA stages -> bundle -> locate;
+and the fidelity points: reasoning chains for the true location, reviewed chains replacing them,
+over-long examples skipped, the inference image-token budget, and which tokens carry labels."""
 
 from __future__ import annotations
 
@@ -27,9 +29,9 @@ epochs = {epochs}
 batch = 2
 grad_accum = 1
 max_length = 1024
-max_pixels = 6144
 save_every = 2
 """
+LONG = 3  # p3's RC chain is longer than max_length: skipped in RC, reported, the stage completes
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (root / "reasons.jsonl").write_text(
         "".join(
-            json.dumps({"path": f"p{i}.jpg", "rc": f"city reason {i}", "rl": f"landmark reason {i}"}) + "\n"
+            json.dumps(
+                {
+                    "path": f"p{i}.jpg",
+                    "rc": "long " * 1200 if i == LONG else f"city reason {i}",
+                    "rl": f"landmark reason {i}",
+                }
+            )
+            + "\n"
             for i in range(N - 1)
         )
     )
@@ -127,7 +136,8 @@ def _read(path: Path) -> list[dict]:
 def test_dataset_files_follow_the_templates(dataset: Path, workdir: Path) -> None:
     summary = json.loads((dataset / "summary.json").read_text())
     assert summary["skipped"] == {"missing_file": 1, "bad_coordinates": 2, "unreadable_image": 1}
-    assert summary["sources"] == {"cues": {"teacher": 1, "file": N - 1}, "reasons": {"teacher": 1, "file": N - 1}}
+    # reasons are counted per chain (RC and RL each)
+    assert summary["sources"] == {"cues": {"teacher": 1, "file": N - 1}, "reasons": {"teacher": 2, "file": 2 * (N - 1)}}
     truth: dict[str, dict] = {}
     for r in csv.DictReader((workdir / "photos.csv").open()):
         truth.setdefault(r["path"], r)  # later rows for p1/p2 are the bad ones
@@ -156,10 +166,14 @@ def test_dataset_files_follow_the_templates(dataset: Path, workdir: Path) -> Non
 
 
 @pytest.fixture(scope="module")
-def trained(dataset: Path, workdir: Path) -> Path:
+def base(workdir: Path) -> Path:
     from exporters.qwen_vl import build_tiny_qwen25vl
 
-    base = build_tiny_qwen25vl(workdir / "base", seed=1)
+    return build_tiny_qwen25vl(workdir / "base", seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Path, workdir: Path, base: Path) -> Path:
     out = workdir / "run"
     args = [
         "train",
@@ -202,7 +216,7 @@ def test_interrupted_stage_resumes(dataset: Path, workdir: Path, trained: Path) 
     again = train_stage(cfg, base, dataset, out)
     assert again["steps"] == 16 and again["losses"][:3] == first["losses"][:3]
     other = StageConfig.load(workdir / "rl.toml")
-    with pytest.raises(ValueError, match="another base model or config"):
+    with pytest.raises(ValueError, match="another base model, config or image budget"):
         train_stage(attrs_evolve(other, stage="ol"), base, dataset, out)
 
 
@@ -247,6 +261,173 @@ def test_trained_model_becomes_a_bundle_that_locates(
     assert b.name == "tiny-trained" and not b.component("vlm").random_weights
     summary = json.loads((dataset / "summary.json").read_text())
     assert b.params("vlm")["prompts"]["locate"] == summary["templates"]["locate"]
+    # inference shows the trained model images at the budget it was trained with
+    assert b.params("vlm")["image_max_tokens"] == summary["image_max_tokens"]
     with Geolocator.load(out, device="cpu", max_cue_tokens=32, max_answer_tokens=32) as geo:
         pred = geo.locate(workdir / "imgs" / "p0.jpg")
     assert -90 <= pred.lat <= 90 and pred.bundle == "tiny-trained"
+
+
+# -- fidelity: reasoning chains, reviewed chains, over-long examples, image budget, labels ------------
+
+
+def _small_set(root: Path, rows: list[tuple[str, str, str, str]]) -> tuple[Path, Path]:
+    """Images and a CSV (path, lat, lon, country, city, landmark) plus a cues file, so the teacher
+    is asked only for reasoning chains."""
+    imgs = root / "imgs"
+    for i, (rel, *_) in enumerate(rows):
+        (imgs / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (96, 64), (40 * i, 120, 200)).save(imgs / rel)
+    with open(root / "photos.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "lat", "lon", "country", "city", "landmark"])
+        w.writerows([rel, 48.8584, 2.2945, country, city, landmark] for rel, country, city, landmark in rows)
+    cue = {"cue": "Tower", "description": "an iron lattice tower"}
+    (root / "cues.jsonl").write_text("".join(json.dumps({"path": r[0], "cues": [cue]}) + "\n" for r in rows))
+    return root / "photos.csv", imgs
+
+
+class _Teacher:
+    """Records the prompts the dataset builder asks the teacher and answers with a fixed chain."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+        self.prompts: list[str] = []
+
+    def __call__(self, image: object, prompt: str) -> str:
+        self.prompts.append(prompt)
+        return self.answer
+
+
+def _answers(out: Path, stage: str) -> dict[str, tuple[dict, dict]]:
+    recs = _read(out / f"{stage}.train.jsonl")
+    root = out.parent / "imgs"
+    return {
+        Path(r["image"]).relative_to(root.resolve()).as_posix(): (json.loads(r["messages"][1]["content"]), r["meta"])
+        for r in recs
+    }
+
+
+def test_teacher_explains_the_true_location(geo: Geolocator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.dataset import build_dataset
+
+    csv_path, imgs = _small_set(tmp_path, [("eiffel.jpg", "France", "Paris", "Eiffel Tower")])
+    teacher = _Teacher("  The French street sign\n reads 'Quai Branly'.\x07 ")
+    monkeypatch.setattr(geo, "ask", teacher)
+    out = tmp_path / "data"
+    build_dataset(csv_path, imgs, geo, out, cues_jsonl=tmp_path / "cues.jsonl", val_percent=0)
+    rc_prompt, rl_prompt = teacher.prompts
+    assert "Paris, France" in rc_prompt
+    assert "Eiffel Tower, Paris, France" in rl_prompt and "48.858400" in rl_prompt and "2.294500" in rl_prompt
+    assert "iron lattice tower" in rl_prompt  # the cluemap the chain must reason over
+    chain = "The French street sign reads 'Quai Branly'."  # control characters gone, whitespace collapsed
+    for stage in ("rc", "rl"):
+        answer, meta = _answers(out, stage)["eiffel.jpg"]
+        assert answer["Reasons"] == chain and meta["reasons_source"] == "teacher"
+    (review,) = _read(out / "reasons.jsonl")
+    assert review == {"path": "eiffel.jpg", "rc": chain, "rl": chain, "source": {"rc": "teacher", "rl": "teacher"}}
+
+
+def test_reasons_file_replaces_teacher_chains(geo: Geolocator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.dataset import build_dataset
+
+    rows = [("a/x.jpg", "France", "Paris", ""), ("b/x.jpg", "Italy", "Rome", ""), ("c.jpg", "Japan", "Kyoto", "")]
+    csv_path, imgs = _small_set(tmp_path, rows)
+    # keyed by relative path: the two x.jpg are different photos; b gives only its RL chain
+    given = [{"path": "a/x.jpg", "rc": "A city", "rl": "A landmark"}, {"path": "b/x.jpg", "rl": "B landmark"}]
+    (tmp_path / "reasons.jsonl").write_text("".join(json.dumps(g) + "\n" for g in given))
+    teacher = _Teacher("teacher chain")
+    monkeypatch.setattr(geo, "ask", teacher)
+    out = tmp_path / "data"
+    kw = {"cues_jsonl": tmp_path / "cues.jsonl", "val_percent": 0}
+    summary = build_dataset(csv_path, imgs, geo, out, reasons_jsonl=tmp_path / "reasons.jsonl", **kw)
+    want = {
+        ("a/x.jpg", "rc"): ("A city", "file"),
+        ("a/x.jpg", "rl"): ("A landmark", "file"),
+        ("b/x.jpg", "rc"): ("teacher chain", "teacher"),
+        ("b/x.jpg", "rl"): ("B landmark", "file"),
+        ("c.jpg", "rc"): ("teacher chain", "teacher"),
+        ("c.jpg", "rl"): ("teacher chain", "teacher"),
+    }
+    got = {
+        (rel, stage): (ans["Reasons"], meta["reasons_source"])
+        for stage in ("rc", "rl")
+        for rel, (ans, meta) in _answers(out, stage).items()
+    }
+    assert got == want and len(teacher.prompts) == 3
+    assert summary["sources"]["reasons"] == {"file": 3, "teacher": 3}
+    assert "Rome, Italy" in teacher.prompts[0] and "Kyoto, Japan" in teacher.prompts[1]
+    # the review loop: edit the written chains, pass them back; the teacher is not asked again
+    reviewed = _read(out / "reasons.jsonl")
+    reviewed[2]["rl"] = "Reviewed: the torii gate and Japanese signs."
+    (tmp_path / "reviewed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviewed))
+    teacher.prompts.clear()
+    build_dataset(csv_path, imgs, geo, tmp_path / "again", reasons_jsonl=tmp_path / "reviewed.jsonl", **kw)
+    assert teacher.prompts == []
+    answer, meta = _answers(tmp_path / "again", "rl")["c.jpg"]
+    assert answer["Reasons"] == "Reviewed: the torii gate and Japanese signs." and meta["reasons_source"] == "file"
+
+
+def test_overlong_example_is_skipped_and_reported(trained: Path) -> None:
+    run = json.loads((trained / "run.json").read_text())
+    assert [s["stage"] for s in run["stages"]] == ["rc", "rl", "ol"]  # RC completed despite p3
+    assert run["skipped_too_long"] == {
+        "rc": {"count": 1, "images": [f"p{LONG}.jpg"]},
+        "rl": {"count": 0, "images": []},
+        "ol": {"count": 0, "images": []},
+    }
+    rc = run["stages"][0]
+    assert rc["steps"] == 16 and len(rc["losses"]) == 16  # no step lost: p3 shares its batch
+
+
+def _record(image: Path, answer: str) -> dict:
+    return {
+        "image": str(image),
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where was this taken?"}]},
+            {"role": "assistant", "content": answer},
+        ],
+    }
+
+
+def test_labels_are_exactly_the_answer_and_im_end(base: Path, dataset: Path) -> None:
+    import torch
+
+    from training.train import encode_example, image_budget, load_processor
+
+    proc = load_processor(base, image_budget(dataset))
+    rec = _read(dataset / "rl.train.jsonl")[0]
+    enc = encode_example(proc, rec, max_length=4096, image_max_tokens=image_budget(dataset))
+    ids, labels = enc["input_ids"][0], enc["labels"][0]
+    labelled = labels != -100
+    n = int(labelled.sum())
+    assert labelled[-n:].all() and not labelled[:-n].any()  # one run, at the end
+    assert torch.equal(labels[labelled], ids[labelled])
+    decoded = proc.tokenizer.decode(ids[labelled], skip_special_tokens=False)
+    assert decoded == rec["messages"][1]["content"] + "<|im_end|>"
+    assert proc.tokenizer.decode(ids[:-n]).endswith("<|im_start|>assistant\n")  # the prompt is unlabelled
+
+
+def test_training_images_get_the_inference_token_budget(
+    base: Path, dataset: Path, demo_bundle: Path, trained: Path, tmp_path: Path
+) -> None:
+    from clue2geo_sdk.image import load_image
+    from clue2geo_sdk.image_tokens import fit_image, image_tokens, smart_size
+    from training.train import encode_example, image_budget, load_processor
+
+    budget = Bundle.open(demo_bundle).params("vlm")["image_max_tokens"]
+    assert image_budget(dataset) == budget
+    assert {s["image_max_tokens"] for s in json.loads((trained / "run.json").read_text())["stages"]} == {budget}
+    photo = tmp_path / "big.jpg"
+    Image.new("RGB", (2000, 1333), (90, 140, 60)).save(photo)
+    for tokens in (budget, 64):
+        proc = load_processor(base, tokens)
+        enc = encode_example(proc, _record(photo, '{"lat": "1.0"}'), max_length=8192, image_max_tokens=tokens)
+        w, h = smart_size(2000, 1333, tokens)
+        assert enc["image_grid_thw"][0].tolist() == [1, h // 14, w // 14]
+        pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        assert int((enc["input_ids"][0] == pad).sum()) == image_tokens(w, h) <= tokens
+        # the processor does not resize again: its pixels are those of fit_image's output as is
+        fitted = fit_image(load_image(photo).image, tokens)
+        direct = proc.image_processor(images=[fitted], do_resize=False, return_tensors="pt")["pixel_values"]
+        assert enc["pixel_values"].shape == direct.shape and bool((enc["pixel_values"] == direct).all())

@@ -35,7 +35,11 @@ def train() -> None:
     type=click.Path(exists=True, path_type=Path),
     help="Precomputed cues JSONL {path, cues:[{cue, description}]}.",
 )
-@click.option("--reasons", type=click.Path(exists=True, path_type=Path), help="Reasoning chains JSONL {path, rc, rl}.")
+@click.option(
+    "--reasons",
+    type=click.Path(exists=True, path_type=Path),
+    help="Reviewed reasoning chains JSONL {path, rc?, rl?}, replacing the teacher's (see the reasons.jsonl written).",
+)
 @click.option("--val-percent", default=10, show_default=True, type=click.IntRange(0, 90))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 def dataset_cmd(
@@ -121,6 +125,9 @@ def run_cmd(
             f"{s['stage']}: {s['steps']} steps, loss {s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}, "
             f"{s['seconds']:.1f} s"
         )
+        if s["skipped_too_long"]["count"]:
+            too_long = s["skipped_too_long"]
+            click.echo(f"  skipped {too_long['count']} example(s) over max_length: {', '.join(too_long['images'])}")
     click.echo(f"final model: {result['final']}")
 
 

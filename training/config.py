@@ -1,4 +1,7 @@
-"""One config file per stage (TOML), read into a frozen, typed config; unknown keys are refused."""
+"""One config file per stage (TOML), read into a frozen, typed config; unknown keys are refused.
+
+There is no image-size key: the image-token budget is the one inference uses (the dataset's
+``image_max_tokens``, see ``clue2geo_sdk.image_tokens``), so training cannot drift from it."""
 
 from __future__ import annotations
 
@@ -23,8 +26,7 @@ class StageConfig:
     epochs: int = 1
     batch: int = 1
     grad_accum: int = 8
-    max_length: int = 2048
-    max_pixels: int = 401_408  # 512 x 28 x 28: 512 image tokens after 2x2 merging
+    max_length: int = 2048  # longer examples are skipped and listed in the run report
     target_modules: str = LM_TARGETS
     seed: int = 0
     save_every: int = 50

@@ -4,8 +4,11 @@ RC (city-level reasoning, fig. 3): image + question -> {country, city, Reasons}
 RL (landmark-level reasoning, fig. 4): image + cluemap -> {country, city, landmark, lat, lon, Reasons}
 OL (landmark-level location optimisation, fig. 5): image + cluemap -> {country, city, landmark, lat, lon}
 
-Cues and cluemaps come from the runtime's own code with a teacher bundle (or cues from a JSONL);
-reasoning chains from a user JSONL or the teacher bundle. Each record says where its parts came from.
+Cues and cluemaps come from the runtime's own code with a teacher bundle (or cues from a JSONL).
+Reasoning chains are, as in the paper, written for the TRUE location: the teacher is told the answer
+and explains the cues that support it (``training/prompts.py``); every chain is also written to
+``reasons.jsonl`` for review, and an edited copy passed back as the reasons file replaces it. Each
+record says where its parts came from.
 """
 
 from __future__ import annotations
@@ -22,13 +25,19 @@ import attrs
 from clue2geo_sdk.errors import ImageLoadError
 from clue2geo_sdk.geolocator import Geolocator
 from clue2geo_sdk.image import load_image
+from clue2geo_sdk.image_tokens import IMAGE_MAX_TOKENS
 from clue2geo_sdk.parsing import valid_coordinate
+from clue2geo_sdk.sanitize import clean_text
+
+from .prompts import REASON_TEMPLATES, place_text
 
 STAGES = ("rc", "rl", "ol")
+REASON_MAX_CHARS = 4000
 
 
 @attrs.frozen(kw_only=True)
 class Row:
+    key: str  # the CSV's path, relative to the images folder (how cues / reasons files name it)
     path: Path
     lat: float
     lon: float
@@ -62,6 +71,7 @@ def read_rows(csv_path: Path, images: Path) -> tuple[list[Row], dict[str, list[s
                 continue
             rows.append(
                 Row(
+                    key=Path(r["path"]).as_posix(),
                     path=path,
                     lat=lat,
                     lon=lon,
@@ -94,15 +104,32 @@ def _record(path: Path, prompt: str, answer: dict[str, Any], meta: dict[str, Any
     }
 
 
-def _load_jsonl(path: Path | None, key: str = "path") -> dict[str, dict[str, Any]]:
+def _load_jsonl(path: Path | None) -> dict[str, dict[str, Any]]:
+    """Objects keyed by their ``path`` (or ``id``): the CSV's relative path, or a bare file name."""
     if path is None:
         return {}
     out = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             obj = json.loads(line)
-            out[Path(obj[key]).name] = obj
+            key = obj.get("path", obj.get("id"))
+            if key is None:
+                raise ValueError(f"{path} line {i}: no 'path' (or 'id') key")
+            out[Path(str(key)).as_posix()] = obj
     return out
+
+
+def _given(table: dict[str, dict[str, Any]], row: Row) -> dict[str, Any] | None:
+    """The entry for a row: by its relative path, else by its file name (same-named files in
+    different folders are told apart by giving their relative paths)."""
+    return table.get(row.key) or table.get(row.path.name)
+
+
+def teacher_reason(teacher: Geolocator, image: Any, stage: str, loc: dict[str, Any], cluemap: str) -> str:
+    """The teacher's reasoning chain for the known location ``loc`` (paper §3.2), as one clean line."""
+    place = place_text(loc["country"], loc["city"], loc["landmark"] if stage == "rl" else None)
+    prompt = REASON_TEMPLATES[stage].format(place=place, lat=loc["lat"], lon=loc["lon"], cluemap=cluemap)
+    return clean_text(teacher.ask(image, prompt), REASON_MAX_CHARS) or ""
 
 
 def build_dataset(
@@ -116,7 +143,9 @@ def build_dataset(
     val_percent: int = 10,
     on_row: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Write ``{rc,rl,ol}.{train,val}.jsonl`` and ``summary.json``; return the summary."""
+    """Write ``{rc,rl,ol}.{train,val}.jsonl``, ``reasons.jsonl`` (every chain, for review) and
+    ``summary.json``; return the summary. A reasons entry ``{path, rc?, rl?}`` replaces the teacher's
+    chain for the stages it names."""
     rows, bad = read_rows(csv_path, images)
     bad["unreadable_image"] = []
     cues_given = _load_jsonl(cues_jsonl)
@@ -126,6 +155,7 @@ def build_dataset(
     files = {
         (s, sp): open(out_dir / f"{s}.{sp}.jsonl", "w", encoding="utf-8") for s in STAGES for sp in ("train", "val")
     }
+    review = open(out_dir / "reasons.jsonl", "w", encoding="utf-8")
     counts = {f"{s}.{sp}": 0 for s, sp in files}
     sources = {"cues": {"teacher": 0, "file": 0}, "reasons": {"teacher": 0, "file": 0}}
     try:
@@ -139,32 +169,12 @@ def build_dataset(
             country = row.country or place.country or None
             city = row.city or place.city or None
             name = row.path.name
-            given = cues_given.get(name)
+            given = _given(cues_given, row)
             cues = [(c["cue"], c.get("description", "")) for c in given["cues"]] if given else None
             cm, _ = teacher.cluemap(img.image, cues=cues)
+            cluemap = cm.render()
             cue_src = "file" if given else "teacher"
             sources["cues"][cue_src] += 1
-            if name in reasons_given:
-                rc_reason, rl_reason, why_src = (
-                    reasons_given[name].get("rc", ""),
-                    reasons_given[name].get("rl", ""),
-                    "file",
-                )
-            else:
-                rc_reason = teacher.ask(img.image, prompts["city_reason"].format())
-                rl_reason = teacher.ask(img.image, prompts["locate_reason"].format(cluemap=cm.render()))
-                why_src = "teacher"
-            sources["reasons"][why_src] += 1
-            split = split_of(row.path, val_percent)
-            meta = {
-                "lat": row.lat,
-                "lon": row.lon,
-                "cues_source": cue_src,
-                "reasons_source": why_src,
-                "country_source": "csv" if row.country else "reverse_geocoder",
-                "city_source": "csv" if row.city else "reverse_geocoder",
-                "split": split,
-            }
             loc = {
                 "country": country,
                 "city": city,
@@ -172,17 +182,39 @@ def build_dataset(
                 "lat": _coord(row.lat),
                 "lon": _coord(row.lon),
             }
+            from_file = _given(reasons_given, row) or {}
+            why: dict[str, str] = {}
+            why_src: dict[str, str] = {}
+            for stage in ("rc", "rl"):
+                if from_file.get(stage):
+                    why[stage], why_src[stage] = str(from_file[stage]), "file"
+                else:
+                    why[stage], why_src[stage] = teacher_reason(teacher, img.image, stage, loc, cluemap), "teacher"
+                sources["reasons"][why_src[stage]] += 1
+            review.write(json.dumps({"path": row.key, **why, "source": why_src}, ensure_ascii=False) + "\n")
+            split = split_of(row.path, val_percent)
+            meta = {
+                "lat": row.lat,
+                "lon": row.lon,
+                "cues_source": cue_src,
+                "country_source": "csv" if row.country else "reverse_geocoder",
+                "city_source": "csv" if row.city else "reverse_geocoder",
+                "split": split,
+            }
             recs = {
                 "rc": _record(
                     row.path,
                     prompts["city_reason"].format(),
-                    {"country": country, "city": city, "Reasons": rc_reason},
-                    meta,
+                    {"country": country, "city": city, "Reasons": why["rc"]},
+                    {**meta, "reasons_source": why_src["rc"]},
                 ),
                 "rl": _record(
-                    row.path, prompts["locate_reason"].format(cluemap=cm.render()), {**loc, "Reasons": rl_reason}, meta
+                    row.path,
+                    prompts["locate_reason"].format(cluemap=cluemap),
+                    {**loc, "Reasons": why["rl"]},
+                    {**meta, "reasons_source": why_src["rl"]},
                 ),
-                "ol": _record(row.path, prompts["locate"].format(cluemap=cm.render()), loc, meta),
+                "ol": _record(row.path, prompts["locate"].format(cluemap=cluemap), loc, meta),
             }
             for stage, rec in recs.items():
                 files[(stage, split)].write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -190,6 +222,7 @@ def build_dataset(
             if on_row:
                 on_row(name)
     finally:
+        review.close()
         for fh in files.values():
             fh.close()
     summary = {
@@ -202,6 +235,9 @@ def build_dataset(
         "skipped_detail": bad,
         "sources": sources,
         "templates": {k: prompts[k] for k in ("city_reason", "locate_reason", "locate")},
+        "reason_templates": REASON_TEMPLATES,
+        # The image-token budget the student trains with and its bundle infers with (one number).
+        "image_max_tokens": int(teacher.bundle.params("vlm").get("image_max_tokens") or IMAGE_MAX_TOKENS),
         "val_percent": val_percent,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))

@@ -1,5 +1,6 @@
-"""Trained model -> bundle: the VLM exported to GGUF + mmproj with the templates it was trained on;
-the other components copied (and verified) from an existing bundle, or built afresh."""
+"""Trained model -> bundle: the VLM exported to GGUF + mmproj with the templates and image-token
+budget it was trained on; the other components copied (and verified) from an existing bundle, or
+built afresh."""
 
 from __future__ import annotations
 
@@ -9,16 +10,26 @@ from pathlib import Path
 from typing import Any
 
 from clue2geo_sdk.bundle import Bundle, BundleWriter
+from clue2geo_sdk.image_tokens import IMAGE_MAX_TOKENS
 from clue2geo_sdk.prompts import DEFAULT_PROMPTS
 from exporters import vlm_gguf
 from exporters.bundle_builder import build_bundle, vlm_params
 
 
-def trained_templates(data_summary: Path | None) -> dict[str, str]:
-    """The prompt templates the dataset builder wrote (so inference asks what training taught)."""
+def _summary(data_summary: Path | None) -> dict[str, Any]:
     if data_summary is None or not data_summary.exists():
         return {}
-    return dict(json.loads(data_summary.read_text(encoding="utf-8")).get("templates", {}))
+    return dict(json.loads(data_summary.read_text(encoding="utf-8")))
+
+
+def trained_templates(data_summary: Path | None) -> dict[str, str]:
+    """The prompt templates the dataset builder wrote (so inference asks what training taught)."""
+    return dict(_summary(data_summary).get("templates", {}))
+
+
+def trained_image_tokens(data_summary: Path | None) -> int:
+    """The image-token budget training used (so inference shows the model the same image size)."""
+    return int(_summary(data_summary).get("image_max_tokens") or IMAGE_MAX_TOKENS)
 
 
 def export_trained(
@@ -48,6 +59,7 @@ def export_trained(
     vlm = vlm_gguf.export_vlm(model_dir, out / "vlm", quant=quant)
     params: dict[str, Any] = vlm_params(quant, vlm["check"])
     params["prompts"] = {**DEFAULT_PROMPTS, **prompts}
+    params["image_max_tokens"] = trained_image_tokens(data_summary)
     writer.add(
         "vlm",
         {"model": vlm["model"], "mmproj": vlm["mmproj"]},

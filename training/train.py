@@ -1,10 +1,15 @@
 """The three LoRA stages (RC -> RL -> OL) on Qwen2.5-VL with transformers + peft.
 
 Each stage starts from the previous stage's merged weights (or the base model), trains LoRA on the
-language model only, masks the loss on everything but the assistant's answer, checkpoints
+language model only, masks the loss on everything but the assistant's answer, skips (and reports)
+examples longer than ``max_length`` rather than aborting, checkpoints
 (adapter + optimizer + state.json with config, step and base-model digest) and resumes an
 interrupted stage from its last checkpoint. Finally it merges the adapter into a plain Hugging Face
 folder that the VLM exporter converts.
+
+Images are resized with the runtime's own :func:`fit_image` to the image-token budget that inference
+uses (the dataset's ``image_max_tokens``, from the teacher bundle), and the processor is given the
+same bounds so it does not resize again: the model trains on exactly the tokens it will see.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from clue2geo_sdk.bundle import sha256_file
+from clue2geo_sdk.image_tokens import FACTOR, IMAGE_MAX_TOKENS, IMAGE_MIN_TOKENS, fit_image
 from exporters.qwen_vl import write_architectures
 
 from .config import StageConfig
@@ -53,25 +58,48 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def fit_pixels(img: Image.Image, max_pixels: int) -> Image.Image:
-    w, h = img.size
-    if w * h <= max_pixels:
-        return img
-    s = math.sqrt(max_pixels / (w * h))
-    return img.resize((max(28, int(w * s)), max(28, int(h * s))), Image.Resampling.BICUBIC)
+class TooLongError(ValueError):
+    """An example with more tokens than the stage's ``max_length``: skipped and reported, not fatal."""
 
 
-def encode_example(processor: Any, rec: dict[str, Any], cfg: StageConfig) -> dict[str, torch.Tensor]:
+def image_budget(data: Path) -> int:
+    """The image-token budget recorded by the dataset builder (the teacher bundle's), else the default."""
+    summary = data / "summary.json"
+    if summary.exists():
+        return int(json.loads(summary.read_text(encoding="utf-8")).get("image_max_tokens") or IMAGE_MAX_TOKENS)
+    return IMAGE_MAX_TOKENS
+
+
+def load_processor(base: Path, image_max_tokens: int) -> Any:
+    """The model's processor with pixel bounds equal to the budget, so an image already sized by
+    :func:`fit_image` passes through unchanged (its smart-resize is then the identity)."""
+    from transformers import AutoProcessor
+
+    lo, hi = IMAGE_MIN_TOKENS * FACTOR * FACTOR, image_max_tokens * FACTOR * FACTOR
+    # Both spellings: transformers keeps ``size`` and ``min/max_pixels`` apart and reads either.
+    return AutoProcessor.from_pretrained(
+        str(base), min_pixels=lo, max_pixels=hi, size={"shortest_edge": lo, "longest_edge": hi}
+    )
+
+
+def encode_example(
+    processor: Any, rec: dict[str, Any], *, max_length: int, image_max_tokens: int
+) -> dict[str, torch.Tensor]:
     """Tokenize one record; labels are -100 except on the answer and its closing <|im_end|>."""
     from clue2geo_sdk.image import load_image
 
     user, assistant = rec["messages"]
     prompt = next(c["text"] for c in user["content"] if c["type"] == "text")
-    img = fit_pixels(load_image(rec["image"]).image, cfg.max_pixels)
+    img = fit_image(load_image(rec["image"]).image, image_max_tokens)
     image = "<|vision_start|><|image_pad|><|vision_end|>"
     head = f"{SYSTEM}<|im_start|>user\n{image}{prompt}<|im_end|>\n<|im_start|>assistant\n"
-    answer = assistant["content"] + "<|im_end|>\n"
+    # The sequence ends at <|im_end|>: the newline a chat template puts after it is never generated,
+    # so it would only add a label that teaches nothing.
+    answer = assistant["content"] + "<|im_end|>"
     enc = processor(text=[head + answer], images=[img], return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    if n > max_length:
+        raise TooLongError(f"{rec['image']}: {n} tokens exceed max_length {max_length}")
     # The answer follows a newline, where Qwen2's pre-tokenizer always splits, so its tokens are the
     # sequence's tail: tokenizing it alone finds the boundary without preprocessing the image twice.
     answer_ids = processor.tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
@@ -79,8 +107,6 @@ def encode_example(processor: Any, rec: dict[str, Any], cfg: StageConfig) -> dic
         raise ValueError(f"{rec['image']}: the answer's tokens are not the tail of the encoded example")
     labels = enc["input_ids"].clone()
     labels[:, : -len(answer_ids)] = -100
-    if enc["input_ids"].shape[1] > cfg.max_length:
-        raise ValueError(f"{rec['image']}: {enc['input_ids'].shape[1]} tokens exceed max_length {cfg.max_length}")
     return {**enc, "labels": labels}
 
 
@@ -105,7 +131,7 @@ def train_stage(
     """Train one stage on ``data/<stage>.train.jsonl``; write ``out/merged``; return losses and timing."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     out.mkdir(parents=True, exist_ok=True)
     records = read_jsonl(data / f"{cfg.stage}.train.jsonl")
@@ -113,7 +139,8 @@ def train_stage(
         raise ValueError(f"{data / f'{cfg.stage}.train.jsonl'} has no training records")
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    processor = AutoProcessor.from_pretrained(str(base))
+    budget = image_budget(data)
+    processor = load_processor(base, budget)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(base), dtype=dtype).to(device)
     if cuda and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -136,12 +163,20 @@ def train_stage(
         "config": cfg.to_dict(),
         "base": str(base),
         "base_digest": digest,
+        "image_max_tokens": budget,
         "losses": [],
+        "too_long": [],
     }
     if (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "state.json").read_text())
-        if saved["base_digest"] != digest or saved["config"] != cfg.to_dict():
-            raise ValueError(f"{ckpt}: checkpoint was made from another base model or config; remove it to start over")
+        if (
+            saved["base_digest"] != digest
+            or saved["config"] != cfg.to_dict()
+            or saved.get("image_max_tokens") != budget
+        ):
+            raise ValueError(
+                f"{ckpt}: checkpoint was made from another base model, config or image budget; remove it to start over"
+            )
         set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         state = saved
@@ -158,27 +193,39 @@ def train_stage(
         order = list(range(len(records)))
         random.Random(cfg.seed + epoch).shuffle(order)
         batch = [records[i] for i in order[pos * cfg.batch : (pos + 1) * cfg.batch]]
-        loss_sum = 0.0
+        examples = []
         for rec in batch:
-            ex = {k: v.to(device) for k, v in encode_example(processor, rec, cfg).items()}
+            if rec["image"] in state["too_long"]:
+                continue
+            try:
+                examples.append(encode_example(processor, rec, max_length=cfg.max_length, image_max_tokens=budget))
+            except TooLongError:
+                state["too_long"].append(rec["image"])
+        loss_sum = 0.0
+        for enc in examples:
+            ex = {k: v.to(device) for k, v in enc.items()}
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                loss = model(**ex).loss / (len(batch) * cfg.grad_accum)
+                loss = model(**ex).loss / (len(examples) * cfg.grad_accum)
             loss.backward()
             loss_sum += float(loss.detach()) * cfg.grad_accum
-        window.append(loss_sum)
+        if examples:
+            window.append(loss_sum)
         micro += 1
         if micro % cfg.grad_accum == 0 or micro == total_micro:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             state["step"] = math.ceil(micro / cfg.grad_accum)
-            state["losses"].append(round(sum(window) / len(window), 6))
+            if window:  # a step whose examples were all too long has no loss
+                state["losses"].append(round(sum(window) / len(window), 6))
+                if on_step:
+                    on_step(state["step"], state["losses"][-1])
             window = []
-            if on_step:
-                on_step(state["step"], state["losses"][-1])
             if state["step"] % cfg.save_every == 0 or micro == total_micro:
                 _save_checkpoint(model, opt, state, ckpt)
     seconds = time.perf_counter() - t0
+    if not state["losses"]:
+        raise TooLongError(f"{cfg.stage}: every example exceeds max_length {cfg.max_length}; raise it in the config")
     merged_dir = out / "merged"
     merged = model.merge_and_unload()
     merged.to(torch.float32 if not cuda else dtype).save_pretrained(str(merged_dir), safe_serialization=True)
@@ -191,6 +238,8 @@ def train_stage(
         "base_digest": digest,
         "merged": str(merged_dir),
         "records": len(records),
+        "image_max_tokens": budget,
+        "skipped_too_long": {"count": len(state["too_long"]), "images": [Path(i).name for i in state["too_long"]]},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -244,6 +293,7 @@ def run_stages(
     result = {
         "stages": summaries,
         "skipped": list(skip),
+        "skipped_too_long": {s["stage"]: s["skipped_too_long"] for s in summaries},
         "final": str(final),
         "templates_from": str(data / "summary.json"),
     }

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import attrs
 
 from ._version import __version__
+from .bundle import Bundle
 from .errors import ImageLoadError
 from .geolocator import Failure, Geolocator, Options
 from .image import read_image_file
@@ -134,11 +135,16 @@ def _sha256(data: bytes | None) -> str | None:
 def identity(geo: Geolocator, options: Options | None = None) -> dict[str, Any]:
     """What makes a record: the bundle, the options and the SDK. Stored in every record so a
     result is never reused, nor read, as if another model or setting had made it."""
+    return identity_of(geo.bundle, options or geo.options)
+
+
+def identity_of(bundle: Bundle, options: Options) -> dict[str, Any]:
+    """:func:`identity` from a bundle and options alone (a cluster driver loads no models)."""
     return {
-        "bundle_digest": geo.bundle.digest,
-        "options_digest": (options or geo.options).digest(),
+        "bundle_digest": bundle.digest,
+        "options_digest": options.digest(),
         "sdk_version": __version__,
-        "demo": geo.bundle.demo,
+        "demo": bundle.demo,
     }
 
 

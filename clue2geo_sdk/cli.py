@@ -150,8 +150,9 @@ def _warn_if_demo(bundle: Bundle) -> None:
 
 
 @contextlib.contextmanager
-def _progress(total: int) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A progress bar (images/s, ETA) and the per-record callback that advances it."""
+def _progress(total: int | None) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A progress bar (images/s, ETA) and the per-record callback that advances it (``tick.set_total``
+    sets a total learnt later)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -181,6 +182,7 @@ def _progress(total: int) -> Iterator[Callable[[dict[str, Any]], None]]:
             if rec["status"] == "error":
                 progress.console.print(f"[yellow]failed[/yellow] {rec['path']}: {rec.get('message')}")
 
+        tick.set_total = lambda n: progress.update(task, total=n)  # type: ignore[attr-defined]
         yield tick
 
 
@@ -228,6 +230,25 @@ def _progress(total: int) -> Iterator[Callable[[dict[str, Any]], None]]:
 @click.option("--max-answer-tokens", default=128, show_default=True, type=click.IntRange(16))
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check the bundle's sha256 digests first.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's native logs.")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run on a Ray cluster (the cluster extra): --out is then a folder of shards and results.jsonl. "
+    "ADDRESS: host:port, 'auto' or 'local' (default: RAY_ADDRESS, the cluster 'ray start' made, else a new local one).",
+)
+@click.option(
+    "--actors", type=click.IntRange(1), default=None, help="With --ray: actors (default: one per GPU, else per node)."
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="With --ray: images per actor call (default 2 x --in-flight).",
+)
 def locate(
     paths: tuple[Path, ...],
     bundle_path: Path,
@@ -242,14 +263,25 @@ def locate(
     max_in_flight: int,
     verify: bool,
     verbose: bool,
+    ray_address: str | None,
+    actors: int | None,
+    batch_size: int | None,
     **options: Any,
 ) -> None:
-    """Geolocate images and folders into --out; exit 0 if all succeeded, 3 if some failed."""
+    """Geolocate images and folders into --out; exit 0 if all succeeded, 3 if some failed.
+
+    With --ray, PATHS may also be one .csv or .parquet manifest with a 'path' column."""
     from .batch import discover, journal_path, latest, read_journal, run_batch
     from .geolocator import Geolocator
 
     if retry_failed and not resume:
         raise click.UsageError("--retry-failed runs again the failures recorded in --out; pass --resume with it")
+    if ray_address is not None:
+        ray_args = {"address": ray_address or None, "actors": actors, "batch_size": batch_size, "engine": engine}
+        ray_args |= {"recursive": recursive, "resume": resume, "retry_failed": retry_failed, "fmt": fmt or "jsonl"}
+        ray_args |= {"in_flight": max_in_flight, "device": device, "verify": verify, "verbose": verbose}
+        _locate_on_ray(paths, bundle_path, out, report, ray_args, options)
+        return
     fmt = fmt or {".csv": "csv", ".geojson": "geojson"}.get(out.suffix.lower(), "jsonl")
     inputs = list(discover(paths, recursive=recursive))
     try:
@@ -291,22 +323,86 @@ def locate(
         sys.exit(EXIT_SOME_FAILED)
 
 
+def _locate_on_ray(
+    paths: tuple[Path, ...],
+    bundle_path: Path,
+    out: Path,
+    report: Path | None,
+    ray_args: dict[str, Any],
+    options: dict[str, Any],
+) -> None:
+    """``locate --ray``: the same job on a Ray cluster (clue2geo_sdk.cluster), into the folder --out."""
+    from .cluster import locate_on_ray
+
+    try:
+        _warn_if_demo(Bundle.open(bundle_path, verify=False))
+        with _progress(None) as tick:
+            summary = locate_on_ray(
+                paths,
+                bundle_path,
+                out,
+                on_total=tick.set_total,  # type: ignore[attr-defined]
+                on_record=tick,
+                on_notice=_warn,
+                **ray_args,
+                **options,
+            )
+    except (Clue2GeoError, FileExistsError, TypeError) as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.secho(f"stopped; the records written so far are in {out}: run again with --resume", err=True)
+        sys.exit(130)
+    if report is not None:
+        from .cluster import merged_records
+        from .report import write_report
+
+        write_report(report, merged_records(out).records, Bundle.open(bundle_path, verify=False).file("metadata", "db"))
+    click.echo(
+        f"{summary.ok} located, {summary.error} failed, {summary.skipped} skipped (already in {out}) "
+        f"on {summary.plan.get('actors')} {summary.plan.get('device')} actor(s); merged: {summary.merged}"
+    )
+    if report is not None:
+        click.echo(f"report: {report}")
+    if summary.error:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+def _read_results(records: Path) -> list[dict[str, Any]]:
+    """The latest record per image of a JSONL results file, or the merged shards of a ``--ray`` run folder."""
+    from .batch import latest, read_journal
+    from .cluster import is_run_dir, merged_records
+
+    if records.is_dir():
+        if not is_run_dir(records):
+            raise click.UsageError(f"{records} is a folder but not a 'locate --ray' run (no shards/ in it)")
+        journal = merged_records(records)
+    else:
+        journal = read_journal(records)
+    for problem in journal.problems:
+        _warn(f"warning: {problem}")
+    return list(latest(journal.records).values())
+
+
 @main.command("export")
 @click.argument("records", type=click.Path(exists=True, path_type=Path))
-@click.option("--to", "dest", required=True, type=click.Path(path_type=Path), help=".geojson, .csv or .html (report).")
+@click.option(
+    "--to", "dest", required=True, type=click.Path(path_type=Path), help=".geojson, .csv, .jsonl or .html (report)."
+)
 @click.option(
     "--bundle", "bundle_path", type=click.Path(path_type=Path), help="Bundle (needed for .html: its map data)."
 )
 def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
-    """Convert a JSONL results file into GeoJSON, CSV or the HTML map report (latest record per image)."""
-    from .batch import latest, read_journal, write_csv, write_geojson
+    """Convert a JSONL results file, or a 'locate --ray' run folder (its shards merged), into GeoJSON,
+    CSV, JSONL or the HTML map report (latest record per image)."""
+    from .batch import write_csv, write_geojson
 
-    journal = read_journal(records)
-    for problem in journal.problems:
-        _warn(f"warning: {problem}")
-    recs = list(latest(journal.records).values())
+    recs = _read_results(records)
     suffix = dest.suffix.lower()
-    if suffix == ".geojson":
+    if suffix == ".jsonl":
+        from .cluster.shards import write_jsonl
+
+        write_jsonl(dest, recs)
+    elif suffix == ".geojson":
         write_geojson(dest, recs)
     elif suffix == ".csv":
         write_csv(dest, recs)
@@ -317,7 +413,24 @@ def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
 
         write_report(dest, recs, Bundle.open(bundle_path, verify=False).file("metadata", "db"))
     else:
-        raise click.UsageError(f"cannot export to {dest.suffix!r}; use .geojson, .csv or .html")
+        raise click.UsageError(f"cannot export to {dest.suffix!r}; use .geojson, .csv, .jsonl or .html")
+    click.echo(f"{len(recs)} records -> {dest}")
+
+
+@main.command("report")
+@click.argument("records", type=click.Path(exists=True, path_type=Path))
+@click.option("--bundle", "bundle_path", required=True, type=click.Path(path_type=Path), help="Bundle (its map data).")
+@click.option("--out", "dest", required=True, type=click.Path(path_type=Path), help="The HTML report to write.")
+def report_cmd(records: Path, bundle_path: Path, dest: Path) -> None:
+    """Write the offline HTML map report of a JSONL results file or a 'locate --ray' run folder."""
+    from .report import write_report
+
+    recs = _read_results(records)
+    try:
+        db = Bundle.open(bundle_path, verify=False).file("metadata", "db")
+    except Clue2GeoError as exc:
+        _fail(exc)
+    write_report(dest, recs, db)
     click.echo(f"{len(recs)} records -> {dest}")
 
 

@@ -32,14 +32,15 @@ def test_locate_on_gpu(demo_bundle: Path, photo: Path) -> None:
 def test_bf16_training_step(tmp_path: Path, photo: Path) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from clue2geo_sdk.image_tokens import IMAGE_MAX_TOKENS
     from exporters.qwen_vl import build_tiny_qwen25vl
-    from training.config import LM_TARGETS, StageConfig
-    from training.train import encode_example
+    from training.config import LM_TARGETS
+    from training.train import encode_example, load_processor
 
     base = build_tiny_qwen25vl(tmp_path / "base")
-    proc = AutoProcessor.from_pretrained(str(base))
+    proc = load_processor(base, IMAGE_MAX_TOKENS)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(base), dtype=torch.bfloat16).cuda()
     model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
@@ -51,7 +52,7 @@ def test_bf16_training_step(tmp_path: Path, photo: Path) -> None:
             {"role": "assistant", "content": '{"lat": "40.0000", "lon": "116.0000"}'},
         ],
     }
-    ex = {k: v.cuda() for k, v in encode_example(proc, rec, StageConfig(stage="ol", max_pixels=401408)).items()}
+    ex = {k: v.cuda() for k, v in encode_example(proc, rec, max_length=2048, image_max_tokens=IMAGE_MAX_TOKENS).items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     for i in range(3):
         torch.cuda.synchronize()

@@ -119,6 +119,8 @@ def dataset(workdir: Path, demo_bundle: Path) -> Path:
             str(workdir / "cues.jsonl"),
             "--reasons",
             str(workdir / "reasons.jsonl"),
+            "--reason-tokens",
+            "128",
             "--val-percent",
             "0",
             "--device",
@@ -294,8 +296,9 @@ class _Teacher:
         self.answer = answer
         self.prompts: list[str] = []
 
-    def __call__(self, image: object, prompt: str) -> str:
+    def __call__(self, image: object, prompt: str, *, max_tokens: int | None = None) -> str:
         self.prompts.append(prompt)
+        self.max_tokens = max_tokens
         return self.answer
 
 
@@ -309,7 +312,7 @@ def _answers(out: Path, stage: str) -> dict[str, tuple[dict, dict]]:
 
 
 def test_teacher_explains_the_true_location(geo: Geolocator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from training.dataset import build_dataset
+    from training.dataset import REASON_MAX_TOKENS, build_dataset
 
     csv_path, imgs = _small_set(tmp_path, [("eiffel.jpg", "France", "Paris", "Eiffel Tower")])
     teacher = _Teacher("  The French street sign\n reads 'Quai Branly'.\x07 ")
@@ -317,6 +320,7 @@ def test_teacher_explains_the_true_location(geo: Geolocator, tmp_path: Path, mon
     out = tmp_path / "data"
     build_dataset(csv_path, imgs, geo, out, cues_jsonl=tmp_path / "cues.jsonl", val_percent=0)
     rc_prompt, rl_prompt = teacher.prompts
+    assert teacher.max_tokens == REASON_MAX_TOKENS > geo.options.max_answer_tokens  # room for a chain
     assert "Paris, France" in rc_prompt
     assert "Eiffel Tower, Paris, France" in rl_prompt and "48.858400" in rl_prompt and "2.294500" in rl_prompt
     assert "iron lattice tower" in rl_prompt  # the cluemap the chain must reason over

@@ -41,6 +41,9 @@ def train() -> None:
     help="Reviewed reasoning chains JSONL {path, rc?, rl?}, replacing the teacher's (see the reasons.jsonl written).",
 )
 @click.option("--val-percent", default=10, show_default=True, type=click.IntRange(0, 90))
+@click.option(
+    "--reason-tokens", default=512, show_default=True, type=click.IntRange(16), help="Token budget of a teacher chain."
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 def dataset_cmd(
     csv_path: Path,
@@ -50,6 +53,7 @@ def dataset_cmd(
     cues: Path | None,
     reasons: Path | None,
     val_percent: int,
+    reason_tokens: int,
     device: str,
 ) -> None:
     """Write rc/rl/ol .train/.val JSONL in the paper's templates, and summary.json."""
@@ -69,6 +73,7 @@ def dataset_cmd(
             cues_jsonl=cues,
             reasons_jsonl=reasons,
             val_percent=val_percent,
+            reason_tokens=reason_tokens,
             on_row=lambda _: progress.advance(task),
         )
     click.echo(json.dumps({k: summary[k] for k in ("written", "skipped", "sources")}, indent=2))

@@ -33,6 +33,7 @@ from .prompts import REASON_TEMPLATES, place_text
 
 STAGES = ("rc", "rl", "ol")
 REASON_MAX_CHARS = 4000
+REASON_MAX_TOKENS = 512  # a step-by-step chain; the answer budget (128) would cut it short
 
 
 @attrs.frozen(kw_only=True)
@@ -125,11 +126,18 @@ def _given(table: dict[str, dict[str, Any]], row: Row) -> dict[str, Any] | None:
     return table.get(row.key) or table.get(row.path.name)
 
 
-def teacher_reason(teacher: Geolocator, image: Any, stage: str, loc: dict[str, Any], cluemap: str) -> str:
+def teacher_reason(
+    teacher: Geolocator,
+    image: Any,
+    stage: str,
+    loc: dict[str, Any],
+    cluemap: str,
+    max_tokens: int = REASON_MAX_TOKENS,
+) -> str:
     """The teacher's reasoning chain for the known location ``loc`` (paper §3.2), as one clean line."""
     place = place_text(loc["country"], loc["city"], loc["landmark"] if stage == "rl" else None)
     prompt = REASON_TEMPLATES[stage].format(place=place, lat=loc["lat"], lon=loc["lon"], cluemap=cluemap)
-    return clean_text(teacher.ask(image, prompt), REASON_MAX_CHARS) or ""
+    return clean_text(teacher.ask(image, prompt, max_tokens=max_tokens), REASON_MAX_CHARS) or ""
 
 
 def build_dataset(
@@ -141,6 +149,7 @@ def build_dataset(
     cues_jsonl: Path | None = None,
     reasons_jsonl: Path | None = None,
     val_percent: int = 10,
+    reason_tokens: int = REASON_MAX_TOKENS,
     on_row: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``{rc,rl,ol}.{train,val}.jsonl``, ``reasons.jsonl`` (every chain, for review) and
@@ -189,7 +198,10 @@ def build_dataset(
                 if from_file.get(stage):
                     why[stage], why_src[stage] = str(from_file[stage]), "file"
                 else:
-                    why[stage], why_src[stage] = teacher_reason(teacher, img.image, stage, loc, cluemap), "teacher"
+                    why[stage], why_src[stage] = (
+                        teacher_reason(teacher, img.image, stage, loc, cluemap, reason_tokens),
+                        "teacher",
+                    )
                 sources["reasons"][why_src[stage]] += 1
             review.write(json.dumps({"path": row.key, **why, "source": why_src}, ensure_ascii=False) + "\n")
             split = split_of(row.path, val_percent)

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from ..errors import Clue2GeoError
+from ..errors import Clue2GeoError, MissingExtraError
 from ..image import LoadedImage
 
 # The system turn Qwen2.5-VL's chat template adds when none is given (llama-cpp-python's
@@ -115,10 +115,12 @@ def load_llama_cpp(verbose: bool) -> tuple[Any, Any]:
     try:
         import llama_cpp
         import llama_cpp.mtmd_cpp as mtmd
-    except ImportError as exc:  # pragma: no cover - a core dependency
-        raise Clue2GeoError(
-            "the VLM needs llama-cpp-python, a core dependency of clue2geo that is not importable here "
-            f"({exc}); reinstall it with: pip install --force-reinstall llama-cpp-python"
+    except ImportError as exc:  # a core dependency, so no extra brings it: name the reinstall
+        raise MissingExtraError(
+            "llama_cpp",
+            None,
+            "the VLM",
+            install="pip install -c constraints.txt --force-reinstall llama-cpp-python",
         ) from exc
     if not verbose:
         silence_native_logs()

@@ -41,8 +41,10 @@ def loc(lat: float, lon: float, **kw: str) -> str:
 class FakeVLM:
     """Answers by prompt kind: cues, direct, rag{k}; free vs schema-constrained answers can differ."""
 
-    def __init__(self, answers: dict[str, str], constrained: dict[str, str] | None = None) -> None:
-        self.answers, self.constrained = answers, constrained or {}
+    def __init__(
+        self, answers: dict[str, str], constrained: dict[str, str] | None = None, truncated: frozenset = frozenset()
+    ) -> None:
+        self.answers, self.constrained, self.truncated = answers, constrained or {}, truncated
         self.calls: list[dict] = []
 
     name = "fake"
@@ -66,7 +68,11 @@ class FakeVLM:
                 fut = Future()
                 fut.set_result(
                     Generation(
-                        text=table.get(kind, "I cannot tell."), constrained=schema is not None, tokens=5, seconds=0.0
+                        text=table.get(kind, "I cannot tell."),
+                        constrained=schema is not None,
+                        tokens=5,
+                        seconds=0.0,
+                        truncated=kind in vlm.truncated,
                     )
                 )
                 return fut
@@ -225,3 +231,29 @@ def test_gallery_search_matches_brute_force(geo: Geolocator, photo: Path) -> Non
     scores = vecs @ q
     assert [h.cosine for h in dis] == pytest.approx(scores[[h.key for h in dis]].tolist(), abs=2e-3)
     assert max(h.cosine for h in dis) < min(h.cosine for h in geo.gallery.most_similar(q, 15))
+
+
+def test_cues_status_says_how_the_cue_list_was_obtained(demo_bundle: Path, photo: Path) -> None:
+    cut = json.dumps(CUES)[:-40]  # the token budget ran out inside the fourth cue
+    vlm = FakeVLM({"cues": cut, "direct": loc(*PARIS)}, truncated=frozenset({"cues"}))
+    pred = make(demo_bundle, vlm, use_refinement=False).locate(photo)
+    assert pred.cues_status == "truncated" and [c.cue for c in pred.cues] == ["Tower", "Sign", "Sky"]
+    assert pred.cluemap is not None and "Tower" in pred.cluemap["text"]
+
+    vlm = FakeVLM({"cues": "a tower and a sign", "direct": loc(*PARIS)}, constrained={"cues": json.dumps(CUES)})
+    pred = make(demo_bundle, vlm, use_refinement=False, constrain="fallback").locate(photo)
+    assert pred.cues_status == "reasked" and len(pred.cues) == 4
+    assert [c["schema"] for c in vlm.calls if c["kind"] == "cues"] == [False, True]
+
+    vlm = FakeVLM({"cues": "nothing useful", "direct": loc(*PARIS)})
+    pred = make(demo_bundle, vlm, use_refinement=False).locate(photo)
+    assert pred.cues_status == "failed" and pred.cues == ()  # said, not silently empty
+    assert make(demo_bundle, FakeVLM({"direct": loc(*PARIS)}), use_cluemap=False).locate(photo).cues_status == "skipped"
+
+
+def test_model_strings_are_kept_apart_and_cleaned(demo_bundle: Path, photo: Path) -> None:
+    noisy = loc(*PARIS, country="Fr\u0007ance" + "x" * 300, city="=cmd|' /C calc'!A0")
+    pred = make(demo_bundle, FakeVLM({"direct": noisy}), use_cluemap=False, use_refinement=False).locate(photo)
+    assert pred.country == "France" and pred.country_code == "FR"  # the geocoder of the winning coordinate
+    assert pred.model_country.startswith("France") and "\x07" not in pred.model_country
+    assert len(pred.model_country) <= 200 and pred.model_city == "=cmd|' /C calc'!A0"

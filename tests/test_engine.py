@@ -178,3 +178,16 @@ def test_close_waits_for_running_calls(demo_bundle: Path, photo: Path) -> None:
     assert len(out) == 1 and out[0].lat is not None
     with pytest.raises(Exception, match="closed"):
         geo.locate(photo)
+
+
+def test_load_failure_says_why_in_one_sentence(demo_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    from clue2geo_sdk.engines import base
+
+    b = Bundle.open(demo_bundle, verify=False)
+    broken = tmp_path / "model.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(VLMError, match="could not load the model .*complete GGUF"):
+        make_engine("batched", broken, b.file("vlm", "mmproj"))
+    monkeypatch.setattr(base, "available_memory_bytes", lambda: 10)
+    with pytest.raises(VLMError, match=r"needs about .* GiB and only 0.0 GiB of memory is free"):
+        make_engine("batched", broken, b.file("vlm", "mmproj"))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
@@ -129,3 +131,23 @@ def load_llama_cpp(verbose: bool) -> tuple[Any, Any]:
             llama_cpp.llama_backend_init()
             _BACKEND_READY = True
     return llama_cpp, mtmd
+
+
+def available_memory_bytes() -> int | None:
+    """Physical memory not in use right now (Linux/macOS sysconf); None where it cannot be read."""
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def load_failure(what: str, path: Path, needed: int) -> VLMError:
+    """One sentence on why llama.cpp could not load ``path``: memory when it is short, else the file."""
+    avail = available_memory_bytes()
+    if avail is not None and needed > avail:
+        return VLMError(
+            f"llama.cpp could not load the {what} {path}: it needs about {needed / 2**30:.1f} GiB and only "
+            f"{avail / 2**30:.1f} GiB of memory is free; free memory, lower max_in_flight or the bundle's "
+            "n_ctx, or offload layers to a GPU (n_gpu_layers)"
+        )
+    return VLMError(f"llama.cpp could not load the {what} {path} (is it a complete GGUF file for this version?)")

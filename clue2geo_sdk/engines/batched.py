@@ -42,7 +42,7 @@ import numpy as np
 
 from ..image import LoadedImage
 from ..image_tokens import IMAGE_MAX_TOKENS, fit_image
-from .base import SYSTEM_PROMPT, EngineStats, Generation, VLMError, load_llama_cpp
+from .base import SYSTEM_PROMPT, EngineStats, Generation, VLMError, load_failure, load_llama_cpp
 from .grammar import CheckFirstGrammar, GrammarError, GrammarFactory, build_tokenizer
 
 SEQS_PER_IMAGE = 6  # the prefix + cues and 3 RAG at once, then direct / re-asks / samples as they free up
@@ -170,7 +170,7 @@ class LlamaBatchEngine:
         mparams.n_gpu_layers = n_gpu_layers
         self._model = lib.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self._model:
-            raise VLMError(f"llama.cpp could not load the model {model_path}")
+            raise load_failure("model", model_path, Path(model_path).stat().st_size)
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
         cparams = lib.llama_context_default_params()
@@ -185,9 +185,14 @@ class LlamaBatchEngine:
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             lib.llama_model_free(self._model)
-            raise VLMError(
-                f"llama.cpp could not create a context of {cparams.n_ctx} tokens for {model_path} "
-                f"({self.max_images} images in flight x {self.ctx_per_image}); lower max_images or ctx_per_image"
+            m = self._model
+            kv_dim = lib.llama_model_n_embd(m) // lib.llama_model_n_head(m) * lib.llama_model_n_head_kv(m)
+            kv = cparams.n_ctx * lib.llama_model_n_layer(m) * kv_dim * 2 * 2  # K and V, f16
+            raise load_failure(
+                f"KV cache ({cparams.n_ctx} cells: {self.max_images} images in flight x {SEQS_PER_IMAGE} "
+                f"sequences x {self.ctx_per_image}) for",
+                model_path,
+                kv,
             )
         self._mem = lib.llama_get_memory(self._ctx)
         tparams = mtmd.mtmd_context_params_default()
@@ -202,7 +207,7 @@ class LlamaBatchEngine:
         if not self._mctx:
             lib.llama_free(self._ctx)
             lib.llama_model_free(self._model)
-            raise VLMError(f"mtmd could not load the vision projector {mmproj_path}")
+            raise load_failure("vision projector", mmproj_path, Path(mmproj_path).stat().st_size)
         self._marker = mtmd.mtmd_default_marker().decode()
         self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
         self._free_seqs = list(range(n_seq - 1, -1, -1))

@@ -4,6 +4,7 @@ llama-cpp-python chat-handler baseline), and the check-first grammar both can be
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,11 @@ def make_engine(
     ctx_per_image: int = 4096,
     **kwargs: Any,
 ) -> VisionLanguageModel:
-    """Build the named engine; ``kwargs`` are the settings both share (threads, GPU layers, seed...)."""
+    """Build the named engine; ``kwargs`` are the settings both share (threads, GPU layers, seed...).
+    CPU threads default to half the logical CPUs, as llama-cpp-python's ``Llama`` does, so both
+    engines compute with the same threads (llama.cpp's own default, 4, oversubscribes small machines)."""
+    if not kwargs.get("n_threads"):
+        kwargs["n_threads"] = max(1, (os.cpu_count() or 2) // 2)
     if name == "batched":
         from .batched import LlamaBatchEngine
 

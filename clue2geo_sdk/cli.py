@@ -132,6 +132,32 @@ def bundle_demo(path: Path, seed: int, overwrite: bool) -> None:
         _fail(exc)
 
 
+@bundle.command("synth")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--shape", type=click.Choice(["tiny", "3b", "7b"]), default="tiny", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed for the random weights.")
+@click.option("--overwrite/--no-overwrite", default=False, show_default=True, help="Replace a bundle already in PATH.")
+@click.option(
+    "--external-data-above",
+    type=click.IntRange(0),
+    default=None,
+    help="ONNX towers with more weight bytes than this get a .data file (default: just under 2 GiB).",
+)
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Scratch folder (default: beside PATH).")
+def bundle_synth(
+    path: Path, shape: str, seed: int, overwrite: bool, external_data_above: int | None, workdir: Path | None
+) -> None:
+    """Build a bundle with random weights at the published shapes (Qwen2.5-VL-3B/7B, ViT-H-14, ViT-L/14)
+    through the real-weights exporters. Its predictions are meaningless: it proves size and plumbing."""
+    try:
+        build = _plugin("build-synth")
+        build(
+            path, shape=shape, seed=seed, overwrite=overwrite, external_data_above=external_data_above, workdir=workdir
+        )
+    except Clue2GeoError as exc:
+        _fail(exc)
+
+
 EXIT_SOME_FAILED = 3
 DEMO_WARNING = (
     "warning: bundle {name!r} has random-weight parts (a demo bundle): its predictions are meaningless; "

@@ -36,12 +36,27 @@ def providers_for(device: Device) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _session(path: Path, providers: list[str]) -> Any:
+_LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def _session(path: Path, providers: list[str], level: str | None = None) -> Any:
+    """An onnxruntime session; a model with external weights (``NAME.onnx.data``) finds them beside it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if level is not None:
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+def _tower(files: Mapping[str, Path], params: Mapping[str, Any], key: str, providers: list[str]) -> Any:
+    """The session for one tower: its float16 variant on CUDA when the bundle has one that passed
+    parity (run at the optimization level it was checked at), else the float32 file."""
+    verdict = (params.get("fp16") or {}).get(key) or {}
+    if providers[:1] == ["CUDAExecutionProvider"] and verdict.get("ok") and f"{key}_fp16" in files:
+        return _session(files[f"{key}_fp16"], providers, verdict.get("graph_optimization"))
+    return _session(files[key], providers)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -93,8 +108,8 @@ class ClipEncoder:
 
         self.params = params
         self.batch = batch
-        self._image = _session(files["image"], providers)
-        self._text = _session(files["text"], providers)
+        self._image = _tower(files, params, "image", providers)
+        self._text = _tower(files, params, "text", providers)
         self._tok = Tokenizer.from_file(str(files["tokenizer"]))
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -119,7 +134,7 @@ class GpsClipEncoder:
 
     def __init__(self, files: Mapping[str, Path], params: Mapping[str, Any], providers: list[str]) -> None:
         self.params = params
-        self._image = _session(files["image"], providers)
+        self._image = _tower(files, params, "image", providers)
         self._location = _session(files["location"], providers)
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:

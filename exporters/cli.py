@@ -13,3 +13,25 @@ from .bundle_builder import build_demo as _build
 
 def build_demo(path: Path, *, seed: int = 0, overwrite: bool = False) -> None:
     _build(path, seed=seed, overwrite=overwrite)
+
+
+def build_synth(
+    path: Path,
+    *,
+    shape: str = "tiny",
+    seed: int = 0,
+    overwrite: bool = False,
+    external_data_above: int | None = None,
+    workdir: Path | None = None,
+) -> None:
+    from ._onnx import EXTERNAL_DATA_ABOVE
+    from .synth import build_synth as _synth
+
+    _synth(
+        path,
+        shape=shape,
+        seed=seed,
+        overwrite=overwrite,
+        external_data_above=EXTERNAL_DATA_ABOVE if external_data_above is None else external_data_above,
+        workdir=workdir,
+    )

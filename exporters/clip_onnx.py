@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from ._onnx import export_module, run_onnx
+from ._onnx import EXTERNAL_DATA_ABOVE, export_module, fp16_variant, onnx_files, run_onnx
 from ._validate import check_close
 
 CONTEXT_LENGTH = 77
@@ -93,8 +93,21 @@ class _TextTower(torch.nn.Module):
         return self.model.encode_text(input_ids)
 
 
-def export_clip(model, out_dir: str | Path, *, atol: float = 1e-4, seed: int = 0) -> dict[str, Any]:
-    """Export both towers and the tokenizer; check each tower against torch on the same inputs."""
+def export_clip(
+    model,
+    out_dir: str | Path,
+    *,
+    atol: float = 1e-4,
+    seed: int = 0,
+    fp16: bool = False,
+    external_data_above: int = EXTERNAL_DATA_ABOVE,
+) -> dict[str, Any]:
+    """Export both towers and the tokenizer; check each tower against torch on the same inputs.
+
+    A tower past ``external_data_above`` bytes of weights (ViT-H/14's image tower: 2.5 GB) is written
+    as graph + ``.data`` file, both listed in ``files``. With ``fp16``, float16 copies of the towers are
+    added (``image_fp16``, ``text_fp16``) where they pass parity; ``params["fp16"]`` records each verdict.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = model.visual.image_size
@@ -106,33 +119,52 @@ def export_clip(model, out_dir: str | Path, *, atol: float = 1e-4, seed: int = 0
     from tokenizers import Tokenizer
 
     ids = torch.tensor([e.ids for e in Tokenizer.from_file(str(tok_path)).encode_batch(list(SAMPLE_TEXTS))])
+    with torch.no_grad():
+        ref_img = model.encode_image(pixels).numpy()
+        ref_txt = model.encode_text(ids).numpy()
     img_path = export_module(
         _ImageTower(model),
         (pixels,),
         out_dir / "image.onnx",
         input_names=["pixel_values"],
         output_names=["image_embeds"],
+        external_data_above=external_data_above,
     )
+    img_feeds = {"pixel_values": pixels.numpy()}
+    d_img = check_close("CLIP image tower", ref_img, run_onnx(img_path, img_feeds)[0], atol=atol)
     txt_path = export_module(
-        _TextTower(model), (ids,), out_dir / "text.onnx", input_names=["input_ids"], output_names=["text_embeds"]
+        _TextTower(model),
+        (ids,),
+        out_dir / "text.onnx",
+        input_names=["input_ids"],
+        output_names=["text_embeds"],
+        external_data_above=external_data_above,
     )
-    with torch.no_grad():
-        ref_img = model.encode_image(pixels).numpy()
-        ref_txt = model.encode_text(ids).numpy()
-    d_img = check_close("CLIP image tower", ref_img, run_onnx(img_path, {"pixel_values": pixels.numpy()})[0], atol=atol)
-    d_txt = check_close("CLIP text tower", ref_txt, run_onnx(txt_path, {"input_ids": ids.numpy()})[0], atol=atol)
+    txt_feeds = {"input_ids": ids.numpy()}
+    d_txt = check_close("CLIP text tower", ref_txt, run_onnx(txt_path, txt_feeds)[0], atol=atol)
+    files: dict[str, Path] = {**onnx_files("image", img_path), **onnx_files("text", txt_path), "tokenizer": tok_path}
     mean = getattr(model.visual, "image_mean", None) or OPENAI_DATASET_MEAN
     std = getattr(model.visual, "image_std", None) or OPENAI_DATASET_STD
+    params: dict[str, Any] = {
+        "image_size": size,
+        "mean": list(mean),
+        "std": list(std),
+        "resize": "shortest_side_bicubic_center_crop",
+        "context_length": CONTEXT_LENGTH,
+        "embed_dim": int(ref_img.shape[1]),
+        "patch_grid": [3, 3],
+    }
+    if fp16:
+        params["fp16"] = {}
+        for key, path, feeds, ref in (("image", img_path, img_feeds, ref_img), ("text", txt_path, txt_feeds, ref_txt)):
+            verdict = fp16_variant(
+                path, out_dir / f"{key}_fp16.onnx", feeds, ref, external_data_above=external_data_above
+            )
+            params["fp16"][key] = {k: v for k, v in verdict.items() if k != "files"}
+            if verdict["ok"]:
+                files.update(onnx_files(f"{key}_fp16", out_dir / f"{key}_fp16.onnx"))
     return {
-        "files": {"image": img_path, "text": txt_path, "tokenizer": tok_path},
-        "params": {
-            "image_size": size,
-            "mean": list(mean),
-            "std": list(std),
-            "resize": "shortest_side_bicubic_center_crop",
-            "context_length": CONTEXT_LENGTH,
-            "embed_dim": int(ref_img.shape[1]),
-            "patch_grid": [3, 3],
-        },
+        "files": files,
+        "params": params,
         "parity": {"image_max_abs_diff": d_img, "text_max_abs_diff": d_txt, "atol": atol},
     }

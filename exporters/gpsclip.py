@@ -18,7 +18,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from ._onnx import export_module, run_onnx
+from ._onnx import EXTERNAL_DATA_ABOVE, export_module, fp16_variant, onnx_files, run_onnx
 from ._validate import check_close
 
 SIGMAS = (2.0**0, 2.0**4, 2.0**8)
@@ -173,44 +173,65 @@ def export_gpsclip(
     image_size: int = 224,
     atol: float = 1e-4,
     seed: int = 0,
+    fp16: bool = False,
+    external_data_above: int = EXTERNAL_DATA_ABOVE,
 ) -> dict[str, Any]:
-    """Export both towers; check them against torch, and the location tower against GeoCLIP's own module."""
+    """Export both towers; check them against torch, and the location tower against GeoCLIP's own module.
+
+    With ``fp16`` a float16 image tower (``image_fp16``) is added when it passes parity. The location
+    tower stays float32: its sigma = 2^8 Fourier features take sin/cos of phases in the thousands,
+    which float16 cannot hold, and the gallery was embedded with the float32 tower.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     coords = torch.from_numpy(sample_coordinates(64, seed))
     pixels = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
-    loc_path = export_module(
-        location, (coords,), out_dir / "location.onnx", input_names=["latlon"], output_names=["location_embeds"]
-    )
-    img_path = export_module(
-        image, (pixels,), out_dir / "image.onnx", input_names=["pixel_values"], output_names=["image_embeds"]
-    )
     with torch.no_grad():
         ref_loc = location(coords).numpy()
         ref_img = image(pixels).numpy()
+    loc_path = export_module(
+        location,
+        (coords,),
+        out_dir / "location.onnx",
+        input_names=["latlon"],
+        output_names=["location_embeds"],
+        external_data_above=external_data_above,
+    )
+    img_path = export_module(
+        image,
+        (pixels,),
+        out_dir / "image.onnx",
+        input_names=["pixel_values"],
+        output_names=["image_embeds"],
+        external_data_above=external_data_above,
+    )
     onnx_loc = run_onnx(loc_path, {"latlon": coords.numpy()})[0]
     d_loc = check_close("GPSCLIP location tower", ref_loc, onnx_loc, atol=atol)
-    d_img = check_close(
-        "GPSCLIP image tower", ref_img, run_onnx(img_path, {"pixel_values": pixels.numpy()})[0], atol=atol
-    )
+    img_feeds = {"pixel_values": pixels.numpy()}
+    d_img = check_close("GPSCLIP image tower", ref_img, run_onnx(img_path, img_feeds)[0], atol=atol)
     parity: dict[str, Any] = {"location_max_abs_diff": d_loc, "image_max_abs_diff": d_img, "atol": atol}
     if location.projection == "equal_earth" and location.sigmas == SIGMAS:
         parity["location_vs_geoclip_max_abs_diff"] = check_close(
             "GPSCLIP location tower vs geoclip.LocationEncoder", geoclip_reference(coords.numpy()), onnx_loc, atol=atol
         )
-    return {
-        "files": {"image": img_path, "location": loc_path},
-        "params": {
-            "projection": location.projection,
-            "sigmas": list(location.sigmas),
-            "dim": int(ref_loc.shape[1]),
-            "image_size": image_size,
-            "mean": list(OPENAI_DATASET_MEAN),
-            "std": list(OPENAI_DATASET_STD),
-            "resize": "shortest_side_bicubic_center_crop",
-        },
-        "parity": parity,
+    files: dict[str, Path] = {**onnx_files("image", img_path), **onnx_files("location", loc_path)}
+    params: dict[str, Any] = {
+        "projection": location.projection,
+        "sigmas": list(location.sigmas),
+        "dim": int(ref_loc.shape[1]),
+        "image_size": image_size,
+        "mean": list(OPENAI_DATASET_MEAN),
+        "std": list(OPENAI_DATASET_STD),
+        "resize": "shortest_side_bicubic_center_crop",
     }
+    if fp16:
+        verdict = fp16_variant(
+            img_path, out_dir / "image_fp16.onnx", img_feeds, ref_img, external_data_above=external_data_above
+        )
+        params["fp16"] = {"image": {k: v for k, v in verdict.items() if k != "files"}}
+        if verdict["ok"]:
+            files.update(onnx_files("image_fp16", out_dir / "image_fp16.onnx"))
+    return {"files": files, "params": params, "parity": parity}
 
 
 def geoclip_reference(latlon: np.ndarray) -> np.ndarray:

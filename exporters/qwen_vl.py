@@ -8,6 +8,7 @@ shapes satisfy llama.cpp's converter and K-quants (DESIGN §4).
 from __future__ import annotations
 
 import json
+import math
 from importlib.resources import files
 from pathlib import Path
 
@@ -180,3 +181,271 @@ def write_architectures(folder: Path) -> None:
     cfg = json.loads(cfg_json.read_text())
     cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
     cfg_json.write_text(json.dumps(cfg, indent=2))
+
+
+# --- Published shapes and the published checkpoint layout -------------------------------------------
+
+# config.json of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct as published on the Hugging Face hub
+# (flat text fields at the top, as the hub files have them); "tiny" is the demo's model in that form.
+_VISION_REAL = {
+    "depth": 32,
+    "hidden_act": "silu",
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "in_chans": 3,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "spatial_patch_size": 14,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+    "temporal_patch_size": 2,
+}
+_TOKENS = {
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+}
+QWEN25VL_CONFIGS: dict[str, dict] = {
+    "3b": {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "attention_dropout": 0.0,
+        **_TOKENS,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "initializer_range": 0.02,
+        "intermediate_size": 11008,
+        "max_position_embeddings": 128000,
+        "max_window_layers": 70,
+        "model_type": "qwen2_5_vl",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 36,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.41.2",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vision_config": {**_VISION_REAL, "out_hidden_size": 2048},
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vocab_size": 151936,
+    },
+    "7b": {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "attention_dropout": 0.0,
+        **_TOKENS,
+        "hidden_act": "silu",
+        "hidden_size": 3584,
+        "initializer_range": 0.02,
+        "intermediate_size": 18944,
+        "max_position_embeddings": 128000,
+        "max_window_layers": 28,
+        "model_type": "qwen2_5_vl",
+        "num_attention_heads": 28,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.41.2",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vision_config": {**_VISION_REAL, "out_hidden_size": 3584},
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vocab_size": 152064,
+    },
+    "tiny": {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        **_TOKENS,
+        "hidden_act": "silu",
+        "hidden_size": 256,
+        "initializer_range": 0.02,
+        "intermediate_size": 512,
+        "max_position_embeddings": 4096,
+        "model_type": "qwen2_5_vl",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "vision_config": {
+            "depth": 4,
+            "hidden_act": "silu",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 2,
+            "in_chans": 3,
+            "out_hidden_size": 256,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "window_size": 112,
+            "fullatt_block_indexes": [1, 3],
+            "tokens_per_second": 2,
+            "temporal_patch_size": 2,
+        },
+        "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+        "vocab_size": 151936,
+    },
+}
+GENERATION_CONFIG = {
+    "bos_token_id": 151643,
+    "pad_token_id": 151643,
+    "do_sample": True,
+    "eos_token_id": [151645, 151643],
+    "repetition_penalty": 1.05,
+    "temperature": 0.1,
+    "top_p": 0.001,
+    "top_k": 1,
+}
+# Names as they are in the published safetensors (checked by the tests against what the model's
+# modules are called in memory, which transformers >= 4.52 renamed).
+PUBLISHED_NAMES = (
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.bias",
+    "model.layers.0.mlp.gate_proj.weight",
+    "model.norm.weight",
+    "visual.patch_embed.proj.weight",
+    "visual.blocks.0.attn.qkv.weight",
+    "visual.blocks.0.mlp.gate_proj.bias",
+    "visual.merger.ln_q.weight",
+    "visual.merger.mlp.0.weight",
+    "visual.merger.mlp.2.bias",
+)
+MAX_SHARD_BYTES = 4_000_000_000
+
+
+def hub_name(name: str) -> str:
+    """A transformers >= 4.52 parameter name -> its name in the published checkpoint."""
+    if name.startswith("model.visual."):
+        return name[len("model.") :]
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model.") :]
+    return name
+
+
+def qwen25vl_config(config_json: dict):  # -> transformers.Qwen2_5_VLConfig
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(**{k: v for k, v in config_json.items() if k not in ("architectures", "torch_dtype")})
+
+
+def checkpoint_plan(config_json: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of the published checkpoint for a config: (name, shape), from a model built on
+    the meta device (no memory); a tied ``lm_head`` is left out, as the published 3B does."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(qwen25vl_config(config_json))
+    tied = bool(config_json.get("tie_word_embeddings"))
+    return [
+        (hub_name(k), tuple(v.shape)) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")
+    ]
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float = 0.02):  # -> torch.Tensor (bf16)
+    """Deterministic random bf16 weights per name: norms at 1, everything else N(0, std)."""
+    import zlib
+
+    import torch
+
+    if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):
+        return torch.ones(shape, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, std, generator=gen)
+
+
+def write_hf_extras(out: Path, config_json: dict, *, max_pixels: int = 12845056) -> None:
+    """config.json, generation_config.json, tokenizer and preprocessor files of a published folder."""
+    (out / "config.json").write_text(json.dumps(config_json, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+    tok = build_qwen_tokenizer()
+    tok.save_pretrained(out)
+    cfg_path = out / "tokenizer_config.json"
+    tcfg = json.loads(cfg_path.read_text())
+    tcfg["tokenizer_class"] = "Qwen2TokenizerFast"
+    cfg_path.write_text(json.dumps(tcfg, indent=2))
+    write_preprocessor_config(out, max_pixels=max_pixels)
+
+
+def write_hub_checkpoint(
+    out_dir: str | Path,
+    config_json: dict,
+    tensor,  # (name, shape) -> torch.Tensor
+    *,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    max_pixels: int = 12845056,
+) -> dict:
+    """Write a Qwen2.5-VL folder in the published layout: bf16 safetensors shards named
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``, the published names,
+    config, tokenizer and preprocessor. Tensors are made one shard at a time (``tensor(name, shape)``)
+    and written before the next shard is made, so a 7B model never sits whole in memory."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = checkpoint_plan(config_json)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in plan:
+        nbytes = 2 * math.prod(shape)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        tensors = {}
+        for name, shape in shard:
+            t = tensor(name, shape).to("cpu").to(dtype=_bf16()).contiguous()
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: got shape {tuple(t.shape)}, the config needs {shape}")
+            tensors[name] = t
+            weight_map[name] = fname
+            total += t.numel() * 2
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_hf_extras(out, config_json, max_pixels=max_pixels)
+    return {"tensors": len(plan), "shards": n, "bytes": total, "parameters": total // 2}
+
+
+def _bf16():
+    import torch
+
+    return torch.bfloat16
+
+
+def write_random_qwen25vl(out_dir: str | Path, shape: str, *, seed: int = 0) -> dict:
+    """A Qwen2.5-VL folder with random weights at a published shape ("tiny", "3b", "7b")."""
+    cfg = QWEN25VL_CONFIGS[shape]
+    return write_hub_checkpoint(
+        out_dir,
+        cfg,
+        lambda name, shp: random_tensor(name, shp, seed),
+        max_pixels=1003520 if shape == "tiny" else 12845056,
+    )
+
+
+def write_model_as_hub_checkpoint(model, out_dir: str | Path, config_json: dict, **kw) -> dict:
+    """A Qwen2.5-VL model object (transformers >= 4.52 names) in the published layout, as bf16."""
+    state = {hub_name(k): v for k, v in model.state_dict().items()}
+    return write_hub_checkpoint(out_dir, config_json, lambda name, shape: state[name], **kw)

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import hashlib
 import importlib.util
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from clue2geo_sdk.errors import ExportValidationError, MissingExtraError
 from clue2geo_sdk.vlm import silence_native_logs
@@ -77,16 +83,135 @@ def llama_cpp_source(llama_cpp_dir: str | Path | None = None) -> Path:
     return root
 
 
-def _run_converter(src: Path, hf_dir: Path, out: Path, *, mmproj: bool) -> Path:
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a child process; return its exit code, output tail, wall seconds and peak RSS (MB)."""
+    with tempfile.TemporaryFile() as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - t0
+        log.seek(0)
+        tail = log.read()[-8000:].decode("utf-8", "replace")
+    return {"rc": proc.returncode, "tail": tail, "seconds": round(seconds, 2), "peak_rss_mb": usage.ru_maxrss // 1024}
+
+
+def _run_converter(src: Path, hf_dir: Path, out: Path, *, mmproj: bool) -> dict[str, Any]:
     cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(out), "--outtype", "f16"]
     if mmproj:
         cmd.append("--mmproj")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0 or not out.is_file():
-        tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-15:])
+    res = run_measured(cmd, env)
+    if res["rc"] != 0 or not out.is_file():
+        tail = "\n".join(res["tail"].strip().splitlines()[-15:])
         raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {hf_dir} (mmproj={mmproj}):\n{tail}")
+    return {"seconds": res["seconds"], "peak_rss_mb": res["peak_rss_mb"], "bytes": out.stat().st_size}
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets): no tensor is read."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > 100_000_000:
+            raise ExportValidationError(f"{path}: not a safetensors file (header of {n} bytes)")
+        return dict(json.loads(fh.read(n)))
+
+
+def checkpoint_layout(hf_dir: str | Path) -> dict[str, Any]:
+    """Check, from the safetensors headers alone, that llama.cpp's converter will read every weight.
+
+    Accepted: the published Hugging Face layout (``model.layers.*``, ``model.embed_tokens``,
+    ``lm_head``, ``visual.*``; one file or shards with ``model.safetensors.index.json``), which is also
+    what transformers 4.57's ``save_pretrained`` writes for a merged fine-tune, in any float dtype.
+    Refused with the reason: unmerged LoRA adapters, and vision weights under transformers'
+    in-memory names (``model.visual.*``), which the converter would silently leave out of the mmproj.
+    """
+    hf_dir = Path(hf_dir)
+    parts = sorted(hf_dir.glob("*.safetensors"))
+    if not parts:
+        found = ", ".join(sorted(p.name for p in hf_dir.iterdir())[:8]) if hf_dir.is_dir() else "no such folder"
+        raise ExportValidationError(
+            f"{hf_dir}: no *.safetensors weights (found: {found}); save the model with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+    names: dict[str, str] = {}
+    dtypes: dict[str, int] = {}
+    for part in parts:
+        for name, meta in safetensors_header(part).items():
+            if name == "__metadata__":
+                continue
+            names[name] = part.name
+            dtypes[meta["dtype"]] = dtypes.get(meta["dtype"], 0) + 1
+    lora = [n for n in names if ".lora_" in n or n.startswith("base_model.model.")]
+    if lora:
+        raise ExportValidationError(
+            f"{hf_dir}: holds unmerged LoRA adapter weights (e.g. {lora[0]!r}); merge them first "
+            "(peft: model.merge_and_unload(), then save_pretrained) so the weights carry the base model's names"
+        )
+    inner = [n for n in names if n.startswith(("model.visual.", "model.language_model."))]
+    if inner:
+        raise ExportValidationError(
+            f"{hf_dir}: weights are saved under transformers' in-memory names (e.g. {inner[0]!r}), not the "
+            "published checkpoint names (visual.*, model.layers.*); llama.cpp's converter would leave the "
+            "vision tower out of the mmproj. Save with transformers 4.57 (the pinned version), whose "
+            "save_pretrained writes the published names"
+        )
+    if not any(n.startswith("visual.") for n in names):
+        raise ExportValidationError(f"{hf_dir}: no vision tower weights (visual.*): not a Qwen2.5-VL checkpoint")
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+        if set(weight_map) != set(names) or any(names[k] != v for k, v in weight_map.items()):
+            missing = sorted(set(weight_map) - set(names))[:3]
+            raise ExportValidationError(
+                f"{hf_dir}: model.safetensors.index.json does not match the shards (e.g. missing {missing})"
+            )
+    return {"tensors": len(names), "files": len(parts), "dtypes": dtypes, "layout": "published"}
+
+
+def gguf_module(src: Path | None = None) -> Any:
+    """llama.cpp's ``gguf`` Python package from the converter's source folder."""
+    src = src or llama_cpp_source()
+    path = str(src / "gguf-py")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import gguf
+
+    return gguf
+
+
+def gguf_tensors(path: Path, src: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every tensor of a GGUF file: type, shape and sha256 of its bytes (read memory-mapped)."""
+    reader = gguf_module(src).GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        out[t.name] = {
+            "type": t.tensor_type.name,
+            "shape": [int(x) for x in t.shape],
+            "sha256": hashlib.sha256(memoryview(np.ascontiguousarray(t.data)).cast("B")).hexdigest(),
+        }
     return out
+
+
+def gguf_fields(path: Path, src: Path | None = None) -> dict[str, Any]:
+    """The GGUF key/value metadata as Python values (arrays as lists)."""
+    reader = gguf_module(src).GGUFReader(str(path))
+    out: dict[str, Any] = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        try:
+            out[name] = field.contents()
+        except Exception:  # an unusual type: keep its raw parts' digest so it still compares
+            out[name] = hashlib.sha256(b"".join(bytes(p) for p in field.parts)).hexdigest()
+    return out
+
+
+def _block_count(path: Path, prefix: str, src: Path) -> int:
+    reader = gguf_module(src).GGUFReader(str(path))
+    at = 2 if prefix == "v." else 1
+    blocks = {t.name.split(".")[at] for t in reader.tensors if t.name.startswith(prefix + "blk.")}
+    return len(blocks)
 
 
 QUANT_TYPES = {
@@ -119,7 +244,7 @@ CHECK_SCHEMA: dict[str, Any] = {
 }
 
 
-def check_gguf_pair(model: Path, mmproj: Path) -> dict[str, Any]:
+def check_gguf_pair(model: Path, mmproj: Path, *, max_tokens: int = 48) -> dict[str, Any]:
     """Load the pair in llama-cpp-python and answer one image prompt under a JSON schema."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Qwen25VLChatHandler
@@ -143,7 +268,7 @@ def check_gguf_pair(model: Path, mmproj: Path) -> dict[str, Any]:
                 }
             ],
             response_format={"type": "json_object", "schema": CHECK_SCHEMA},
-            max_tokens=48,
+            max_tokens=max_tokens,
             temperature=0.0,
         )
     finally:
@@ -166,14 +291,44 @@ def export_vlm(
     *,
     quant: str = "Q4_K_M",
     llama_cpp_dir: str | Path | None = None,
+    check_max_tokens: int = 48,
 ) -> dict[str, Any]:
-    """Convert, quantize and check; return the file paths and what the check saw."""
+    """Convert, quantize and check; return the file paths, what the check saw, and what each step cost.
+
+    The converter maps the checkpoint lazily (one tensor in memory at a time), so a 7B model converts
+    in a few GB of RAM; its peak RSS is measured and returned (``steps``)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    layout = checkpoint_layout(hf_dir)
     src = llama_cpp_source(llama_cpp_dir)
-    f16 = _run_converter(src, hf_dir, out_dir / "model-f16.gguf", mmproj=False)
-    mmproj = _run_converter(src, hf_dir, out_dir / "mmproj-f16.gguf", mmproj=True)
+    f16 = out_dir / "model-f16.gguf"
+    mmproj = out_dir / "mmproj-f16.gguf"
+    steps: dict[str, Any] = {}
+    steps["convert_text"] = _run_converter(src, hf_dir, f16, mmproj=False)
+    steps["convert_mmproj"] = _run_converter(src, hf_dir, mmproj, mmproj=True)
+    cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    text_cfg = cfg.get("text_config") or cfg
+    want_text = int(text_cfg.get("num_hidden_layers") or cfg["num_hidden_layers"])
+    want_vision = int(cfg["vision_config"]["depth"])
+    got_text, got_vision = _block_count(f16, "", src), _block_count(mmproj, "v.", src)
+    if (got_text, got_vision) != (want_text, want_vision):
+        raise ExportValidationError(
+            f"{hf_dir}: the GGUF pair has {got_text} text and {got_vision} vision blocks; config.json "
+            f"says {want_text} and {want_vision}"
+        )
+    t0 = time.perf_counter()
     model = quantize(f16, out_dir / f"model-{quant.lower()}.gguf", quant)
+    steps["quantize"] = {"seconds": round(time.perf_counter() - t0, 2), "bytes": model.stat().st_size}
     f16.unlink()
-    check = check_gguf_pair(model, mmproj)
-    return {"model": model, "mmproj": mmproj, "quant": quant, "check": check, "converter": str(src)}
+    t0 = time.perf_counter()
+    check = check_gguf_pair(model, mmproj, max_tokens=check_max_tokens)
+    steps["check"] = {"seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "model": model,
+        "mmproj": mmproj,
+        "quant": quant,
+        "check": check,
+        "converter": str(src),
+        "layout": layout,
+        "steps": steps,
+    }

@@ -67,6 +67,12 @@ CSV_FIELDS = (
     "seconds",
     "error",
     "message",
+    "metadata_lat",
+    "metadata_lon",
+    "metadata_source",
+    "metadata_distance_km",
+    "metadata_datetime_original",
+    "metadata_problems",
 )
 
 
@@ -154,9 +160,22 @@ def record_of(item: Prediction | Failure, path: str, seconds: float, ident: Mapp
     return {"path": path, "status": status, "seconds": round(seconds, 3), **item.to_dict(), **ident}
 
 
+def _csv_value(rec: Mapping[str, Any], key: str) -> Any:
+    if not key.startswith("metadata_") or key == "metadata_distance_km":
+        return rec.get(key)
+    meta = rec.get("metadata") or {}
+    pos = meta.get("position") or {}
+    if key == "metadata_problems":
+        return "; ".join(meta.get("problems") or ()) or None
+    if key == "metadata_datetime_original":
+        return meta.get("datetime_original")
+    return pos.get(key[len("metadata_") :])
+
+
 def csv_row(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """A record as one spreadsheet-safe CSV row (text cells that start a formula are neutralised)."""
-    return {k: csv_cell(rec.get(k)) for k in CSV_FIELDS}
+    """A record as one spreadsheet-safe CSV row (text cells that start a formula are neutralised);
+    ``metadata_*`` cells come from the record's ``metadata`` (the photo's own position and time)."""
+    return {k: csv_cell(_csv_value(rec, k)) for k in CSV_FIELDS}
 
 
 def record_to_feature(rec: dict[str, Any]) -> dict[str, Any] | None:

@@ -541,5 +541,22 @@ def evaluate_cmd(
         sys.exit(EXIT_SOME_FAILED)
 
 
+@main.command("metadata")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+def metadata_cmd(paths: tuple[Path, ...]) -> None:
+    """Print what each photo's own EXIF / XMP says (position, capture time, camera, malformed values),
+    one JSON object per line, without locating it."""
+    from .errors import ImageLoadError
+    from .image import read_image_file
+    from .metadata import read_metadata
+
+    for path in paths:
+        try:
+            row: dict[str, Any] = {"path": str(path), **read_metadata(read_image_file(path)).to_dict()}
+        except ImageLoadError as exc:
+            row = {"path": str(path), "error": str(exc)}
+        click.echo(json.dumps(row, ensure_ascii=False))
+
+
 if __name__ == "__main__":
     main()

@@ -33,6 +33,7 @@ from .errors import Clue2GeoError
 from .geocode import ReverseGeocoder
 from .image import ImageInput, LoadedImage, load_image
 from .image_tokens import IMAGE_MAX_TOKENS
+from .metadata import read_metadata
 from .prompts import resolve
 from .results import Prediction
 from .retrieval import Gallery
@@ -299,6 +300,7 @@ class Geolocator:
         lap("selection")
         place = self.geocoder.lookup(win.lat, win.lon)
         lap("reverse_geocode")
+        meta = read_metadata(img)  # beside the prediction, never used by it (metadata can be forged)
         timings["total"] = round(time.perf_counter() - t0, 4)
         others = [(c.lat, c.lon) for i, c in enumerate(chosen.candidates) if i != chosen.best]
         return Prediction(
@@ -326,6 +328,8 @@ class Geolocator:
             bundle=self.bundle.name,
             options=opts.to_dict(),
             cues_status=cues_status,
+            metadata=meta.to_dict(),
+            metadata_distance_km=meta.distance_km(win.lat, win.lon),
         )
 
     def locate_many(

@@ -39,11 +39,14 @@ ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 
 @attrs.frozen(kw_only=True)
 class LoadedImage:
-    """The decoded image and where it came from; ``sha256`` is of the input bytes (or pixels)."""
+    """The decoded image and where it came from; ``sha256`` is of the input bytes (or pixels).
+    ``data`` is the file's bytes that were decoded (None for a PIL image or array input), kept so
+    metadata is read from exactly what the pipeline saw (:mod:`clue2geo_sdk.metadata`)."""
 
     image: Image.Image = attrs.field(repr=False)
     sha256: str
     source: str
+    data: bytes | None = attrs.field(default=None, repr=False, eq=False)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -173,6 +176,7 @@ def load_image(obj: ImageInput | Any, *, name: str | None = None, max_bytes: int
     """Decode any supported input into a :class:`LoadedImage`; raise ImageLoadError on bad input.
     ``max_bytes`` caps the file (or bytes) size; None means :data:`MAX_FILE_BYTES`."""
     cap = MAX_FILE_BYTES if max_bytes is None else max_bytes
+    data: bytes | None = None
     if isinstance(obj, str | os.PathLike):
         source = name or str(obj)
         data = read_image_file(obj, name=source, max_bytes=cap)
@@ -205,4 +209,4 @@ def load_image(obj: ImageInput | Any, *, name: str | None = None, max_bytes: int
     w, h = img.size
     if min(w, h) < MIN_SIDE:
         raise ImageLoadError(f"{source}: {w}x{h} is too small (each side must be at least {MIN_SIDE} px)")
-    return LoadedImage(image=img, sha256=digest, source=source)
+    return LoadedImage(image=img, sha256=digest, source=source, data=data)

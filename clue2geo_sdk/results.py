@@ -43,6 +43,12 @@ class Prediction:
     ``landmark``), cleaned of control characters and capped in length. ``cues_status`` is "ok",
     "reasked" (the free answer did not parse; the schema-constrained one did), "failed" (no usable
     cue list: the cluemap is empty) or "skipped" (``use_cluemap=False``).
+
+    ``metadata`` is what the photo's own EXIF / XMP says (:class:`clue2geo_sdk.metadata.PhotoMetadata`
+    as a dict: position, capture time, camera, and ``problems`` naming every malformed value); the
+    prediction never uses it. ``metadata_distance_km`` is the great-circle distance from the photo's
+    own position to the prediction (None when it has none): a large one means the pixels and the
+    metadata disagree, which is evidence either way (a forged or wrong position, or a wrong prediction).
     """
 
     lat: float
@@ -69,12 +75,14 @@ class Prediction:
     bundle: str
     options: Mapping[str, Any] = attrs.field(factory=dict)
     cues_status: str = "ok"
+    metadata: Mapping[str, Any] | None = None
+    metadata_distance_km: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = attrs.asdict(self, recurse=False)
         d["candidates"] = [c.to_dict() for c in self.candidates]
         d["cues"] = [c.to_dict() for c in self.cues]
-        for key in ("cluemap", "raw_outputs", "timings", "options"):
+        for key in ("cluemap", "raw_outputs", "timings", "options", "metadata"):
             d[key] = dict(d[key]) if d[key] is not None else None
         return d
 

@@ -11,11 +11,16 @@ mid-write) and any unreadable line are reported with their line numbers, never d
 ``options_digest``, ``sdk_version``, ``demo``): ``resume`` reuses a record only when the path, the
 image's sha256 and those all match; otherwise the input runs again and the new record supersedes
 (readers take the latest record per path).
+
+Chain of custody: each record also carries ``started_utc`` / ``finished_utc`` and is hash-chained
+to the one before it (``prev_hash``, ``record_hash``; :mod:`clue2geo_sdk.audit`), so ``clue2geo
+audit verify`` finds an edited, removed or reordered record. Appends (``resume``) continue the chain.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import hashlib
 import json
 import os
@@ -28,6 +33,7 @@ from typing import Any, Literal
 import attrs
 
 from ._version import __version__
+from .audit import chain, last_link
 from .bundle import Bundle
 from .errors import ImageLoadError
 from .geolocator import Failure, Geolocator, Options
@@ -73,6 +79,9 @@ CSV_FIELDS = (
     "metadata_distance_km",
     "metadata_datetime_original",
     "metadata_problems",
+    "started_utc",
+    "finished_utc",
+    "record_hash",
 )
 
 
@@ -154,10 +163,31 @@ def identity_of(bundle: Bundle, options: Options) -> dict[str, Any]:
     }
 
 
-def record_of(item: Prediction | Failure, path: str, seconds: float, ident: Mapping[str, Any]) -> dict[str, Any]:
-    """One journal record: the result's ``to_dict`` with its path, status, time and identity."""
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 with milliseconds (the records' ``started_utc`` / ``finished_utc``)."""
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+
+
+def record_of(
+    item: Prediction | Failure,
+    path: str,
+    seconds: float,
+    ident: Mapping[str, Any],
+    *,
+    started_utc: str | None = None,
+    finished_utc: str | None = None,
+) -> dict[str, Any]:
+    """One journal record: the result's ``to_dict`` with its path, status, time, identity and UTC start
+    and end (when not given: end now, start ``seconds`` before)."""
     status = "ok" if isinstance(item, Prediction) else "error"
-    return {"path": path, "status": status, "seconds": round(seconds, 3), **item.to_dict(), **ident}
+    if finished_utc is None:
+        end = _dt.datetime.now(_dt.UTC)
+        finished_utc = end.isoformat(timespec="milliseconds")
+        if started_utc is None:
+            started_utc = (end - _dt.timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
+    rec = {"path": path, "status": status, "seconds": round(seconds, 3), **item.to_dict(), **ident}
+    rec["started_utc"], rec["finished_utc"] = started_utc, finished_utc
+    return rec
 
 
 def _csv_value(rec: Mapping[str, Any], key: str) -> Any:
@@ -295,18 +325,24 @@ def _encode(rec: Mapping[str, Any]) -> bytes:
 
 
 class RecordWriter:
-    """Appends one record at a time to the journal, durably (flush + fsync)."""
+    """Appends one record at a time to the journal, durably (flush + fsync), each hash-chained to the
+    one before it (the journal's last record when appending to an existing one)."""
 
     def __init__(self, out: Path, fmt: Format) -> None:
         self.out, self.fmt = out, fmt
         self.path = journal_path(out, fmt)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "ab")
+        self._prev = last_link(self.path)
 
-    def write(self, rec: Mapping[str, Any]) -> None:
-        self._fh.write(_encode(rec))
+    def write(self, rec: Mapping[str, Any]) -> dict[str, Any]:
+        """Append ``rec`` with ``prev_hash`` and ``record_hash``; return the record as written."""
+        chained = chain(rec, self._prev)
+        self._fh.write(_encode(chained))
         self._fh.flush()
         os.fsync(self._fh.fileno())
+        self._prev = chained["record_hash"]
+        return chained
 
     def close(self) -> None:
         self._fh.close()
@@ -410,19 +446,20 @@ def run_batch(
 
     def work(task: tuple[Path | Failure, str, str | None, bytes | None]) -> dict[str, Any]:
         item, path, sha, data = task
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), utc_now()
         if isinstance(item, Failure):
             result: Prediction | Failure = item
         else:  # the bytes read for the digest are the ones decoded; unreadable paths report why
             result = geo.try_locate(data if data is not None else item, name=str(item), options=opts)
             if isinstance(result, Failure):
                 result = attrs.evolve(result, image_sha256=sha)
-        return record_of(result, path, time.perf_counter() - t0, ident)
+        seconds, finished = time.perf_counter() - t0, utc_now()
+        return record_of(result, path, seconds, ident, started_utc=started, finished_utc=finished)
 
     writer = RecordWriter(out, fmt)
     try:  # up to in_flight images in the engine at once; records are written in input order
         for rec in geo.map_in_flight(work, todo(), in_flight=in_flight):
-            writer.write(rec)
+            rec = writer.write(rec)
             prior[rec["path"]] = rec
             if rec["status"] == "ok":
                 summary.ok += 1

@@ -1,7 +1,9 @@
 """The bundle: a directory whose ``manifest.json`` is the single source of truth (DESIGN §2).
 
 Exporters write bundles with :class:`BundleWriter`; the runtime reads them with :meth:`Bundle.open`.
-Only the manifest (JSON) is parsed here; component files are hashed, never loaded.
+Only the manifest (JSON) is parsed here; component files are hashed, never loaded. A bundle may be
+signed (Ed25519 over the manifest's sha256, ``signatures.json`` beside it; :mod:`clue2geo_sdk.signing`):
+``Bundle.open(path, trusted_keys=[...])`` refuses one that no trusted key signed.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +116,21 @@ class Bundle:
     demo: bool
     components: Mapping[str, Component]
     extra: Mapping[str, Any] = attrs.field(factory=dict)
+    signed_by: tuple[str, ...] = ()  # ids of the trusted keys whose signature was checked at open
 
     @classmethod
-    def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
-        """Read and check ``manifest.json``; with ``verify`` also check every file's size and sha256."""
+    def open(cls, path: str | Path, *, verify: bool = True, trusted_keys: Iterable[Any] | None = None) -> Bundle:
+        """Read and check ``manifest.json``; with ``verify`` also check every file's size and sha256.
+
+        ``trusted_keys`` (Ed25519 public keys: key objects, PEM / OpenSSH / hex text, or key file paths)
+        requires a signature by one of them over this manifest, else :class:`~clue2geo_sdk.signing.
+        BundleSignatureError`; the signature covers the manifest and the manifest the files, so it needs
+        ``verify=True``."""
+        if trusted_keys is not None and not verify:
+            raise ValueError(
+                "trusted_keys needs verify=True: the signature covers the manifest, and only the sha256 check "
+                "ties the files to it"
+            )
         root = Path(path).expanduser()
         manifest = root / MANIFEST
         if not root.is_dir():
@@ -166,6 +179,11 @@ class Bundle:
             components=components,
             extra={k: v for k, v in raw.items() if k not in known},
         )
+        if trusted_keys is not None:  # before hashing gigabytes: a bad signature is refused at once
+            from .signing import check_signatures
+
+            signed = check_signatures(resolved_root, bundle.digest, trusted_keys, name=bundle.name)
+            bundle = attrs.evolve(bundle, signed_by=tuple(signed))
         if verify:
             bundle.verify()
         return bundle
@@ -237,7 +255,11 @@ def remove_bundle(root: Path) -> None:
         raise BundleExistsError(
             f"{root}: cannot tell which files the old bundle owns ({exc}); nothing deleted"
         ) from None
-    owned = {MANIFEST} | {Path(f.path).as_posix() for c in bundle.components.values() for f in c.files.values()}
+    from .signing import SIGNATURES  # signatures of the old manifest go with it
+
+    owned = {MANIFEST, SIGNATURES} | {
+        Path(f.path).as_posix() for c in bundle.components.values() for f in c.files.values()
+    }
     found, folders = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)

@@ -100,16 +100,64 @@ def bundle_info(path: Path, verify: bool, as_json: bool) -> None:
         click.echo(f"  {comp['role']:<9} {size:8.1f} MB  {', '.join(f['path'] for f in comp['files'].values())}{flag}")
 
 
+_TRUSTED_KEY_HELP = (
+    "Ed25519 public key (PEM, 'ssh-ed25519' line or 64 hex, or its file) the bundle must be signed by; repeatable."
+)
+
+
 @bundle.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
-def bundle_verify(path: Path) -> None:
-    """Check the manifest and every file's sha256; exit 0 when intact, 1 otherwise."""
+@click.option("--trusted-key", "trusted_keys", multiple=True, help=_TRUSTED_KEY_HELP)
+def bundle_verify(path: Path, trusted_keys: tuple[str, ...]) -> None:
+    """Check the manifest and every file's sha256 (and, with --trusted-key, the bundle's signature);
+    exit 0 when intact, 1 otherwise."""
+    from .signing import read_signatures
+
     try:
-        b = Bundle.open(path, verify=True)
+        b = Bundle.open(path, verify=True, trusted_keys=trusted_keys or None)
+        sigs = read_signatures(b.root)
     except Clue2GeoError as exc:
         _fail(exc)
     n = sum(len(c.files) for c in b.components.values())
-    click.echo(f"ok: bundle {b.name!r}, {n} files verified")
+    click.echo(f"ok: bundle {b.name!r}, {n} files verified (manifest sha256 {b.digest})")
+    if b.signed_by:
+        click.echo(f"ok: signed by trusted key(s) {', '.join(b.signed_by)}")
+    elif sigs:
+        ids = ", ".join(f"{x.key_id} ({x.signed_utc})" for x in sigs)
+        click.echo(f"signatures by key(s) {ids} not checked: pass --trusted-key")
+    else:
+        click.echo("unsigned (sign with 'clue2geo bundle sign')")
+
+
+@bundle.command("sign")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--key", "key", required=True, help="Ed25519 private key (PEM or 64 hex, or its file).")
+def bundle_sign(path: Path, key: str) -> None:
+    """Check every file's sha256, then sign the bundle's manifest digest into PATH/signatures.json
+    (a signature by the same key is replaced, others are kept)."""
+    from .signing import sign_bundle
+
+    try:
+        b = Bundle.open(path, verify=True)
+        sig = sign_bundle(b.root, key, b.digest)
+    except Clue2GeoError as exc:
+        _fail(exc)
+    click.echo(f"signed bundle {b.name!r} (manifest sha256 {sig.manifest_sha256}) with key {sig.key_id}")
+
+
+@bundle.command("keygen")
+@click.argument("private_key", type=click.Path(path_type=Path))
+@click.option("--pub", "public_key", type=click.Path(path_type=Path), default=None, help="Default: PRIVATE_KEY.pub.")
+def bundle_keygen(private_key: Path, public_key: Path | None) -> None:
+    """Write a new Ed25519 key pair: PRIVATE_KEY (PEM, unencrypted, mode 0600: keep it off the evidence
+    workstation) and its public key (PEM), which analysts pass as --trusted-key."""
+    from .signing import generate_keypair, load_public_key, public_bytes
+
+    try:
+        priv, pub, kid = generate_keypair(private_key, public_key)
+    except Clue2GeoError as exc:
+        _fail(exc)
+    click.echo(f"key {kid}: private {priv}, public {pub} (hex {public_bytes(load_public_key(pub)).hex()})")
 
 
 @bundle.command("demo")
@@ -255,6 +303,7 @@ def _progress(total: int | None) -> Iterator[Callable[[dict[str, Any]], None]]:
 @click.option("--max-cue-tokens", default=512, show_default=True, type=click.IntRange(16))
 @click.option("--max-answer-tokens", default=128, show_default=True, type=click.IntRange(16))
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check the bundle's sha256 digests first.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, help=_TRUSTED_KEY_HELP)
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's native logs.")
 @click.option(
     "--ray",
@@ -292,6 +341,7 @@ def locate(
     ray_address: str | None,
     actors: int | None,
     batch_size: int | None,
+    trusted_keys: tuple[str, ...],
     **options: Any,
 ) -> None:
     """Geolocate images and folders into --out; exit 0 if all succeeded, 3 if some failed.
@@ -302,6 +352,13 @@ def locate(
 
     if retry_failed and not resume:
         raise click.UsageError("--retry-failed runs again the failures recorded in --out; pass --resume with it")
+    if trusted_keys and not verify:
+        raise click.UsageError("--trusted-key needs --verify: the signature covers the manifest, the sha256s the files")
+    if trusted_keys and ray_address is not None:  # the driver checks the signature; actors check the digest
+        try:
+            Bundle.open(bundle_path, verify=True, trusted_keys=trusted_keys)
+        except Clue2GeoError as exc:
+            _fail(exc)
     if ray_address is not None:
         ray_args = {"address": ray_address or None, "actors": actors, "batch_size": batch_size, "engine": engine}
         ray_args |= {"recursive": recursive, "resume": resume, "retry_failed": retry_failed, "fmt": fmt or "jsonl"}
@@ -318,6 +375,7 @@ def locate(
             verbose=verbose,
             engine=engine,  # type: ignore[arg-type]
             max_in_flight=max_in_flight,
+            trusted_keys=trusted_keys or None,
             **options,
         )
     except (Clue2GeoError, TypeError, RuntimeError) as exc:
@@ -539,6 +597,34 @@ def evaluate_cmd(
     click.echo(f"wrote {out}/metrics.json, table.md, per-image-*.csv; failed images per variant: {failed}")
     if any(failed.values()):
         sys.exit(EXIT_SOME_FAILED)
+
+
+@main.group()
+def audit() -> None:
+    """Check the chain of custody of results."""
+
+
+@audit.command("verify")
+@click.argument("results", type=click.Path(exists=True, path_type=Path))
+@click.option("--anchor", default=None, help="A record_hash noted earlier: the chain must still hold that record.")
+def audit_verify(results: Path, anchor: str | None) -> None:
+    """Check the hash chain of a JSONL results journal (for a .csv or .geojson run, its .records.jsonl):
+    exit 0 when every record is intact and in order, 1 naming the first bad line and why."""
+    from .audit import verify_journal
+    from .batch import journal_path
+
+    if results.is_dir():
+        raise click.UsageError(f"{results} is a folder; audit verify reads one JSONL journal")
+    if results.suffix.lower() in (".csv", ".geojson"):
+        sidecar = journal_path(results, "csv")
+        if not sidecar.is_file():
+            raise click.UsageError(f"{results} has no journal beside it ({sidecar.name}); pass the JSONL journal")
+        results = sidecar
+    res = verify_journal(results, anchor=anchor)
+    if not res.ok:
+        click.secho(res.message(), fg="red", err=True)
+        sys.exit(1)
+    click.echo(res.message())
 
 
 @main.command("metadata")

@@ -145,14 +145,16 @@ class Geolocator:
         n_gpu_layers: int | None = None,
         n_threads: int | None = None,
         verbose: bool = False,
+        trusted_keys: Iterable[Any] | None = None,
         **options: Any,
     ) -> Geolocator:
         """Open a bundle and every model in it. ``engine`` picks the VLM engine ("batched", the
         default, or the "chat" baseline); ``max_in_flight`` is how many images ``locate_many`` and
         concurrent callers keep in the engine at once (each reserves ``n_ctx`` KV cells).
-        ``options`` are :class:`Options` fields."""
+        ``options`` are :class:`Options` fields. ``trusted_keys`` (Ed25519 public keys or key files)
+        refuses a bundle that none of them signed (:meth:`Bundle.open`)."""
         opts = Options.from_kwargs(**options)
-        bundle = Bundle.open(path, verify=verify)
+        bundle = Bundle.open(path, verify=verify, trusted_keys=trusted_keys)
         p = bundle.params("vlm")
         if n_gpu_layers is None:
             n_gpu_layers = 0 if device == "cpu" else -1

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 from test_images import make_bad_inputs
 
+from clue2geo_sdk.audit import CHAIN_FIELDS
 from clue2geo_sdk.batch import IDENTITY_FIELDS, discover, run_batch
 from clue2geo_sdk.cli import EXIT_SOME_FAILED, main
 from clue2geo_sdk.errors import BundleIntegrityError, MissingExtraError
@@ -184,7 +185,8 @@ def test_every_image_once_same_records_resume_export_report(
     by_path = {r["path"]: r for r in _records(single)}
     for rec in merged:
         ref = by_path[rec["path"]]
-        assert list(rec) == list(ref), rec["path"]
+        # the cluster's shards are not hash-chained yet (issue 11 part 6): the chain's fields aside
+        assert [k for k in rec if k not in CHAIN_FIELDS] == [k for k in ref if k not in CHAIN_FIELDS], rec["path"]
         assert {k: rec[k] for k in IDENTITY_FIELDS} == {k: ref[k] for k in IDENTITY_FIELDS}
         for k in ("status", "image_sha256", "error", "message", "lat", "lon", "candidates"):
             assert rec.get(k) == ref.get(k), (rec["path"], k)

@@ -1,0 +1,270 @@
+"""Chain of custody: hash-chained records that `clue2geo audit verify` checks line by line, and
+Ed25519-signed bundles that `bundle verify --trusted-key` and `Geolocator.load(trusted_keys=...)` refuse
+when unsigned, signed by another key, or changed after signing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from clue2geo_sdk import Bundle, BundleIntegrityError, Geolocator
+from clue2geo_sdk.audit import GENESIS, record_hash, verify_journal
+from clue2geo_sdk.batch import RecordWriter, read_journal, run_batch
+from clue2geo_sdk.bundle import remove_bundle
+from clue2geo_sdk.cli import main
+from clue2geo_sdk.signing import (
+    SIGNATURES,
+    BundleSignatureError,
+    SigningKeyError,
+    generate_keypair,
+    load_public_key,
+    public_bytes,
+)
+
+NASTY = ["line\u2028sep", "nul\x00", "surrogate \udcff", "rtl \u202e", "x" * 5000, "tab\there", -0.0, 1e308]
+
+
+def _write(path: Path, records: list[dict]) -> list[dict]:
+    w = RecordWriter(path, "jsonl")
+    written = [w.write(r) for r in records]
+    w.close()
+    return written
+
+
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def _put(path: Path, lines: list[bytes]) -> None:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def _audit(path: Path, *args: str):
+    return CliRunner().invoke(main, ["audit", "verify", str(path), *args])
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Path:
+    out = tmp_path / "results.jsonl"
+    _write(
+        out, [{"path": f"img{i}.jpg", "status": "ok", "lat": i / 3, "note": NASTY[i % len(NASTY)]} for i in range(5)]
+    )
+    return out
+
+
+def test_an_intact_chain_verifies(journal: Path) -> None:
+    recs = read_journal(journal).records
+    assert recs[0]["prev_hash"] == GENESIS
+    assert all(b["prev_hash"] == a["record_hash"] for a, b in zip(recs, recs[1:], strict=False))
+    assert all(r["record_hash"] == record_hash(r) for r in recs)
+    res = _audit(journal)
+    assert res.exit_code == 0 and "5 records, hash chain intact" in res.output and recs[-1]["record_hash"] in res.output
+
+
+def test_edited_removed_reordered_or_cut_records_are_named(journal: Path) -> None:
+    lines = _lines(journal)
+
+    def first_bad(new_lines: list[bytes], *args: str) -> str:
+        _put(journal, new_lines)
+        res = _audit(journal, *args)
+        assert res.exit_code == 1, res.output
+        return res.output
+
+    edited = json.loads(lines[2])
+    edited["lat"] = 48.8584
+    assert f"{journal}:3: record_hash does not match" in first_bad(
+        [*lines[:2], json.dumps(edited).encode(), *lines[3:]]
+    )
+    edited["record_hash"] = record_hash(edited)  # the forger recomputes the edited record's hash
+    assert f"{journal}:4: prev_hash does not match line 3" in first_bad(
+        [*lines[:2], json.dumps(edited).encode(), *lines[3:]]
+    )
+    assert f"{journal}:2: prev_hash does not match line 1" in first_bad([lines[0], *lines[2:]])  # removed
+    assert f"{journal}:2: prev_hash" in first_bad([lines[0], lines[2], lines[1], *lines[3:]])  # reordered
+    assert f"{journal}:1: prev_hash is not the genesis value" in first_bad(lines[1:])  # the head removed
+    assert f"{journal}:3: empty line" in first_bad([*lines[:2], b"", *lines[2:]])
+    dup = lines[1][:-1] + b', "lat": 0.0}'
+    assert f"{journal}:2: unreadable record (duplicate key(s) lat" in first_bad([lines[0], dup, *lines[2:]])
+    _put(journal, lines)
+    journal.write_bytes(journal.read_bytes() + b'{"path": "torn')
+    assert _audit(journal).exit_code == 1 and ":6: incomplete last line" in _audit(journal).output
+    # cutting the tail leaves a valid chain: an anchor noted earlier catches it
+    head = json.loads(lines[-1])["record_hash"]
+    _put(journal, lines)
+    assert _audit(journal, "--anchor", head).exit_code == 0
+    assert "anchor record" in first_bad(lines[:3], "--anchor", head)
+
+
+def test_resumed_runs_continue_the_chain(journal: Path) -> None:
+    before = read_journal(journal).records
+    more = _write(journal, [{"path": "late.jpg", "status": "error", "message": "m"}])
+    assert more[0]["prev_hash"] == before[-1]["record_hash"]
+    assert verify_journal(journal).ok and verify_journal(journal).records == 6
+
+
+def test_results_on_the_demo_bundle_edited_and_caught(geo, photo: Path, tmp_path: Path) -> None:
+    """End to end: located records carry times, digests, version and options; an edit is caught."""
+    folder = tmp_path / "evidence"
+    folder.mkdir()
+    shutil.copy(photo, folder / "a.jpg")
+    Image.open(photo).rotate(90, expand=True).save(folder / "b.png")
+    (folder / "c.jpg").write_bytes(b"not a photo")
+    out = tmp_path / "results.jsonl"
+    summary = run_batch(geo, sorted(folder.iterdir()), out, on_notice=lambda m: None)
+    assert (summary.ok, summary.error) == (2, 1)
+    recs = read_journal(out).records
+    for r in recs:
+        start, end = dt.datetime.fromisoformat(r["started_utc"]), dt.datetime.fromisoformat(r["finished_utc"])
+        assert start.utcoffset() == dt.timedelta(0) and start <= end
+        assert r["bundle_digest"] == geo.bundle.digest and r["sdk_version"]
+        assert r["options_digest"] == geo.options.digest()
+        assert r["status"] == "error" or r["options"] == geo.options.to_dict()
+        assert len(r["image_sha256"] or "") == 64 and len(r["record_hash"]) == 64
+    assert _audit(out).exit_code == 0
+    # resume with one more image: the chain goes on across runs
+    Image.open(photo).save(folder / "d.webp")
+    run_batch(geo, sorted(folder.iterdir()), out, resume=True, on_notice=lambda m: None)
+    assert len(read_journal(out).records) == 4 and _audit(out).exit_code == 0
+    # an analyst "corrects" a coordinate in the results file
+    text = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    rec = json.loads(text[1])
+    rec["lat"] = 39.9999
+    text[1] = json.dumps(rec, ensure_ascii=False) + "\n"
+    out.write_text("".join(text), encoding="utf-8")
+    res = _audit(out)
+    assert res.exit_code == 1 and f"{out}:2: record_hash does not match the record's content" in res.output
+
+
+# -- signed bundles ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bundle_copy(demo_bundle: Path, tmp_path: Path) -> Path:
+    """A copy of the demo bundle whose large files are hard links (never written to here): only
+    the manifest is a real copy, so it can be edited."""
+    dst = tmp_path / "bundle"
+
+    def link(src: str, dest: str) -> None:
+        try:
+            os.link(src, dest)
+        except OSError:
+            shutil.copy2(src, dest)
+
+    shutil.copytree(demo_bundle, dst, copy_function=link)
+    manifest = dst / "manifest.json"
+    data = manifest.read_bytes()
+    manifest.unlink()
+    manifest.write_bytes(data)
+    return dst
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, Path]:
+    lab_priv, lab_pub, _ = generate_keypair(tmp_path / "lab.key")
+    other_priv, other_pub, _ = generate_keypair(tmp_path / "other.key")
+    return {"priv": lab_priv, "pub": lab_pub, "other_priv": other_priv, "other_pub": other_pub}
+
+
+def test_sign_and_verify_through_the_cli(bundle_copy: Path, keys: dict[str, Path], tmp_path: Path) -> None:
+    run = CliRunner().invoke
+    res = run(main, ["bundle", "keygen", str(tmp_path / "new.key")])
+    assert res.exit_code == 0 and (tmp_path / "new.key.pub").is_file()
+    assert oct((tmp_path / "new.key").stat().st_mode & 0o777) == "0o600"
+    assert run(main, ["bundle", "keygen", str(tmp_path / "new.key")]).exit_code == 1  # never overwritten
+
+    res = run(main, ["bundle", "verify", str(bundle_copy), "--trusted-key", str(keys["pub"])])
+    assert res.exit_code == 1 and "is not signed" in res.output
+    res = run(main, ["bundle", "sign", str(bundle_copy), "--key", str(keys["priv"])])
+    assert res.exit_code == 0 and (bundle_copy / SIGNATURES).is_file(), res.output
+    res = run(main, ["bundle", "verify", str(bundle_copy), "--trusted-key", str(keys["pub"])])
+    assert res.exit_code == 0 and "signed by trusted key" in res.output, res.output
+    hex_pub = public_bytes(load_public_key(keys["pub"])).hex()  # the key as 64 hex characters works too
+    assert run(main, ["bundle", "verify", str(bundle_copy), "--trusted-key", hex_pub]).exit_code == 0
+    res = run(main, ["bundle", "verify", str(bundle_copy)])
+    assert res.exit_code == 0 and "not checked: pass --trusted-key" in res.output
+    res = run(main, ["bundle", "verify", str(bundle_copy), "--trusted-key", str(keys["other_pub"])])
+    assert res.exit_code == 1 and "none of them trusted" in res.output
+    # locate refuses it too, before any model is loaded or any record written
+    out = tmp_path / "r.jsonl"
+    base = ["locate", str(tmp_path), "--bundle", str(bundle_copy), "--out", str(out)]
+    res = run(main, [*base, "--trusted-key", str(keys["other_pub"])])
+    assert res.exit_code == 1 and "none of them trusted" in res.output and not out.exists()
+    assert run(main, [*base, "--no-verify", "--trusted-key", str(keys["pub"])]).exit_code == 2
+
+
+def test_a_tampered_signed_bundle_is_refused(bundle_copy: Path, keys: dict[str, Path]) -> None:
+    from clue2geo_sdk.signing import sign_bundle
+
+    b = Bundle.open(bundle_copy)
+    sign_bundle(bundle_copy, keys["priv"], b.digest)
+    assert Bundle.open(bundle_copy, trusted_keys=[keys["pub"]]).signed_by == (_kid(keys),)
+    with pytest.raises(BundleSignatureError, match="none of them trusted"):
+        Geolocator.load(bundle_copy, device="cpu", trusted_keys=[keys["other_pub"]])
+    with pytest.raises(ValueError, match="needs verify=True"):
+        Bundle.open(bundle_copy, verify=False, trusted_keys=[keys["pub"]])
+    with pytest.raises(SigningKeyError, match="private key"):
+        Bundle.open(bundle_copy, trusted_keys=[keys["priv"]])
+
+    # the manifest changes after signing (a swapped prompt, a raised threshold): refused
+    manifest = bundle_copy / "manifest.json"
+    original = manifest.read_bytes()
+    doc = json.loads(original)
+    doc["name"] = doc["name"] + "-patched"
+    manifest.write_text(json.dumps(doc, indent=2) + "\n")
+    with pytest.raises(BundleSignatureError, match="changed after signing"):
+        Geolocator.load(bundle_copy, device="cpu", trusted_keys=[keys["pub"]])
+    res = CliRunner().invoke(main, ["bundle", "verify", str(bundle_copy), "--trusted-key", str(keys["pub"])])
+    assert res.exit_code == 1 and "changed after signing" in res.output
+
+    # the signature itself edited: refused
+    manifest.write_bytes(original)
+    sigs = json.loads((bundle_copy / SIGNATURES).read_text())
+    s = sigs["signatures"][0]["signature"]
+    sigs["signatures"][0]["signature"] = ("0" if s[0] != "0" else "1") + s[1:]
+    (bundle_copy / SIGNATURES).write_text(json.dumps(sigs))
+    with pytest.raises(BundleSignatureError, match="does not verify"):
+        Bundle.open(bundle_copy, trusted_keys=[keys["pub"]])
+
+    # a component file replaced: the signature holds, the manifest's sha256 does not
+    sign_bundle(bundle_copy, keys["priv"], Bundle.open(bundle_copy).digest)
+    smallest = min((f for c in b.components.values() for f in c.files.values()), key=lambda f: f.bytes)
+    prompts = bundle_copy / smallest.path
+    data = prompts.read_bytes()
+    prompts.unlink()  # a hard link: replace it, never write through it
+    prompts.write_bytes(data + b" ")
+    with pytest.raises(BundleIntegrityError, match="is corrupt"):
+        Bundle.open(bundle_copy, trusted_keys=[keys["pub"]])
+
+    # unsigned: refused when keys are given, opened as before when none are
+    prompts.unlink()
+    prompts.write_bytes(data)
+    (bundle_copy / SIGNATURES).unlink()
+    with pytest.raises(BundleSignatureError, match="is not signed"):
+        Bundle.open(bundle_copy, trusted_keys=[keys["pub"]])
+    assert Bundle.open(bundle_copy).signed_by == ()
+
+
+def test_a_signed_bundle_loads_and_locates(bundle_copy: Path, keys: dict[str, Path], photo: Path) -> None:
+    from clue2geo_sdk.signing import sign_bundle
+
+    sign_bundle(bundle_copy, keys["priv"], Bundle.open(bundle_copy).digest)
+    with Geolocator.load(
+        bundle_copy, device="cpu", trusted_keys=[keys["pub"]], max_in_flight=1, max_cue_tokens=32, max_answer_tokens=32
+    ) as g:
+        assert g.bundle.signed_by == (_kid(keys),)
+        assert g.locate(photo).image_sha256
+    remove_bundle(bundle_copy)  # what 'bundle demo --overwrite' does: the signatures go with the manifest
+    assert not bundle_copy.exists() or not any(bundle_copy.iterdir())
+
+
+def _kid(keys: dict[str, Path]) -> str:
+    from clue2geo_sdk.signing import key_id
+
+    return key_id(load_public_key(keys["pub"]))

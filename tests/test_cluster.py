@@ -65,8 +65,8 @@ def test_actor_plan() -> None:
     assert plan_actors([{"CPU": 16, "GPU": 8}], device="cpu").device == "cpu"
     two = plan_actors([{"CPU": 2}], actors=2)  # the hazard of DESIGN §9: reads (0.25 CPU) must still fit
     assert two.device == "cpu" and two.num_cpus * 2 + 0.25 <= 2 and two.n_threads == 1
-    one = plan_actors([{"CPU": 2}, {"CPU": 8}])
-    assert one.actors == 2 and one.n_threads == 2
+    one = plan_actors([{"CPU": 4}, {"CPU": 8}])  # one per node, half the smaller node's logical CPUs
+    assert one.actors == 2 and one.n_threads == 2 and one.num_cpus == 1.0
 
 
 def _linked_copy(src: Path, dst: Path) -> Path:

@@ -92,8 +92,9 @@ def plan_actors(
     """An :class:`ActorPlan` from the alive nodes' resources (``{"CPU": .., "GPU": ..}`` each).
 
     GPU: one actor per GPU (``num_gpus=1``, ``device="cuda"``). CPU: one actor per node unless
-    ``actors`` says otherwise; each asks for at most one CPU and at most a quarter of its node's
-    share, so the read tasks always find a CPU, and runs llama.cpp on its node's share of cores."""
+    ``actors`` says otherwise; each asks for at most one CPU and at most half its node's share, so
+    the read tasks always find a CPU, and runs llama.cpp on its share of the node's threads (half
+    the logical CPUs, the engines' default on one machine)."""
     gpus = sum(n.get("GPU", 0.0) for n in nodes)
     if device != "cpu" and gpus >= 1:
         return ActorPlan(
@@ -106,7 +107,7 @@ def plan_actors(
     per_node = math.ceil(count / len(cpu_nodes))
     node_cpus = min(n["CPU"] for n in cpu_nodes)
     request = cpus_per_actor or min(1.0, node_cpus / (2 * per_node))
-    threads = n_threads or max(1, int(node_cpus // per_node))
+    threads = n_threads or max(1, int(node_cpus // 2 // per_node))  # the engines' rule, shared by the node's actors
     return ActorPlan(actors=count, num_gpus=0.0, num_cpus=request, device="cpu", n_threads=threads)
 
 

@@ -608,13 +608,24 @@ def audit() -> None:
 @click.argument("results", type=click.Path(exists=True, path_type=Path))
 @click.option("--anchor", default=None, help="A record_hash noted earlier: the chain must still hold that record.")
 def audit_verify(results: Path, anchor: str | None) -> None:
-    """Check the hash chain of a JSONL results journal (for a .csv or .geojson run, its .records.jsonl):
-    exit 0 when every record is intact and in order, 1 naming the first bad line and why."""
+    """Check the hash chain of a JSONL results journal (for a .csv or .geojson run, its .records.jsonl;
+    for a 'locate --ray' run folder, its shards in write order): exit 0 when every record is intact and
+    in order, 1 naming the first bad line and why."""
     from .audit import verify_journal
     from .batch import journal_path
+    from .cluster import is_run_dir
 
+    if results.is_dir() and is_run_dir(results):
+        from .cluster.shards import verify_run
+
+        res = verify_run(results, anchor=anchor)
+        if not res.ok:
+            click.secho(res.message(), fg="red", err=True)
+            sys.exit(1)
+        click.echo(res.message())
+        return
     if results.is_dir():
-        raise click.UsageError(f"{results} is a folder; audit verify reads one JSONL journal")
+        raise click.UsageError(f"{results} is a folder (not a 'locate --ray' run); audit verify reads a JSONL journal")
     if results.suffix.lower() in (".csv", ".geojson"):
         sidecar = journal_path(results, "csv")
         if not sidecar.is_file():

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 from test_images import make_bad_inputs
 
-from clue2geo_sdk.audit import CHAIN_FIELDS
+from clue2geo_sdk.audit import verify_journal
 from clue2geo_sdk.batch import IDENTITY_FIELDS, discover, run_batch
 from clue2geo_sdk.cli import EXIT_SOME_FAILED, main
 from clue2geo_sdk.errors import BundleIntegrityError, MissingExtraError
@@ -153,7 +153,12 @@ def _shard_records(out: Path) -> list[dict]:
 
 
 def _assert_once(out: Path, folder: Path, n: int) -> list[dict]:
-    """The merged result holds one record per input, and no input was recorded twice in the shards."""
+    """The merged result holds one record per input, no input was recorded twice in the shards, and
+    both the shards (one chain, in write order) and the merged file (its own) are hash chains."""
+    from clue2geo_sdk.cluster.shards import verify_run
+
+    assert verify_run(out).ok, verify_run(out).message()
+    assert verify_journal(out / "results.jsonl").ok
     merged = _records(out / "results.jsonl")
     paths = [r["path"] for r in merged]
     assert len(paths) == len(set(paths)) == n, paths
@@ -185,8 +190,7 @@ def test_every_image_once_same_records_resume_export_report(
     by_path = {r["path"]: r for r in _records(single)}
     for rec in merged:
         ref = by_path[rec["path"]]
-        # the cluster's shards are not hash-chained yet (issue 11 part 6): the chain's fields aside
-        assert [k for k in rec if k not in CHAIN_FIELDS] == [k for k in ref if k not in CHAIN_FIELDS], rec["path"]
+        assert list(rec) == list(ref), rec["path"]  # chain of custody fields included
         assert {k: rec[k] for k in IDENTITY_FIELDS} == {k: ref[k] for k in IDENTITY_FIELDS}
         for k in ("status", "image_sha256", "error", "message", "lat", "lon", "candidates"):
             assert rec.get(k) == ref.get(k), (rec["path"], k)
@@ -216,6 +220,16 @@ def test_every_image_once_same_records_resume_export_report(
             main, ["report", str(src), "--bundle", str(demo_bundle), "--out", str(tmp_path / "c.html")]
         )
         assert res.exit_code == 0, res.output
+
+    # audit verify follows the chain through the shards; an edited record is named by shard and line
+    res = CliRunner().invoke(main, ["audit", "verify", str(out)])
+    assert res.exit_code == 0 and f"{n} records" in res.output, res.output
+    shard = sorted((out / "shards").glob("*.jsonl"))[-1]
+    lines = shard.read_bytes().split(b"\n")
+    lines[1] = lines[1].replace(b'"status": "', b'"status": "x', 1)
+    shard.write_bytes(b"\n".join(lines))
+    res = CliRunner().invoke(main, ["audit", "verify", str(out)])
+    assert res.exit_code == 1 and f"{shard.name}:2: record_hash does not match" in res.output, res.output
 
 
 def _our_actors(ray) -> list[tuple[str, dict]]:

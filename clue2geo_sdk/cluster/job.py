@@ -48,6 +48,7 @@ from ..batch import (
     latest,
     record_of,
     stale_notice,
+    utc_now,
     write_csv,
     write_geojson,
 )
@@ -189,11 +190,12 @@ class GeolocatorActor:
 
     def _one(self, row: tuple[str, str, str, bool, bytes]) -> dict[str, Any]:
         path, file, sha, readable, data = row
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), utc_now()
         result = self.geo.try_locate(data if readable else Path(file), name=path, options=self.geo.options)
         if isinstance(result, Failure):
             result = attrs.evolve(result, image_sha256=sha or None)
-        return record_of(result, path, time.perf_counter() - t0, self.ident)
+        seconds, finished = time.perf_counter() - t0, utc_now()
+        return record_of(result, path, seconds, self.ident, started_utc=started, finished_utc=finished)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["path"])
@@ -385,8 +387,7 @@ def locate_on_ray(
                 continue
             seen.add(key)
             fresh.append(rec)
-        writer.write(fresh)
-        for rec in fresh:
+        for rec in writer.write(fresh):
             summary.rerun += rec["path"] in prior
             if rec["status"] == "ok":
                 summary.ok += 1
@@ -423,7 +424,8 @@ def locate_on_ray(
                 if (f.image, "") in done:
                     skipped(f.image)
                 else:
-                    emit([record_of(f, f.image, 0.0, ident)])
+                    now = utc_now()
+                    emit([record_of(f, f.image, 0.0, ident, started_utc=now, finished_utc=now)])
             blocks = max(1, min(math.ceil(len(paths) / size), 10_000))
             ds = ray.data.from_items([{"path": os.fsencode(p)} for p in paths], override_num_blocks=blocks)
         if manifest and on_total:

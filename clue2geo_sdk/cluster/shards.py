@@ -12,16 +12,25 @@ Merging takes every shard in name order, then the latest record per path (a reru
 :func:`clue2geo_sdk.batch.latest`), sorted by path: one record per input. A record that a retried
 task made twice carries the same (path, image_sha256, bundle_digest, options_digest) key and the
 driver writes it once; the merge would keep one of them even if both were written.
+
+Chain of custody (:mod:`clue2geo_sdk.audit`): the driver is the only writer, so the records of all the
+shards of a folder, in name order, form one hash chain, as a single-machine journal does; a resumed
+run continues it. :func:`verify_run` checks it (``clue2geo audit verify DIR``). A merged file is a new
+journal (one record per input, sorted), chained afresh from the genesis.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import attrs
+
+from ..audit import GENESIS, AuditResult, chain, last_link, verify_journal
 from ..batch import Format, Journal, _encode, latest, read_journal, write_csv, write_geojson
 
 SHARDS = "shards"
@@ -90,11 +99,15 @@ def merged_records(out: Path) -> Journal:
 
 
 def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    """Records as JSONL, written beside and renamed over ``path`` (never half a file)."""
+    """Records as a new JSONL journal, hash-chained from the genesis in this order, written beside and
+    renamed over ``path`` (never half a file)."""
     tmp = path.with_name(path.name + ".tmp")
+    prev = GENESIS
     with open(tmp, "wb") as fh:
         for rec in records:
-            fh.write(_encode(rec))
+            linked = chain(rec, prev)
+            prev = linked["record_hash"]
+            fh.write(_encode(linked))
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -113,6 +126,33 @@ def write_merged(out: Path, dest: Path | None = None, fmt: Format | None = None)
     else:
         write_jsonl(dest, j.records)
     return dest, j
+
+
+def verify_run(out: Path, *, anchor: str | None = None) -> AuditResult:
+    """Check the hash chain through every shard of a run folder, in write order; a bad line is named
+    by its shard and its line number there."""
+    files = shard_files(out)
+    if not files:
+        return AuditResult(path=Path(out), ok=False, records=0, reason="no shards")
+    spans: list[tuple[Path, int, int]] = []  # shard, lines before it, its lines (a torn tail counts)
+    parts, before = [], 0
+    for f in files:
+        data = f.read_bytes()
+        torn = bool(data) and not data.endswith(b"\n")
+        lines = data.count(b"\n") + torn
+        spans.append((f, before, lines))
+        before += lines
+        parts.append(data + b"\n" if torn and f != files[-1] else data)  # a torn line stays a bad line
+    with tempfile.TemporaryDirectory() as tmp:
+        joined = Path(tmp) / "chain.jsonl"
+        joined.write_bytes(b"".join(parts))
+        res = verify_journal(joined, anchor=anchor)
+    if res.bad_line is None:
+        return attrs.evolve(res, path=Path(out))
+    for f, first, lines in spans:
+        if res.bad_line <= first + lines:
+            return attrs.evolve(res, path=f, bad_line=res.bad_line - first)
+    return attrs.evolve(res, path=files[-1])
 
 
 def parquet_twin(shard: Path) -> Path:
@@ -153,6 +193,8 @@ class ShardWriter:
     def __init__(self, out: Path, *, records_per_shard: int = 1000, parquet: bool = True) -> None:
         self.folder = shard_dir(out)
         self.folder.mkdir(parents=True, exist_ok=True)
+        existing = shard_files(out)
+        self._prev = last_link(existing[-1]) if existing else GENESIS  # a resumed run continues the chain
         self.run = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + f"-{os.getpid()}"
         self.records_per_shard = max(1, int(records_per_shard))
         self.parquet = parquet
@@ -168,18 +210,24 @@ class ShardWriter:
         self._n = 0
         self.written.append(path)
 
-    def write(self, records: Iterable[Mapping[str, Any]]) -> None:
-        """Append records durably; one fsync per call (call it per batch of results)."""
+    def write(self, records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Append records durably, each hash-chained to the one before; one fsync per call (call it per
+        batch of results). Returns the records as written."""
+        written = []
         for rec in records:
             if self._fh is None:
                 self._open()
-            self._fh.write(_encode(rec))
+            linked = chain(rec, self._prev)
+            self._fh.write(_encode(linked))
+            self._prev = linked["record_hash"]
+            written.append(linked)
             self._n += 1
             if self._n >= self.records_per_shard:
                 self._seal()
         if self._fh is not None:
             self._fh.flush()
             os.fsync(self._fh.fileno())
+        return written
 
     def _seal(self) -> None:
         fh, self._fh = self._fh, None

@@ -54,6 +54,7 @@ def token_probe(geo: Geolocator, image: Path, n: int) -> dict[str, float]:
     prompt = "Where was this photo taken? Answer in JSON."
     out: dict[str, float] = {}
     with geo.vlm.open(img) as s:
+        s.ask(prompt, schema=None, max_tokens=1)  # the batched engine encodes the image for the first ask
         for label, schema in (("free", None), ("schema", LOCATION_SCHEMA)):
             one = s.ask(prompt, schema=schema, max_tokens=1)
             many = s.ask(prompt, schema=schema, max_tokens=n)

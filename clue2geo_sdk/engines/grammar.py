@@ -69,24 +69,21 @@ class CheckFirstGrammar:
         self.checks += 1
         return self._m.validate_tokens([token]) == 1
 
-    def mask(self, logits: np.ndarray) -> np.ndarray:
-        """``logits`` with every token the grammar forbids set to -inf."""
+    def allowed(self, n_vocab: int) -> np.ndarray:
+        """Ids of every token the grammar allows next (the full-vocabulary pass, ~0.1–0.3 ms)."""
         self.full_masks += 1
         bits = np.unpackbits(np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        allowed = np.zeros(len(logits), dtype=bool)
-        n = min(len(logits), len(bits))
-        allowed[:n] = bits[:n].astype(bool)
-        return np.where(allowed, logits, -np.inf).astype(np.float32)
+        return np.flatnonzero(bits[:n_vocab])
 
     def choose(self, logits: np.ndarray, sample: Callable[[np.ndarray], int]) -> int:
-        """The sampled token if the grammar allows it, else a sample from the masked logits; the
-        chosen token is then consumed by the grammar."""
+        """The sampled token if the grammar allows it, else a sample among the allowed tokens only
+        (their logits, so greedy picks the best allowed one); the token is then consumed."""
         token = sample(logits)
         if not self.allows(token):
-            masked = self.mask(logits)
-            if not np.isfinite(masked).any():
+            ids = self.allowed(len(logits))
+            if ids.size == 0:
                 raise GrammarError(f"the grammar allows no next token ({self._m.get_error() or 'dead end'})")
-            token = sample(masked)
+            token = int(ids[sample(logits[ids])])
         if not self._m.consume_token(token):
             raise GrammarError(f"the grammar refused token {token}: {self._m.get_error()}")
         return token

@@ -260,6 +260,25 @@ def _progress(total: int | None) -> Iterator[Callable[[dict[str, Any]], None]]:
         yield tick
 
 
+def _engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--engine and --in-flight, shared by the commands that run the pipeline."""
+    f = click.option(
+        "--in-flight",
+        "max_in_flight",
+        default=4,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Images in the engine at once (each reserves its KV cache).",
+    )(f)
+    return click.option(
+        "--engine",
+        type=click.Choice(["batched", "chat"]),
+        default="batched",
+        show_default=True,
+        help="VLM engine: batched (shared image prefix, many images at once) or the chat-handler baseline.",
+    )(f)
+
+
 @main.command("locate")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--bundle", "bundle_path", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
@@ -279,21 +298,7 @@ def _progress(total: int | None) -> Iterator[Callable[[dict[str, Any]], None]]:
 )
 @click.option("--retry-failed", is_flag=True, help="With --resume: also run again images whose latest record failed.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write an offline HTML map report.")
-@click.option(
-    "--engine",
-    type=click.Choice(["batched", "chat"]),
-    default="batched",
-    show_default=True,
-    help="VLM engine: batched (shared image prefix, many images at once) or the chat-handler baseline.",
-)
-@click.option(
-    "--in-flight",
-    "max_in_flight",
-    default=4,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Images in the engine at once (each reserves its KV cache).",
-)
+@_engine_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--use-cluemap/--no-use-cluemap", default=True, show_default=True, help="Off: the paper's w/o CM.")
 @click.option("--use-refinement/--no-use-refinement", default=True, show_default=True, help="Off: the paper's w/o CR.")
@@ -533,21 +538,7 @@ def report_cmd(records: Path, bundle_path: Path, dest: Path) -> None:
     "--limit", type=click.IntRange(1), default=None, help="Evaluate a deterministic random sample of N images."
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the --limit sample.")
-@click.option(
-    "--engine",
-    type=click.Choice(["batched", "chat"]),
-    default="batched",
-    show_default=True,
-    help="VLM engine: batched (shared image prefix, many images at once) or the chat-handler baseline.",
-)
-@click.option(
-    "--in-flight",
-    "max_in_flight",
-    default=4,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Images in the engine at once (each reserves its KV cache).",
-)
+@_engine_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-cue-tokens", default=512, show_default=True, type=click.IntRange(16))
 @click.option("--max-answer-tokens", default=128, show_default=True, type=click.IntRange(16))

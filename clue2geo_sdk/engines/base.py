@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import os
 import threading
@@ -53,9 +54,11 @@ class EngineStats:
         return attrs.asdict(self)
 
 
-class ImageSession(Protocol):
-    """Every prompt about one image goes through its session, so an engine can share the image."""
+class ImageSession(abc.ABC):
+    """Every prompt about one image goes through its session, so an engine can share the image.
+    Engines implement :meth:`submit` and :meth:`close`; the rest follows from them."""
 
+    @abc.abstractmethod
     def submit(
         self,
         prompt: str,
@@ -66,13 +69,17 @@ class ImageSession(Protocol):
         temperature: float | None = None,
     ) -> Future[Generation]: ...
 
-    def ask(self, prompt: str, **kwargs: Any) -> Generation: ...
-
+    @abc.abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self) -> ImageSession: ...
+    def ask(self, prompt: str, **kwargs: Any) -> Generation:
+        return self.submit(prompt, **kwargs).result()
 
-    def __exit__(self, *exc: object) -> None: ...
+    def __enter__(self) -> ImageSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class VisionLanguageModel(Protocol):

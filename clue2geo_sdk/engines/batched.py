@@ -42,7 +42,7 @@ import numpy as np
 
 from ..image import LoadedImage
 from ..image_tokens import IMAGE_MAX_TOKENS, fit_image
-from .base import SYSTEM_PROMPT, EngineStats, Generation, VLMError, load_failure, load_llama_cpp
+from .base import SYSTEM_PROMPT, EngineStats, Generation, ImageSession, VLMError, load_failure, load_llama_cpp
 from .grammar import CheckFirstGrammar, GrammarError, GrammarFactory, build_tokenizer
 
 SEQS_PER_IMAGE = 6  # the prefix + cues and 3 RAG at once, then direct / re-asks / samples as they free up
@@ -100,7 +100,7 @@ def _flash(lib: Any, on: bool) -> int:
     return lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if on else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
 
 
-class BatchSession:
+class BatchSession(ImageSession):
     """Prompts about one image; :meth:`submit` returns at once with a future."""
 
     def __init__(self, engine: LlamaBatchEngine, image: _Image) -> None:
@@ -117,17 +117,8 @@ class BatchSession:
     ) -> Future[Generation]:
         return self._engine._submit(self._image, prompt, schema, max_tokens, seed, temperature)
 
-    def ask(self, prompt: str, **kwargs: Any) -> Generation:
-        return self.submit(prompt, **kwargs).result()
-
     def close(self) -> None:
         self._engine._close_image(self._image)
-
-    def __enter__(self) -> BatchSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class LlamaBatchEngine:

@@ -19,10 +19,10 @@ from typing import Any
 
 from ..image import LoadedImage
 from ..image_tokens import IMAGE_MAX_TOKENS, fit_image
-from .base import EngineStats, Generation, VLMError, load_llama_cpp
+from .base import EngineStats, Generation, ImageSession, VLMError, load_llama_cpp
 
 
-class ChatSession:
+class ChatSession(ImageSession):
     """Prompts about one image, answered one at a time through the chat handler."""
 
     def __init__(self, vlm: LlamaChatVLM, url: str) -> None:
@@ -44,17 +44,8 @@ class ChatSession:
             fut.set_exception(exc if isinstance(exc, VLMError) else VLMError(str(exc)))
         return fut
 
-    def ask(self, prompt: str, **kwargs: Any) -> Generation:
-        return self.submit(prompt, **kwargs).result()
-
     def close(self) -> None:
         return None
-
-    def __enter__(self) -> ChatSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class LlamaChatVLM:

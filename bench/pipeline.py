@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     ap.add_argument("--max-cue-tokens", type=int, default=512)
     ap.add_argument("--max-answer-tokens", type=int, default=128)
-    ap.add_argument("--token-probe", type=int, default=64)
+    ap.add_argument("--token-probe", type=int, default=256)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         images = make_images(args.images, Path(tmp))

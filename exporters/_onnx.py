@@ -66,6 +66,7 @@ def save_onnx(model: Any, path: Path, *, external_data_above: int = EXTERNAL_DAT
             set_external_data(t, data.name, offset=offset, length=len(t.raw_data))
             offset += len(t.raw_data)
     onnx.save_model(model, str(path))  # writes each marked tensor's bytes at its offset, then drops them
+    shutil.copymode(path, data)  # onnx creates the data file 0600; give it the graph's (umask) mode
     return [path, data]
 
 

@@ -180,3 +180,65 @@ def synth_summary(bundle: Bundle) -> dict[str, Any]:
         "build_peak_rss_mb": bundle.extra.get("build_peak_rss_mb"),
         "synth": bundle.extra.get("synth"),
     }
+
+
+def gguf_parity(bundle_dir: str | Path, shape: str, *, seed: int = 0, rows: int = 512) -> list[dict[str, Any]]:
+    """GGUF tensors of a synth bundle vs the random checkpoint they were converted from.
+
+    The checkpoint is gone after the build, but its weights are a function of (name, shape, seed)
+    (:func:`exporters.qwen_vl.random_tensor`), so they are made again and compared with the first
+    ``rows`` rows of the text GGUF (dequantized) and the mmproj (f16: must equal the checkpoint's
+    values rounded to f16 exactly). Returns one row per tensor: type, cosine, relative RMSE, exact.
+    """
+    import numpy as np
+
+    from .vlm_gguf import gguf_module
+
+    bundle = Bundle.open(bundle_dir, verify=False)
+    gguf = gguf_module()
+    from gguf.quants import dequantize
+
+    cfg = qwen_vl.QWEN25VL_CONFIGS[shape]
+    plan = dict(qwen_vl.checkpoint_plan(cfg))
+    last, vlast = cfg["num_hidden_layers"] - 1, cfg["vision_config"]["depth"] - 1
+    text, vision = "model", "mmproj"
+    pairs = [
+        (text, "token_embd.weight", "model.embed_tokens.weight", None),
+        (text, "output.weight", "lm_head.weight", None),
+        (text, "blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight", None),
+        (text, "blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight", None),
+        (text, f"blk.{last}.ffn_down.weight", f"model.layers.{last}.mlp.down_proj.weight", None),
+        (text, f"blk.{last}.attn_q.bias", f"model.layers.{last}.self_attn.q_proj.bias", None),
+        (vision, "v.blk.0.attn_q.weight", "visual.blocks.0.attn.qkv.weight", 0),
+        (vision, f"v.blk.{vlast}.attn_v.weight", f"visual.blocks.{vlast}.attn.qkv.weight", 2),
+        (vision, f"v.blk.{vlast}.ffn_gate.weight", f"visual.blocks.{vlast}.mlp.gate_proj.weight", None),
+        (vision, "mm.0.weight", "visual.merger.mlp.0.weight", None),
+        (vision, "mm.2.weight", "visual.merger.mlp.2.weight", None),
+    ]
+    readers: dict[str, Any] = {}
+    out = []
+    for key, gname, hname, third in pairs:
+        if hname not in plan:  # e.g. lm_head of a tied model
+            continue
+        reader = readers.setdefault(key, gguf.GGUFReader(str(bundle.file("vlm", key))))
+        t = next(t for t in reader.tensors if t.name == gname)
+        data = t.data[:rows] if t.data.ndim > 1 else t.data  # dequantizing a whole 545M-entry tensor takes > 10 GB
+        got = np.asarray(dequantize(np.ascontiguousarray(data), t.tensor_type), dtype=np.float32)
+        ref = qwen_vl.random_tensor(hname, plan[hname], seed).float()
+        if third is not None:  # llama.cpp splits the fused vision qkv
+            n = ref.shape[0] // 3
+            ref = ref[third * n : (third + 1) * n]
+        ref_np = ref.reshape(-1, got.shape[-1])[: got.shape[0] if got.ndim > 1 else None].numpy().reshape(got.shape)
+        del ref
+        a, b = got.ravel().astype(np.float64), ref_np.ravel().astype(np.float64)
+        out.append(
+            {
+                "tensor": gname,
+                "type": t.tensor_type.name,
+                "rows_checked": int(got.shape[0]) if got.ndim > 1 else 1,
+                "cos": float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)),
+                "rel_rmse": float(np.sqrt(np.mean((a - b) ** 2)) / max(np.sqrt(np.mean(b**2)), 1e-30)),
+                "exact_f16": bool(np.array_equal(got, ref_np.astype(np.float16).astype(np.float32))),
+            }
+        )
+    return out

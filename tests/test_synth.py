@@ -263,3 +263,17 @@ def test_synth_refuses_a_folder_it_does_not_own(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["bundle", "synth", str(tmp_path), "--shape", "tiny"])
     assert res.exit_code == 1 and "not empty" in res.output
     assert (tmp_path / "mine.txt").read_text() == "keep me" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_synth_tiny_gguf_matches_the_random_checkpoint(synth_tiny: Path) -> None:
+    """The GGUF pair holds the checkpoint's weights: mmproj (f16) bit for bit, the Q4_K_M text model
+    within quantization error."""
+    from exporters.synth import gguf_parity
+
+    rows = {r["tensor"]: r for r in gguf_parity(synth_tiny, "tiny")}
+    assert "output.weight" not in rows  # tiny ties its embeddings, as the published 3B does
+    for name in ("v.blk.0.attn_q.weight", "v.blk.3.attn_v.weight", "mm.0.weight", "mm.2.weight"):
+        assert rows[name]["type"] == "F16" and rows[name]["exact_f16"], rows[name]
+    for name in ("token_embd.weight", "blk.0.attn_q.weight", "blk.1.ffn_down.weight"):
+        assert rows[name]["type"] not in ("F16", "F32") and rows[name]["cos"] > 0.99, rows[name]
+    assert rows["blk.1.attn_q.bias"]["exact_f16"] and rows["blk.1.attn_q.bias"]["cos"] > 0.999999

@@ -45,6 +45,12 @@ def _session(path: Path, providers: list[str], level: str | None = None) -> Any:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if path.with_name(path.name + ".data").is_file():
+        # Weights in a .data file are memory-mapped; prepacking would copy them all into private
+        # memory. Measured on ViT-H/14's image tower (2.5 GB): session 0.25 s instead of 7.4 s,
+        # 0.1 GB private memory instead of 2.4 GB (the rest is page cache, shared between processes),
+        # the same inference speed within 5 %.
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if level is not None:
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)

@@ -220,7 +220,9 @@ def gguf_parity(bundle_dir: str | Path, shape: str, *, seed: int = 0, rows: int 
     for key, gname, hname, third in pairs:
         if hname not in plan:  # e.g. lm_head of a tied model
             continue
-        reader = readers.setdefault(key, gguf.GGUFReader(str(bundle.file("vlm", key))))
+        if key not in readers:  # parsing the text GGUF's 152k-token vocabulary takes seconds: once per file
+            readers[key] = gguf.GGUFReader(str(bundle.file("vlm", key)))
+        reader = readers[key]
         t = next(t for t in reader.tensors if t.name == gname)
         data = t.data[:rows] if t.data.ndim > 1 else t.data  # dequantizing a whole 545M-entry tensor takes > 10 GB
         got = np.asarray(dequantize(np.ascontiguousarray(data), t.tensor_type), dtype=np.float32)

@@ -180,31 +180,27 @@ def gguf_module(src: Path | None = None) -> Any:
     return gguf
 
 
-def gguf_tensors(path: Path, src: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Every tensor of a GGUF file: type, shape and sha256 of its bytes (read memory-mapped)."""
+def gguf_contents(path: Path, src: Path | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """One parse of a GGUF file: every tensor (type, shape, sha256 of its bytes, read memory-mapped)
+    and the key/value metadata as Python values (arrays as lists)."""
     reader = gguf_module(src).GGUFReader(str(path))
-    out = {}
-    for t in reader.tensors:
-        out[t.name] = {
+    tensors = {
+        t.name: {
             "type": t.tensor_type.name,
             "shape": [int(x) for x in t.shape],
             "sha256": hashlib.sha256(memoryview(np.ascontiguousarray(t.data)).cast("B")).hexdigest(),
         }
-    return out
-
-
-def gguf_fields(path: Path, src: Path | None = None) -> dict[str, Any]:
-    """The GGUF key/value metadata as Python values (arrays as lists)."""
-    reader = gguf_module(src).GGUFReader(str(path))
-    out: dict[str, Any] = {}
+        for t in reader.tensors
+    }
+    fields: dict[str, Any] = {}
     for name, field in reader.fields.items():
         if name.startswith("GGUF."):
             continue
         try:
-            out[name] = field.contents()
+            fields[name] = field.contents()
         except Exception:  # an unusual type: keep its raw parts' digest so it still compares
-            out[name] = hashlib.sha256(b"".join(bytes(p) for p in field.parts)).hexdigest()
-    return out
+            fields[name] = hashlib.sha256(b"".join(bytes(p) for p in field.parts)).hexdigest()
+    return tensors, fields
 
 
 def _block_count(path: Path, prefix: str, src: Path) -> int:

@@ -139,7 +139,7 @@ def test_hub_and_training_layouts_convert_to_the_same_gguf(tmp_path: Path) -> No
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from exporters.qwen_vl import QWEN25VL_CONFIGS, qwen25vl_config, write_model_as_hub_checkpoint
-    from exporters.vlm_gguf import _run_converter, checkpoint_layout, gguf_fields, gguf_tensors, llama_cpp_source
+    from exporters.vlm_gguf import _run_converter, checkpoint_layout, gguf_contents, llama_cpp_source
     from training.config import StageConfig
     from training.train import finalize_hf_folder
 
@@ -178,10 +178,7 @@ def test_hub_and_training_layouts_convert_to_the_same_gguf(tmp_path: Path) -> No
     got = {}
     for name in ("hub", "trained"):
         got[name] = {
-            kind: (
-                gguf_tensors(tmp_path / f"{name}{suffix}.gguf", src),
-                gguf_fields(tmp_path / f"{name}{suffix}.gguf", src),
-            )
+            kind: gguf_contents(tmp_path / f"{name}{suffix}.gguf", src)
             for kind, suffix in (("text", ""), ("mmproj", "-mmproj"))
         }
     for kind in ("text", "mmproj"):

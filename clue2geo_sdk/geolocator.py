@@ -29,6 +29,7 @@ from .bundle import Bundle
 from .cluemap import Cluemap
 from .encoders import ClipEncoder, Device, GpsClipEncoder, SbertEncoder, providers_for
 from .engines import EngineName, make_engine
+from .engines import base as engines_base
 from .errors import Clue2GeoError
 from .geocode import ReverseGeocoder
 from .image import ImageInput, LoadedImage, load_image
@@ -158,6 +159,8 @@ class Geolocator:
         p = bundle.params("vlm")
         if n_gpu_layers is None:
             n_gpu_layers = 0 if device == "cpu" else -1
+        if device == "cpu" or n_gpu_layers == 0:
+            _check_memory(bundle)
         vlm = make_engine(
             engine,
             bundle.file("vlm", "model"),
@@ -372,6 +375,24 @@ class Geolocator:
             return self.locate(image, name=name, options=options)
         except Exception as exc:  # one bad input must not end a batch
             return Failure(image=name, error=type(exc).__name__, message=str(exc) or repr(exc))
+
+
+def _check_memory(bundle: Bundle) -> None:
+    """Refuse, in one sentence, a CPU load that cannot fit: the OOM killer would otherwise end the
+    process without a word. Counts the model files the CPU path reads (float16 variants are CUDA's)."""
+    parts = {
+        role: sum(f.bytes for k, f in bundle.component(role).files.items() if not k.endswith("fp16"))
+        for role in ("vlm", "clip", "gpsclip", "sbert")
+        if role in bundle.components
+    }
+    needed, avail = sum(parts.values()), engines_base.available_memory_bytes()
+    if avail is not None and needed > avail:
+        detail = ", ".join(f"{role} {n / 2**30:.1f}" for role, n in parts.items())
+        raise Clue2GeoError(
+            f"not enough memory to load bundle {bundle.name!r}: its models need about {needed / 2**30:.1f} GiB "
+            f"({detail}) and {avail / 2**30:.1f} GiB is available; close other programs, lower max_in_flight, "
+            "or use a machine (or GPU) with more memory"
+        )
 
 
 __all__ = ["Constrain", "Failure", "Geolocator", "Options"]

@@ -186,8 +186,16 @@ def test_load_failure_says_why_in_one_sentence(demo_bundle: Path, tmp_path: Path
     b = Bundle.open(demo_bundle, verify=False)
     broken = tmp_path / "model.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 64)
-    with pytest.raises(VLMError, match="could not load the model .*complete GGUF"):
+    with pytest.raises(VLMError, match="could not load the model .*complete GGUF file .* or this process may not use"):
         make_engine("batched", broken, b.file("vlm", "mmproj"))
     monkeypatch.setattr(base, "available_memory_bytes", lambda: 10)
     with pytest.raises(VLMError, match=r"needs about .* GiB and only 0.0 GiB of memory is free"):
         make_engine("batched", broken, b.file("vlm", "mmproj"))
+
+
+def test_geolocator_refuses_a_cpu_load_that_cannot_fit(demo_bundle: Path, monkeypatch) -> None:
+    from clue2geo_sdk.engines import base
+
+    monkeypatch.setattr(base, "available_memory_bytes", lambda: 2**20)
+    with pytest.raises(Exception, match=r"not enough memory to load bundle 'demo': its models need about .* GiB"):
+        Geolocator.load(demo_bundle, device="cpu", verify=False)

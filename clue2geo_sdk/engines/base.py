@@ -141,7 +141,15 @@ def load_llama_cpp(verbose: bool) -> tuple[Any, Any]:
 
 
 def available_memory_bytes() -> int | None:
-    """Physical memory not in use right now (Linux/macOS sysconf); None where it cannot be read."""
+    """Memory a new allocation can get without swapping: Linux's MemAvailable (free + reclaimable
+    page cache), else free pages from sysconf; None where neither can be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
@@ -149,7 +157,8 @@ def available_memory_bytes() -> int | None:
 
 
 def load_failure(what: str, path: Path, needed: int) -> VLMError:
-    """One sentence on why llama.cpp could not load ``path``: memory when it is short, else the file."""
+    """One sentence on why llama.cpp could not load ``path``: memory when it is short, else both
+    possible causes (a process memory limit looks like a bad file from inside llama.cpp)."""
     avail = available_memory_bytes()
     if avail is not None and needed > avail:
         return VLMError(
@@ -157,4 +166,8 @@ def load_failure(what: str, path: Path, needed: int) -> VLMError:
             f"{avail / 2**30:.1f} GiB of memory is free; free memory, lower max_in_flight or the bundle's "
             "n_ctx, or offload layers to a GPU (n_gpu_layers)"
         )
-    return VLMError(f"llama.cpp could not load the {what} {path} (is it a complete GGUF file for this version?)")
+    return VLMError(
+        f"llama.cpp could not load the {what} {path}: either it is not a complete GGUF file this llama.cpp "
+        f"reads, or this process may not use the ~{needed / 2**30:.1f} GiB it needs (check ulimit -v / the "
+        "container's memory limit)"
+    )

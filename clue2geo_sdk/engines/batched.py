@@ -27,7 +27,6 @@ prompts wait for a free sequence (``max_images`` x 6: the prefix and 5 prompts p
 from __future__ import annotations
 
 import ctypes
-import itertools
 import json
 import queue
 import threading
@@ -53,10 +52,8 @@ _SUFFIX = "{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 @attrs.define(eq=False)
 class _Image:
-    key: int
     rgb: bytes
     size: tuple[int, int]
-    ready: threading.Event = attrs.field(factory=threading.Event)
     seq: int = -1
     n_past: int = 0  # next position after the prefix (M-RoPE: not the token count)
     prefix_tokens: int = 0
@@ -207,7 +204,6 @@ class LlamaBatchEngine:
         self._lltokenizer: Any = None
         self._slots = threading.BoundedSemaphore(self.max_images)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._keys = itertools.count()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="clue2geo-vlm", daemon=True)
         self._thread.start()
@@ -220,7 +216,7 @@ class LlamaBatchEngine:
             raise VLMError("the VLM engine is closed")
         img = fit_image(image.image, self.image_max_tokens)
         self._slots.acquire()
-        state = _Image(key=next(self._keys), rgb=img.tobytes(), size=img.size)
+        state = _Image(rgb=img.tobytes(), size=img.size)
         self._inbox.put(("open", state))
         return BatchSession(self, state)
 
@@ -289,7 +285,6 @@ class LlamaBatchEngine:
     def _loop(self) -> None:
         waiting: list[_Ask] = []
         live: list[_Ask] = []
-        images: dict[int, _Image] = {}
         while True:
             idle = not waiting and not live
             try:
@@ -303,7 +298,6 @@ class LlamaBatchEngine:
                         self._fail(a, err)
                     return
                 if cmd == "open":
-                    images[obj.key] = obj
                     self._eval_prefix(obj)
                 elif cmd == "ask":
                     waiting.append(obj)
@@ -312,7 +306,7 @@ class LlamaBatchEngine:
                         self._fail(a, VLMError("the image's session was closed before the answer"))
                     waiting = [a for a in waiting if a.image is not obj]
                     live = [a for a in live if a.image is not obj]
-                    self._release_image(images.pop(obj.key, obj))
+                    self._release_image(obj)
                 try:
                     cmd, obj = self._inbox.get_nowait()
                 except queue.Empty:
@@ -362,7 +356,6 @@ class LlamaBatchEngine:
                 lib.llama_memory_seq_rm(self._mem, img.seq, -1, -1)
         finally:
             img.rgb = b""
-            img.ready.set()
 
     def _release_image(self, img: _Image) -> None:
         if img.seq >= 0:

@@ -17,8 +17,10 @@ from .errors import (
     ExportValidationError,
     ImageLoadError,
     MissingExtraError,
+    RegionError,
 )
 from .geolocator import Failure, Geolocator, Options
+from .region import Region
 from .results import Candidate, Prediction
 
 __all__ = [
@@ -36,5 +38,7 @@ __all__ = [
     "MissingExtraError",
     "Options",
     "Prediction",
+    "Region",
+    "RegionError",
     "__version__",
 ]

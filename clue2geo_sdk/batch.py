@@ -59,6 +59,7 @@ CSV_FIELDS = (
     "model_country",
     "model_city",
     "confidence",
+    "similarity",
     "spread_km",
     "source",
     "fallback",

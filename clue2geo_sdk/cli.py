@@ -297,7 +297,13 @@ def _engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
     help="Skip images already in --out (same path, sha256, bundle and options); run the rest.",
 )
 @click.option("--retry-failed", is_flag=True, help="With --resume: also run again images whose latest record failed.")
-@click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write an offline HTML map report.")
+@click.option(
+    "--gallery",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Reference gallery of your own geotagged photos (clue2geo gallery build) instead of the bundle's.",
+)
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the HTML case report.")
 @_engine_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--use-cluemap/--no-use-cluemap", default=True, show_default=True, help="Off: the paper's w/o CM.")
@@ -305,6 +311,11 @@ def _engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--samples-per-prompt", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--nearest-neighbour-candidate", is_flag=True, help="Add the nearest gallery coordinate as a candidate.")
 @click.option("--constrain", type=click.Choice(["fallback", "always", "never"]), default="always", show_default=True)
+@click.option(
+    "--region",
+    default=None,
+    help="Where the photo is known to be: ISO codes 'FR,DE', 'bbox:WEST,SOUTH,EAST,NORTH' or 'circle:LAT,LON,KM'.",
+)
 @click.option("--max-cue-tokens", default=512, show_default=True, type=click.IntRange(16))
 @click.option("--max-answer-tokens", default=128, show_default=True, type=click.IntRange(16))
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check the bundle's sha256 digests first.")
@@ -364,6 +375,9 @@ def locate(
             Bundle.open(bundle_path, verify=True, trusted_keys=trusted_keys)
         except Clue2GeoError as exc:
             _fail(exc)
+    if options.get("gallery") is not None and ray_address is not None:
+        raise click.UsageError("--gallery is not supported with --ray yet")
+    gallery = options.pop("gallery", None)
     if ray_address is not None:
         ray_args = {"address": ray_address or None, "actors": actors, "batch_size": batch_size, "engine": engine}
         ray_args |= {"recursive": recursive, "resume": resume, "retry_failed": retry_failed, "fmt": fmt or "jsonl"}
@@ -381,6 +395,7 @@ def locate(
             engine=engine,  # type: ignore[arg-type]
             max_in_flight=max_in_flight,
             trusted_keys=trusted_keys or None,
+            gallery=gallery,
             **options,
         )
     except (Clue2GeoError, TypeError, RuntimeError) as exc:
@@ -398,13 +413,13 @@ def locate(
                 on_record=tick,
                 on_notice=_warn,
             )
-            db = geo.bundle.file("metadata", "db")
     except FileExistsError as exc:
         _fail(exc)
     if report is not None:
         from .report import write_report
 
-        write_report(report, latest(read_journal(journal_path(out, fmt)).records).values(), db)  # type: ignore[arg-type]
+        journal = journal_path(out, fmt)  # type: ignore[arg-type]
+        write_report(report, latest(read_journal(journal).records).values(), geo.bundle, results_path=journal)
     click.echo(f"{summary.ok} located, {summary.error} failed, {summary.skipped} skipped (already in {out})")
     if report is not None:
         click.echo(f"report: {report}")
@@ -445,7 +460,7 @@ def _locate_on_ray(
         from .cluster import merged_records
         from .report import write_report
 
-        write_report(report, merged_records(out).records, Bundle.open(bundle_path, verify=False).file("metadata", "db"))
+        write_report(report, merged_records(out).records, Bundle.open(bundle_path, verify=False), results_path=out)
     click.echo(
         f"{summary.ok} located, {summary.error} failed, {summary.skipped} skipped (already in {out}) "
         f"on {summary.plan.get('actors')} {summary.plan.get('device')} actor(s); merged: {summary.merged}"
@@ -478,7 +493,7 @@ def _read_results(records: Path) -> list[dict[str, Any]]:
     "--to", "dest", required=True, type=click.Path(path_type=Path), help=".geojson, .csv, .jsonl or .html (report)."
 )
 @click.option(
-    "--bundle", "bundle_path", type=click.Path(path_type=Path), help="Bundle (needed for .html: its map data)."
+    "--bundle", "bundle_path", type=click.Path(path_type=Path), help="For .html: the bundle (its CLIP patch grid)."
 )
 def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
     """Convert a JSONL results file, or a 'locate --ray' run folder (its shards merged), into GeoJSON,
@@ -496,11 +511,13 @@ def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
     elif suffix == ".csv":
         write_csv(dest, recs)
     elif suffix in (".html", ".htm"):
-        if bundle_path is None:
-            raise click.UsageError("--bundle is needed to draw the HTML report's map")
         from .report import write_report
 
-        write_report(dest, recs, Bundle.open(bundle_path, verify=False).file("metadata", "db"))
+        try:
+            bundle = Bundle.open(bundle_path, verify=False) if bundle_path is not None else None
+        except Clue2GeoError as exc:
+            _fail(exc)
+        write_report(dest, recs, bundle, results_path=records)
     else:
         raise click.UsageError(f"cannot export to {dest.suffix!r}; use .geojson, .csv, .jsonl or .html")
     click.echo(f"{len(recs)} records -> {dest}")
@@ -508,18 +525,31 @@ def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
 
 @main.command("report")
 @click.argument("records", type=click.Path(exists=True, path_type=Path))
-@click.option("--bundle", "bundle_path", required=True, type=click.Path(path_type=Path), help="Bundle (its map data).")
 @click.option("--out", "dest", required=True, type=click.Path(path_type=Path), help="The HTML report to write.")
-def report_cmd(records: Path, bundle_path: Path, dest: Path) -> None:
-    """Write the offline HTML map report of a JSONL results file or a 'locate --ray' run folder."""
+@click.option(
+    "--bundle",
+    "bundle_path",
+    type=click.Path(path_type=Path),
+    help="The bundle that made the records: its CLIP patch grid (else 3x3) and digest, checked against theirs.",
+)
+@click.option(
+    "--image-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder that relative image paths in the records are read from (default: the current folder).",
+)
+def report_cmd(records: Path, dest: Path, bundle_path: Path | None, image_root: Path | None) -> None:
+    """Write the case report: one self-contained offline HTML file (photos with the matched patches,
+    cluemap, candidates and metadata position on a map, chain of custody) of a JSONL results file or a
+    'locate --ray' run folder. Photos are read again and shown only if their sha256 still matches."""
     from .report import write_report
 
     recs = _read_results(records)
     try:
-        db = Bundle.open(bundle_path, verify=False).file("metadata", "db")
+        bundle = Bundle.open(bundle_path, verify=False) if bundle_path is not None else None
     except Clue2GeoError as exc:
         _fail(exc)
-    write_report(dest, recs, db)
+    write_report(dest, recs, bundle, image_root=image_root, results_path=records)
     click.echo(f"{len(recs)} records -> {dest}")
 
 
@@ -538,11 +568,25 @@ def report_cmd(records: Path, bundle_path: Path, dest: Path) -> None:
     "--limit", type=click.IntRange(1), default=None, help="Evaluate a deterministic random sample of N images."
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the --limit sample.")
+@click.option(
+    "--gallery",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Reference gallery of your own geotagged photos (clue2geo gallery build) instead of the bundle's.",
+)
 @_engine_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-cue-tokens", default=512, show_default=True, type=click.IntRange(16))
 @click.option("--max-answer-tokens", default=128, show_default=True, type=click.IntRange(16))
 @click.option("--verify/--no-verify", default=True, show_default=True)
+@click.option(
+    "--calibration",
+    is_flag=True,
+    help="Also write calibration.json / calibration.md: accuracy per bin of the winner's confidence.",
+)
+@click.option(
+    "--calibration-bins", default=10, show_default=True, type=click.IntRange(1, 100), help="Equal-width bins."
+)
 def evaluate_cmd(
     dataset: Path,
     images: Path,
@@ -555,10 +599,13 @@ def evaluate_cmd(
     engine: str,
     max_in_flight: int,
     verify: bool,
+    calibration: bool,
+    calibration_bins: int,
     **options: Any,
 ) -> None:
-    """Run the pipeline over a dataset (resumable) and write per-image CSV, metrics.json and table.md;
-    exit 0 if every image was located, 3 if some failed (they count as misses in the metrics)."""
+    """Run the pipeline over a dataset (resumable) and write per-image CSV, metrics.json and table.md
+    (with --calibration, the reliability table of the confidence too); exit 0 if every image was
+    located, 3 if some failed (they count as misses in the metrics)."""
     from .eval_run import run_eval, variants
     from .geolocator import Geolocator
 
@@ -581,9 +628,22 @@ def evaluate_cmd(
     n = len(read_dataset(dataset, limit=limit, seed=seed)[0]) * (1 + len(abl))
     with geo, _progress(n) as tick:
         report = run_eval(
-            geo, dataset, images, out, ablate=abl, limit=limit, seed=seed, on_record=tick, on_notice=_warn
+            geo,
+            dataset,
+            images,
+            out,
+            ablate=abl,
+            limit=limit,
+            seed=seed,
+            on_record=tick,
+            on_notice=_warn,
+            calibration=calibration,
+            calibration_bins=calibration_bins,
         )
     click.echo((out / "table.md").read_text())
+    if calibration:
+        click.echo((out / "calibration.md").read_text())
+        click.echo(f"wrote {out}/calibration.json, calibration.md")
     failed = {k: len(v["failed"]) for k, v in report["variants"].items()}
     click.echo(f"wrote {out}/metrics.json, table.md, per-image-*.csv; failed images per variant: {failed}")
     if any(failed.values()):
@@ -645,6 +705,10 @@ def metadata_cmd(paths: tuple[Path, ...]) -> None:
             row = {"path": str(path), "error": str(exc)}
         click.echo(json.dumps(row, ensure_ascii=False))
 
+
+from .cli_gallery import gallery  # noqa: E402
+
+main.add_command(gallery)
 
 if __name__ == "__main__":
     main()

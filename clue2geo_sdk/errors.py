@@ -52,3 +52,7 @@ class ExportValidationError(Clue2GeoError, RuntimeError):
 
 class ImageLoadError(Clue2GeoError, ValueError):
     """An input image cannot be read or decoded; the message names the input and the reason."""
+
+
+class RegionError(Clue2GeoError, ValueError):
+    """A region the SDK cannot use: an unknown country code, a malformed box or radius."""

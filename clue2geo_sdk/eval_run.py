@@ -2,6 +2,8 @@
 
 Predictions go through the batch runner (durable, resumable) into ``predictions-<variant>.jsonl``;
 metrics are computed from those records, so a resumed run gives the same numbers as an unbroken one.
+With ``calibration=True`` the winner's confidence is also checked against the truth per confidence
+bin (:mod:`clue2geo_sdk.calibration`): ``calibration.json`` and ``calibration.md``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,18 @@ from typing import Any
 import attrs
 
 from ._version import __version__
+from .answers import rank_answers
 from .batch import journal_path, latest, read_journal, run_batch
+from .calibration import (
+    Calibration,
+    ScaleFit,
+    answer_confidences,
+    fit_logit_scale,
+    record_candidates,
+    reliability,
+    winner_not_most_confident,
+)
+from .calibration import markdown_table as calibration_table
 from .evaluate import (
     CONVENTIONS,
     THRESHOLD_NAMES,
@@ -28,6 +41,7 @@ from .evaluate import (
     read_dataset,
 )
 from .geolocator import Geolocator
+from .results import Candidate
 from .sanitize import csv_cell
 
 ABLATIONS = {
@@ -46,6 +60,8 @@ PER_IMAGE_FIELDS = (
     "country_true",
     "country_pred",
     "source",
+    "confidence",
+    "answers",
     "error",
 )
 
@@ -89,13 +105,17 @@ def run_eval(
     seed: int = 0,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     on_notice: Callable[[str], None] | None = None,
+    calibration: bool = False,
+    calibration_bins: int = 10,
 ) -> dict[str, Any]:
     """Each variant runs under its own Options passed per call: ``geo.options`` is never changed, so
-    a geolocator shared with other threads keeps its settings."""
+    a geolocator shared with other threads keeps its settings. ``calibration`` adds the reliability
+    table of the winner's confidence (``calibration_bins`` equal-width bins) per variant."""
     samples, problems = read_dataset(dataset, limit=limit, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     base = geo.options
     table_rows: list[tuple[str, Metrics]] = []
+    calibrations: list[tuple[str, str, Calibration, ScaleFit | None]] = []
     report: dict[str, Any] = {
         "sdk_version": __version__,
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -127,6 +147,8 @@ def run_eval(
         # records are read back (latest per image) so a resumed run gives the same numbers
         recs = latest(read_journal(journal_path(pred_path, "jsonl")).records)
         rows, dists, c_pred = [], [], []
+        confs: list[tuple[float, ...]] = []
+        cand_sets: list[list[Candidate]] = []
         for s, p, ct in zip(samples, paths, c_true, strict=True):
             rec = recs.get(str(p), {"status": "error", "error": "NotRun"})
             row: dict[str, Any] = {
@@ -150,6 +172,18 @@ def run_eval(
                 )
                 dists.append(d)
                 c_pred.append(cp)
+                try:
+                    conf = answer_confidences(rec)
+                    cands = record_candidates(rec)
+                    rank_answers(cands)  # the scale fit below needs valid candidates
+                except (ValueError, TypeError, KeyError) as exc:  # a damaged record: no confidence, said once
+                    conf, cands = (), []
+                    if on_notice:
+                        on_notice(f"{s.img_id}: no confidence from its record ({exc})")
+                confs.append(conf)
+                cand_sets.append(cands)
+                if conf:
+                    row.update(confidence=round(conf[0], 6), answers=len(conf))
             else:
                 dists.append(None)
                 c_pred.append(None)
@@ -167,6 +201,33 @@ def run_eval(
             "metrics": m.to_dict(),
             "failed": [r["img_id"] for r in rows if r["status"] != "ok"],
         }
+        if calibration:
+            ok_dists = [x for x in dists if x is not None]
+            scored = [(c[0], d) for c, d in zip(confs, ok_dists, strict=True) if c]
+            cal = reliability(
+                [c for c, _ in scored],
+                [d for _, d in scored],
+                n_bins=calibration_bins,
+                n_excluded=len(samples) - len(scored),
+            )
+            cal = attrs.evolve(cal, winner_not_most_confident=winner_not_most_confident(confs))
+            fit = fit_logit_scale(cand_sets, ok_dists, n_bins=calibration_bins)
+            calibrations.append((slug, label, cal, fit))
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     (out / "table.md").write_text(markdown_table(table_rows, dataset.stem))
+    if calibration:
+        cal_report = {
+            "bundle": report["bundle"],
+            "dataset": report["dataset"],
+            "confidence": "first answer's confidence: softmax of the candidates' (and, where the records' answers "
+            "used them, the retrieved gallery points') GPSCLIP cosines times GeoCLIP's logit scale, summed over "
+            "what lies within 25 km of it; checked against truth within 25 km. See docs/evaluation.md",
+            "variants": {
+                s: {"label": lb, "calibration": c.to_dict(), "logit_scale_fit": f.to_dict() if f else None}
+                for s, lb, c, f in calibrations
+            },
+        }
+        (out / "calibration.json").write_text(json.dumps(cal_report, indent=2))
+        md = "".join(calibration_table(c, f"{dataset.stem}: {lb}", f) + "\n" for _, lb, c, f in calibrations)
+        (out / "calibration.md").write_text(md)
     return report

@@ -67,8 +67,15 @@ class ReverseGeocoder:
     def __len__(self) -> int:
         return len(self._lat)
 
-    def lookup(self, lat: float, lon: float) -> Place:
-        i = int(np.argmax(self._xyz @ unit_vectors(np.array([lat]), np.array([lon]))[0]))
+    def lookup(self, lat: float, lon: float, *, country_code: str | None = None) -> Place:
+        """The nearest place; with ``country_code``, the nearest place in that country (when it has any),
+        so a point near a border is not named after the town across it."""
+        dots = self._xyz @ unit_vectors(np.array([lat]), np.array([lon]))[0]
+        if country_code:
+            same = self._cc == country_code
+            if same.any():
+                dots = np.where(same, dots, -np.inf)
+        i = int(np.argmax(dots))
         return Place(
             city=str(self._names[i]),
             admin1=str(self._admin1[i] or ""),

@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import attrs
+import numpy as np
 
 from . import stages
+from .answers import rank_answers
 from .bundle import Bundle
 from .cluemap import Cluemap
+from .countries import countries
 from .encoders import ClipEncoder, Device, GpsClipEncoder, SbertEncoder, providers_for
 from .engines import EngineName, make_engine
 from .engines import base as engines_base
@@ -36,9 +39,10 @@ from .image import ImageInput, LoadedImage, load_image
 from .image_tokens import IMAGE_MAX_TOKENS
 from .metadata import read_metadata
 from .prompts import resolve
+from .region import Region
 from .results import Prediction
 from .retrieval import Gallery
-from .selection import confidence, spread_km
+from .selection import similarity, spread_km
 from .vlm import Constrain, PendingAnswer, VisionLanguageModel
 
 T = TypeVar("T")
@@ -61,6 +65,8 @@ class Options:
     alpha: float = attrs.field(default=0.5, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)])
     max_cue_tokens: int = 512
     max_answer_tokens: int = 128
+    # Where the photo is known to be: "FR,DE", "bbox:W,S,E,N", "circle:LAT,LON,KM", codes or a Region.
+    region: Region | None = attrs.field(default=None, converter=lambda v: None if v in (None, "") else Region.parse(v))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> Options:
@@ -71,8 +77,9 @@ class Options:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        d = attrs.asdict(self)
+        d = attrs.asdict(self, recurse=False)
         d["references"] = list(self.references)
+        d["region"] = self.region.to_dict() if self.region else None
         return d
 
     def digest(self) -> str:
@@ -108,6 +115,7 @@ class Geolocator:
         device: Device = "auto",
         options: Options,
         max_in_flight: int = 1,
+        gallery: str | Path | None = None,
     ) -> None:
         self.bundle = bundle
         self.options = options
@@ -118,15 +126,24 @@ class Geolocator:
         self.clip = ClipEncoder(files["clip"], bundle.params("clip"), providers)
         self.gpsclip = GpsClipEncoder(files["gpsclip"], bundle.params("gpsclip"), providers)
         self.sbert = SbertEncoder(files["sbert"], bundle.params("sbert"), providers)
-        gparams = bundle.params("gallery")
-        self.gallery = Gallery(
-            files["gallery"]["index"],
-            files["metadata"]["db"],
-            dim=int(gparams["dim"]),
-            encoder_sha256=str(gparams["encoder_sha256"]),
-            location_sha256=bundle.component("gpsclip").files["location"].sha256,
-        )
+        from .reference_gallery import PhotoGallery
+
+        self.gallery: Gallery | PhotoGallery
+        if gallery is None:
+            gparams = bundle.params("gallery")
+            self.gallery = Gallery(
+                files["gallery"]["index"],
+                files["metadata"]["db"],
+                dim=int(gparams["dim"]),
+                encoder_sha256=str(gparams["encoder_sha256"]),
+                location_sha256=bundle.component("gpsclip").files["location"].sha256,
+                digest=bundle.component("gallery").files["index"].sha256,
+            )
+        else:  # the analyst's reference photos: image -> image retrieval
+            self.gallery = PhotoGallery(gallery, image_sha256=bundle.component("gpsclip").files["image"].sha256)
         self.geocoder = ReverseGeocoder(files["metadata"]["db"])
+        self.countries = countries()
+        self._region_keys: dict[Region, Any] = {}
         self.prompts = resolve(bundle.params("vlm").get("prompts"))
         grid = bundle.params("clip").get("patch_grid", [3, 3])
         self.grid = (int(grid[0]), int(grid[1]))
@@ -147,13 +164,17 @@ class Geolocator:
         n_threads: int | None = None,
         verbose: bool = False,
         trusted_keys: Iterable[Any] | None = None,
+        gallery: str | Path | None = None,
         **options: Any,
     ) -> Geolocator:
         """Open a bundle and every model in it. ``engine`` picks the VLM engine ("batched", the
         default, or the "chat" baseline); ``max_in_flight`` is how many images ``locate_many`` and
         concurrent callers keep in the engine at once (each reserves ``n_ctx`` KV cells).
         ``options`` are :class:`Options` fields. ``trusted_keys`` (Ed25519 public keys or key files)
-        refuses a bundle that none of them signed (:meth:`Bundle.open`)."""
+        refuses a bundle that none of them signed (:meth:`Bundle.open`). ``gallery`` (a folder made
+        by ``clue2geo gallery build``) takes the similar/dissimilar references from the analyst's
+        own geotagged photos instead of the bundle's coordinate gallery; it must have been built
+        with this bundle's GPSCLIP image tower."""
         opts = Options.from_kwargs(**options)
         bundle = Bundle.open(path, verify=verify, trusted_keys=trusted_keys)
         p = bundle.params("vlm")
@@ -173,7 +194,7 @@ class Geolocator:
             temperature=float(p.get("generation", {}).get("temperature", 0.0)),
             verbose=verbose,
         )
-        return cls(bundle, vlm, device=device, options=opts, max_in_flight=max_in_flight)
+        return cls(bundle, vlm, device=device, options=opts, max_in_flight=max_in_flight, gallery=gallery)
 
     def __enter__(self) -> Geolocator:
         return self
@@ -260,13 +281,19 @@ class Geolocator:
                 )
             image_emb = self.gpsclip.encode_images([img.image])[0]
             lap("gpsclip_image")
-            refs = stages.retrieve(self.gallery, image_emb, opts.references if opts.use_refinement else ())
+            region = opts.region
+            refs = stages.retrieve(
+                self.gallery,
+                image_emb,
+                opts.references if opts.use_refinement else (),
+                allowed=self._keys_in(region) if region else None,
+            )
             lap("retrieval")
 
             def locate_prompt(prompt: str) -> list[PendingAnswer]:
                 return stages.submit_location(
                     session,
-                    prompt,
+                    stages.within_region(prompt, region),
                     samples=opts.samples_per_prompt,
                     temperature=opts.sample_temperature,
                     max_tokens=opts.max_answer_tokens,
@@ -298,12 +325,24 @@ class Geolocator:
             for source, pending in pending_rag.items():
                 proposals += stages.finish_location(source, pending, raw)
             lap("rag")
+        nearest = refs.similar[0] if refs.similar else stages.region_anchor(region)  # type: ignore[arg-type]
         chosen = stages.choose(
-            proposals, image_emb, self.gpsclip, refs.similar[0], add_nearest=opts.nearest_neighbour_candidate
+            proposals,
+            image_emb,
+            self.gpsclip,
+            nearest,
+            add_nearest=opts.nearest_neighbour_candidate,
+            region=region,
         )
         win = chosen.candidates[chosen.best]
+        # Gallery hits are GPSCLIP image-location cosines, on the candidates' scale; a photo gallery's
+        # image-image cosines are not, so they stay out of the softmax.
+        same_scale = getattr(self.gallery, "kind", "coordinates") == "coordinates"
+        answers = rank_answers(chosen.candidates, references=refs.similar if same_scale else ())
         lap("selection")
-        place = self.geocoder.lookup(win.lat, win.lon)
+        # The country by its real borders; the city and admin1 from the nearest GeoNames place inside it.
+        code = self.countries.code_at(win.lat, win.lon)
+        place = self.geocoder.lookup(win.lat, win.lon, country_code=code)
         lap("reverse_geocode")
         meta = read_metadata(img)  # beside the prediction, never used by it (metadata can be forged)
         timings["total"] = round(time.perf_counter() - t0, 4)
@@ -311,14 +350,15 @@ class Geolocator:
         return Prediction(
             lat=win.lat,
             lon=win.lon,
-            country=place.country or None,
-            country_code=place.country_code or None,
+            country=(place.country if place.country_code == code else self.countries.get(code).name) if code else None,
+            country_code=code,
             admin1=place.admin1 or None,
             city=place.city or None,
             landmark=win.landmark,
             model_country=win.country,
             model_city=win.city,
-            confidence=confidence(win.score),
+            confidence=answers[0].confidence,
+            similarity=similarity(win.score),
             spread_km=spread_km(win.lat, win.lon, others),
             source=win.source,
             fallback=chosen.fallback,
@@ -335,7 +375,23 @@ class Geolocator:
             cues_status=cues_status,
             metadata=meta.to_dict(),
             metadata_distance_km=meta.distance_km(win.lat, win.lon),
+            region=region.to_dict() if region else None,
+            outside_region=chosen.outside_region,
+            answers=answers,
+            references={
+                "gallery": getattr(self.gallery, "kind", "coordinates"),
+                "gallery_digest": getattr(self.gallery, "digest", None),
+                "similar": [h.to_dict() for h in refs.similar],
+                "dissimilar": [h.to_dict() for h in refs.dissimilar],
+            },
         )
+
+    def _keys_in(self, region: Region) -> Any:
+        """Gallery keys inside ``region`` (sorted), computed once per region and kept."""
+        keys = self._region_keys.get(region)
+        if keys is None:
+            keys = self._region_keys[region] = np.flatnonzero(region.contains(self.gallery.lat, self.gallery.lon))
+        return keys
 
     def locate_many(
         self,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from .cluemap import Cue
 
-SOURCES = ("direct", "rag5", "rag10", "rag15", "gallery_nearest")
+if TYPE_CHECKING:
+    from .answers import Answer  # answers imports this module: the class is needed only in from_dict
+
+SOURCES = ("direct", "rag5", "rag10", "rag15", "gallery_nearest", "region_anchor")
 
 
 @attrs.frozen(kw_only=True)
@@ -34,15 +37,23 @@ class Candidate:
 class Prediction:
     """Where the photo was taken, and everything that led there.
 
-    ``confidence`` is the winner's GPSCLIP cosine mapped from [-1, 1] to [0, 1]: a similarity, not a
-    probability. ``spread_km`` is the median great-circle distance from the winner to the other
+    ``answers`` are the distinct candidates (merged within 25 km), best score first; ``answers[0]``
+    holds the winner. ``confidence`` is ``answers[0].confidence``: the share of a softmax over the
+    candidates' and the nearest gallery points' GPSCLIP cosines (GeoCLIP's logit scale) that falls on
+    the winning answer — the model's relative preference, to be read against a reliability table
+    (``clue2geo eval --calibration``), not a probability by itself (:mod:`clue2geo_sdk.answers`).
+    ``similarity`` is the winner's GPSCLIP cosine mapped from [-1, 1] to [0, 1]. ``references`` are
+    the gallery points the RAG prompts were shown (``similar`` / ``dissimilar``, with their cosines)
+    and which gallery they came from.
+    ``spread_km`` is the median great-circle distance from the winner to the other
     valid candidates: small when the model's independent answers agree.
 
-    ``country``, ``country_code``, ``admin1`` and ``city`` come from the offline geocoder of the
-    winning coordinate; the model's own strings are kept apart (``model_country``, ``model_city``,
-    ``landmark``), cleaned of control characters and capped in length. ``cues_status`` is "ok",
+    ``country`` and ``country_code`` are the country whose Natural Earth border contains the winning
+    coordinate (None at sea); ``admin1`` and ``city`` the nearest GeoNames place in that country. The
+    model's own strings are kept apart (``model_country``, ``model_city``, ``landmark``), cleaned of control characters and capped in length. ``cues_status`` is "ok",
     "reasked" (the free answer did not parse; the schema-constrained one did), "failed" (no usable
-    cue list: the cluemap is empty) or "skipped" (``use_cluemap=False``).
+    cue list: the cluemap is empty) or "skipped" (``use_cluemap=False``). ``region`` is the region
+    constraint, if any, and ``outside_region`` how many candidates it dropped.
 
     ``metadata`` is what the photo's own EXIF / XMP says (:class:`clue2geo_sdk.metadata.PhotoMetadata`
     as a dict: position, capture time, camera, and ``problems`` naming every malformed value); the
@@ -77,12 +88,18 @@ class Prediction:
     cues_status: str = "ok"
     metadata: Mapping[str, Any] | None = None
     metadata_distance_km: float | None = None
+    region: Mapping[str, Any] | None = None
+    outside_region: int = 0
+    answers: tuple[Answer, ...] = ()
+    similarity: float | None = None
+    references: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = attrs.asdict(self, recurse=False)
         d["candidates"] = [c.to_dict() for c in self.candidates]
         d["cues"] = [c.to_dict() for c in self.cues]
-        for key in ("cluemap", "raw_outputs", "timings", "options", "metadata"):
+        d["answers"] = [a.to_dict() for a in self.answers]
+        for key in ("cluemap", "raw_outputs", "timings", "options", "metadata", "region", "references"):
             d[key] = dict(d[key]) if d[key] is not None else None
         return d
 
@@ -98,6 +115,9 @@ class Prediction:
         d = dict(data)
         d["candidates"] = tuple(Candidate(**c) for c in d.get("candidates", ()))
         d["cues"] = tuple(Cue(**c) for c in d.get("cues", ()))
+        from .answers import Answer
+
+        d["answers"] = tuple(Answer(**a) for a in d.get("answers", ()))
         return cls(**d)
 
     def to_geojson(self) -> dict[str, Any]:

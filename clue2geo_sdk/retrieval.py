@@ -1,44 +1,181 @@
-"""The coordinate gallery: a memory-mapped USearch index of location embeddings + DuckDB rows.
+"""Galleries for the similar/dissimilar references: USearch indexes + DuckDB rows.
 
-Most similar: nearest neighbours of the GPSCLIP image embedding. Least similar: nearest
-neighbours of the *negated* query, i.e. the largest cosine distance (G3's negative references).
+Two kinds share one search interface (:class:`GallerySearch`): the bundle's *coordinate* gallery
+(:class:`Gallery`, GPSCLIP location embeddings of GPS points, queried with the photo's image
+embedding) and the analyst's *photo* gallery (:class:`clue2geo_sdk.reference_gallery.PhotoGallery`,
+GPSCLIP image embeddings of geotagged reference photos: image -> image retrieval).
 
-Search is exact (brute force over the memory-mapped vectors) up to ``EXACT_LIMIT`` rows: on the
-100K demo gallery HNSW at the default expansion (64) found only 5 of the exact top 15 for an
-image query (cosines ~0.2, all close), while exact search takes ~15 ms. Larger galleries use HNSW
-with a wide expansion (1024: 15/15 on the same query, 3 ms).
+Most similar: nearest neighbours of the query. Least similar: nearest neighbours of the *negated*
+query, i.e. the largest cosine distance (G3's negative references).
+
+Exact or HNSW (measured with ``bench/retrieval.py``, docs/gallery.md): exact search over 100K
+float16 vectors costs ~8 ms per query and grows linearly (~80 ms at 1M), so galleries up to
+``EXACT_LIMIT`` rows are searched exactly (recall 1, and the coordinate gallery's cross-modal
+queries, cosines ~0.2 all close, are where HNSW struggles most: at expansion 64 it found 5 of the
+exact top 15 on the demo gallery). Larger ones use HNSW with ``HNSW_EXPANSION``.
+
+``allowed`` (a sorted array of keys, e.g. a region's) restricts a search to those rows, exactly
+for any subset: small subsets are searched by brute force over their own vectors; large ones by an
+oversampled search whose results are filtered, widened until k allowed rows are found (in the end
+an exact search over everything, so a result is never missing an allowed row it should have).
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Any, Protocol
 
 import attrs
 import numpy as np
 
 from .errors import BundleFormatError
 
-EXACT_LIMIT = 2_000_000
+EXACT_LIMIT = 100_000
+# expansion_search for HNSW-searched galleries: the coordinate gallery (cross-modal queries) and
+# the photo gallery (image -> image; recall@15 >= 0.99 at 1M and 5M in docs/gallery.md).
 HNSW_EXPANSION = 1024
+PHOTO_HNSW_EXPANSION = 256
+# Index build settings for photo galleries (USearch defaults; see docs/gallery.md for the curve).
+PHOTO_INDEX_DTYPE = "f16"
+PHOTO_INDEX_CONNECTIVITY = 16
+PHOTO_INDEX_EXPANSION_ADD = 128
+# Subsets up to this many rows are searched by brute force over their own vectors.
+SUBSET_BRUTE_FORCE = 50_000
 
 
 @attrs.frozen(kw_only=True)
 class GalleryHit:
+    """One reference: a gallery row, its coordinate and cosine to the query. ``path`` is the
+    reference photo's path for a photo gallery, empty for the coordinate gallery."""
+
     key: int
     lat: float
     lon: float
     cosine: float
     country: str = ""
     city: str = ""
+    path: str = ""
 
     def to_dict(self) -> dict[str, object]:
         return attrs.asdict(self)
 
 
-class Gallery:
-    """Read-only; safe to query from several threads (USearch search and numpy lookups don't mutate)."""
+class GallerySearch(Protocol):
+    """What the pipeline needs from a gallery (either kind)."""
 
-    def __init__(self, index_path: Path, db_path: Path, *, dim: int, encoder_sha256: str, location_sha256: str) -> None:
+    kind: str
+    digest: str
+    lat: np.ndarray
+    lon: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def most_similar(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[GalleryHit]: ...
+
+    def least_similar(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[GalleryHit]: ...
+
+
+@attrs.frozen
+class Matches:
+    """Keys (int64) and cosine distances, best first."""
+
+    keys: np.ndarray
+    distances: np.ndarray
+
+
+def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> Matches:
+    """Exact top-k by cosine over ``vectors`` (row numbers as keys), with USearch's SIMD kernels
+    (float16 rows are not converted to float32 first, which would cost more than the search)."""
+    from ._native import usearch_index
+
+    search = usearch_index().search
+    k = min(k, len(vectors))
+    if k == 0:
+        return Matches(keys=np.zeros(0, dtype=np.int64), distances=np.zeros(0, dtype=np.float32))
+    q = np.asarray(query, dtype=vectors.dtype)
+    m = search(np.ascontiguousarray(vectors), q, k, "cos", exact=True, threads=1)
+    return Matches(keys=np.asarray(m.keys, dtype=np.int64), distances=np.asarray(m.distances, dtype=np.float32))
+
+
+class SearchMixin:
+    """The search logic both gallery kinds share. Subclasses set ``index`` (a USearch index or
+    view), ``exact``, ``lat``, ``lon`` and may override :meth:`_vectors`."""
+
+    index: Any
+    exact: bool
+    lat: np.ndarray
+    lon: np.ndarray
+    # Allowed subsets up to this size are brute-forced over their own vectors (:meth:`_vectors`).
+    subset_limit: int = SUBSET_BRUTE_FORCE
+
+    def __len__(self) -> int:
+        return len(self.lat)
+
+    def _vectors(self, keys: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``keys`` (sorted), one row each."""
+        got = self.index.get(np.asarray(keys, dtype=np.uint64))
+        return np.asarray(got, dtype=np.float32).reshape(len(keys), -1)
+
+    def _hit(self, key: int, cosine: float) -> GalleryHit:
+        raise NotImplementedError
+
+    def _search(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> Matches:
+        q = np.asarray(query, dtype=np.float32)
+        n = len(self)
+        if allowed is None:
+            m = self.index.search(q, min(k, n), exact=self.exact)
+            return Matches(keys=np.asarray(m.keys, dtype=np.int64), distances=np.asarray(m.distances))
+        allowed = np.asarray(allowed, dtype=np.int64)
+        if len(allowed) == 0 or k <= 0:
+            return Matches(keys=np.zeros(0, dtype=np.int64), distances=np.zeros(0, dtype=np.float32))
+        if allowed[0] < 0 or allowed[-1] >= n:
+            raise ValueError(f"allowed keys must lie in [0, {n}); got {allowed[0]}..{allowed[-1]}")
+        if len(allowed) <= self.subset_limit:
+            m = brute_force(self._vectors(allowed), q, k)
+            return Matches(keys=allowed[m.keys], distances=m.distances)
+        # Oversample by the inverse of the allowed fraction, filter, and widen until k are found.
+        # HNSW's search widens its own expansion to the count asked for; the last try is exact.
+        want = min(n, int(np.ceil(2 * k * n / len(allowed))) + k)
+        while True:
+            exact = self.exact or want >= n
+            m = self.index.search(q, want, exact=exact)
+            keys = np.asarray(m.keys, dtype=np.int64)
+            pos = np.minimum(np.searchsorted(allowed, keys), len(allowed) - 1)
+            ok = allowed[pos] == keys
+            if ok.sum() >= min(k, len(allowed)) or want >= n:
+                return Matches(keys=keys[ok][:k], distances=np.asarray(m.distances)[ok][:k])
+            want = min(n, want * 4)
+
+    def most_similar(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[GalleryHit]:
+        """The k nearest rows; ``allowed`` (sorted keys) restricts the search to those rows."""
+        m = self._search(query, k, allowed)
+        return [self._hit(int(key), float(1.0 - d)) for key, d in zip(m.keys, m.distances, strict=True)]
+
+    def least_similar(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[GalleryHit]:
+        """Nearest to -query: cos(x, -q) = -cos(x, q), so these have the lowest cosine to q."""
+        m = self._search(-np.asarray(query, dtype=np.float32), k, allowed)
+        return [self._hit(int(key), float(-(1.0 - d))) for key, d in zip(m.keys, m.distances, strict=True)]
+
+
+class Gallery(SearchMixin):
+    """The bundle's coordinate gallery. Read-only; safe to query from several threads (USearch
+    search and numpy lookups don't mutate)."""
+
+    kind = "coordinates"
+
+    def __init__(
+        self,
+        index_path: Path,
+        db_path: Path,
+        *,
+        dim: int,
+        encoder_sha256: str,
+        location_sha256: str,
+        digest: str | None = None,
+    ) -> None:
+        """``digest`` names this gallery in records (the bundle's sha256 of the index file); None
+        hashes the index file's header and size instead (cheap, and enough to tell galleries apart)."""
         import duckdb
 
         from ._native import usearch_index
@@ -59,33 +196,28 @@ class Gallery:
         self.exact = len(self.index) <= EXACT_LIMIT
         if not self.exact:
             self.index.expansion_search = HNSW_EXPANSION
+        # Reading vectors back from a USearch view is slow (~5 us a key): when the whole gallery is
+        # searched exactly anyway, an oversampled exact search is cheaper than fetching a subset.
+        self.subset_limit = 0 if self.exact else 5_000
         self.lat = np.asarray(rows["lat"], dtype=np.float64)
         self.lon = np.asarray(rows["lon"], dtype=np.float64)
         self.country = rows["country"]
         self.city = rows["city"]
+        self.digest = digest or _file_digest(Path(index_path))
 
-    def __len__(self) -> int:
-        return len(self.lat)
+    def _hit(self, key: int, cosine: float) -> GalleryHit:
+        return GalleryHit(
+            key=key,
+            lat=float(self.lat[key]),
+            lon=float(self.lon[key]),
+            cosine=cosine,
+            country=str(self.country[key] or ""),
+            city=str(self.city[key] or ""),
+        )
 
-    def _hits(self, matches, sign: float) -> list[GalleryHit]:  # noqa: ANN001
-        return [
-            GalleryHit(
-                key=int(k),
-                lat=float(self.lat[k]),
-                lon=float(self.lon[k]),
-                cosine=float(sign * (1.0 - d)),
-                country=str(self.country[k] or ""),
-                city=str(self.city[k] or ""),
-            )
-            for k, d in zip(matches.keys, matches.distances, strict=True)
-        ]
 
-    def _search(self, query: np.ndarray, k: int):  # noqa: ANN202
-        return self.index.search(np.asarray(query, dtype=np.float32), k, exact=self.exact)
-
-    def most_similar(self, query: np.ndarray, k: int) -> list[GalleryHit]:
-        return self._hits(self._search(query, k), 1.0)
-
-    def least_similar(self, query: np.ndarray, k: int) -> list[GalleryHit]:
-        """Nearest to -query: cos(x, -q) = -cos(x, q), so these have the lowest cosine to q."""
-        return self._hits(self._search(-np.asarray(query, dtype=np.float32), k), -1.0)
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()

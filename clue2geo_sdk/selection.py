@@ -1,5 +1,5 @@
 """Candidate selection (G3): score every candidate by the GPSCLIP cosine of its location embedding
-against the image embedding; the highest wins. Also the confidence and spread reported with it."""
+against the image embedding; the highest wins. Also the similarity and spread reported with it."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def select(image_emb: np.ndarray, location_emb: np.ndarray) -> tuple[int, np.nda
     return int(np.argmax(scores)), scores
 
 
-def confidence(score: float) -> float:
+def similarity(score: float) -> float:
     """Cosine in [-1, 1] mapped to [0, 1]."""
     return float(np.clip((score + 1.0) / 2.0, 0.0, 1.0))
 

@@ -18,6 +18,7 @@ from .cluemap import Cluemap, build_cluemap, dedupe
 from .encoders import ClipEncoder, GpsClipEncoder, SbertEncoder, patch_grid
 from .image import LoadedImage
 from .parsing import LocationAnswer, parse_cues, parse_location, salvage_cues
+from .region import Region
 from .results import Candidate
 from .retrieval import Gallery, GalleryHit
 from .sanitize import clean_text
@@ -88,12 +89,26 @@ def make_cluemap(
     )
 
 
-def retrieve(gallery: Gallery, image_emb: np.ndarray, ks: Sequence[int]) -> References:
+def retrieve(
+    gallery: Gallery, image_emb: np.ndarray, ks: Sequence[int], allowed: np.ndarray | None = None
+) -> References:
+    """``allowed`` (sorted gallery keys) restricts both searches, e.g. to a region; it may be empty."""
     n = max(ks, default=1)
+    if allowed is not None and not len(allowed):
+        return References(similar=(), dissimilar=())
     return References(
-        similar=tuple(gallery.most_similar(image_emb, n)),
-        dissimilar=tuple(gallery.least_similar(image_emb, n)) if ks else (),
+        similar=tuple(gallery.most_similar(image_emb, n, allowed=allowed)),
+        dissimilar=tuple(gallery.least_similar(image_emb, n, allowed=allowed)) if ks else (),
     )
+
+
+def within_region(prompt: str, region: Region | None) -> str:
+    """Tell the model what the analyst knows: one sentence before the output-format line."""
+    if region is None:
+        return prompt
+    sentence = f"The photo is known to have been taken {region.describe()}; answer with a location there.\n"
+    head, sep, tail = prompt.rpartition("Output only JSON")
+    return head + sentence + sep + tail if sep else prompt.rstrip("\n") + "\n" + sentence
 
 
 def rag_prompt(template: str, refs: References, k: int) -> str:
@@ -147,6 +162,7 @@ class Selection:
     best: int
     invalid: int
     fallback: bool
+    outside_region: int = 0
 
 
 def choose(
@@ -156,10 +172,17 @@ def choose(
     nearest: GalleryHit,
     *,
     add_nearest: bool,
+    region: Region | None = None,
 ) -> Selection:
     """G3's selection: the candidate whose GPSCLIP location embedding is closest to the image wins.
-    Invalid coordinates are dropped and counted; with none left the nearest gallery point answers."""
+    Invalid coordinates are dropped and counted, and so are candidates outside ``region``; with none
+    left the nearest (in-region) gallery point answers."""
     valid = [p for p in proposals if usable(p.answer)]
+    outside = 0
+    if region is not None and valid:
+        inside = region.contains([p.answer.lat for p in valid], [p.answer.lon for p in valid])
+        outside = int(len(valid) - inside.sum())
+        valid = [p for p, ok in zip(valid, inside, strict=True) if ok]
     points = [(p.answer.lat, p.answer.lon) for p in valid]
     use_nearest = add_nearest or not valid
     if use_nearest:
@@ -181,7 +204,7 @@ def choose(
     if use_nearest:
         candidates.append(
             Candidate(
-                source="gallery_nearest",
+                source=nearest_source(nearest),
                 lat=nearest.lat,
                 lon=nearest.lon,
                 score=float(scores[-1]),
@@ -189,7 +212,20 @@ def choose(
                 city=nearest.city or None,
             )
         )
-    return Selection(candidates=tuple(candidates), best=best, invalid=len(proposals) - len(valid), fallback=not valid)
+    invalid = sum(not usable(p.answer) for p in proposals)
+    return Selection(
+        candidates=tuple(candidates), best=best, invalid=invalid, fallback=not valid, outside_region=outside
+    )
+
+
+def region_anchor(region: Region) -> GalleryHit:
+    """Stands in for the nearest gallery point when the gallery has none inside the region."""
+    lat, lon = region.anchor()
+    return GalleryHit(key=-1, lat=lat, lon=lon, cosine=float("nan"))
+
+
+def nearest_source(hit: GalleryHit) -> str:
+    return "region_anchor" if hit.key < 0 else "gallery_nearest"
 
 
 def generation_dict(g: Generation) -> Mapping[str, Any]:

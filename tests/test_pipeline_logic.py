@@ -129,7 +129,8 @@ def test_selection_picks_highest_gpsclip_cosine_and_drops_invalid(demo_bundle: P
     assert [c.score for c in pred.candidates] == pytest.approx(want.tolist(), abs=1e-5)
     winner = [PARIS, SYDNEY][int(np.argmax(want))]
     assert (pred.lat, pred.lon) == pytest.approx(winner)
-    assert pred.confidence == pytest.approx((max(want) + 1) / 2, abs=1e-5)
+    assert pred.similarity == pytest.approx((max(want) + 1) / 2, abs=1e-5)
+    assert pred.answers[0].members == (int(np.argmax(want)),) and pred.confidence == pred.answers[0].confidence
     assert pred.spread_km == pytest.approx(float(haversine_km(*PARIS, *SYDNEY)), rel=1e-4)
     assert pred.country  # from the model or the offline geocoder
     assert len(pred.cues) == 4 and all(-1 <= c.s_l <= 1 and -1 <= c.s_s <= 1 for c in pred.cues)

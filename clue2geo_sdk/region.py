@@ -1,0 +1,150 @@
+"""Region constraints: where the analyst already knows the photo was taken.
+
+A region is a set of countries (real Natural Earth borders), a bounding box, or a circle (centre and
+radius in km). The pipeline retrieves references only inside it, tells the model, drops candidates
+outside it (counted), and falls back to the nearest in-region reference when none remains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import attrs
+import numpy as np
+
+from .countries import countries
+from .errors import RegionError
+from .geocode import haversine_km
+
+Kind = Literal["countries", "bbox", "circle"]
+
+
+def _lat(v: float, what: str) -> float:
+    v = float(v)
+    if not -90.0 <= v <= 90.0:
+        raise RegionError(f"{what} latitude {v} is outside [-90, 90]")
+    return v
+
+
+def _lon(v: float, what: str) -> float:
+    v = float(v)
+    if not -180.0 <= v <= 180.0:
+        raise RegionError(f"{what} longitude {v} is outside [-180, 180]")
+    return v
+
+
+@attrs.frozen(kw_only=True)
+class Region:
+    """Build with :meth:`of_countries`, :meth:`bbox`, :meth:`circle` or :meth:`parse`.
+
+    A box with ``west > east`` crosses the antimeridian (e.g. west=170, east=-170 is 20° wide).
+    """
+
+    kind: Kind
+    codes: tuple[str, ...] = ()
+    west: float = 0.0
+    south: float = 0.0
+    east: float = 0.0
+    north: float = 0.0
+    lat: float = 0.0
+    lon: float = 0.0
+    radius_km: float = 0.0
+
+    @classmethod
+    def of_countries(cls, codes: Iterable[str]) -> Region:
+        known = countries()
+        norm = tuple(sorted({known.get(c).code for c in codes}))
+        if not norm:
+            raise RegionError("a country region needs at least one ISO 3166-1 alpha-2 code")
+        return cls(kind="countries", codes=norm)
+
+    @classmethod
+    def bbox(cls, west: float, south: float, east: float, north: float) -> Region:
+        s, n = _lat(south, "box south"), _lat(north, "box north")
+        if s >= n:
+            raise RegionError(f"box south {s} must be below north {n}")
+        return cls(kind="bbox", west=_lon(west, "box west"), south=s, east=_lon(east, "box east"), north=n)
+
+    @classmethod
+    def circle(cls, lat: float, lon: float, radius_km: float) -> Region:
+        r = float(radius_km)
+        if not r > 0:
+            raise RegionError(f"circle radius must be > 0 km, got {radius_km}")
+        return cls(kind="circle", lat=_lat(lat, "circle centre"), lon=_lon(lon, "circle centre"), radius_km=r)
+
+    @classmethod
+    def parse(cls, spec: str | Sequence[str] | Region | dict) -> Region:
+        """``"FR,DE"`` · ``"bbox:WEST,SOUTH,EAST,NORTH"`` · ``"circle:LAT,LON,KM"`` · a list of codes ·
+        a dict from :meth:`to_dict` · a Region."""
+        if isinstance(spec, Region):
+            return spec
+        if isinstance(spec, dict):
+            kind = spec.get("kind")
+            if kind == "countries":
+                return cls.of_countries(spec.get("codes", ()))
+            if kind == "bbox":
+                return cls.bbox(spec["west"], spec["south"], spec["east"], spec["north"])
+            if kind == "circle":
+                return cls.circle(spec["lat"], spec["lon"], spec["radius_km"])
+            raise RegionError(f"region {spec!r}: kind must be countries, bbox or circle")
+        if not isinstance(spec, str):
+            return cls.of_countries(spec)
+        text = spec.strip()
+        head, _, rest = text.partition(":")
+        if head.lower() in ("bbox", "circle"):
+            try:
+                nums = [float(x) for x in rest.split(",")]
+            except ValueError:
+                raise RegionError(f"region {spec!r}: {head} needs numbers separated by commas") from None
+            if head.lower() == "bbox":
+                if len(nums) != 4:
+                    raise RegionError(f"region {spec!r}: bbox needs WEST,SOUTH,EAST,NORTH (4 numbers)")
+                return cls.bbox(*nums)
+            if len(nums) != 3:
+                raise RegionError(f"region {spec!r}: circle needs LAT,LON,KM (3 numbers)")
+            return cls.circle(*nums)
+        return cls.of_countries([c for c in text.split(",") if c.strip()])
+
+    def contains(self, lat: np.ndarray | float, lon: np.ndarray | float) -> np.ndarray:
+        """Vectorized membership (borders and box edges count as inside)."""
+        la, lo = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
+        if self.kind == "countries":
+            return countries().contains(self.codes, la, lo)
+        if self.kind == "bbox":
+            in_lat = (la >= self.south) & (la <= self.north)
+            if self.west <= self.east:
+                return in_lat & (lo >= self.west) & (lo <= self.east)
+            return in_lat & ((lo >= self.west) | (lo <= self.east))
+        return np.asarray(haversine_km(self.lat, self.lon, la, lo) <= self.radius_km)
+
+    def anchor(self) -> tuple[float, float]:
+        """A (lat, lon) inside the region: the answer of last resort when nothing else is in it."""
+        if self.kind == "countries":
+            geoms = [countries().get(c).geometry for c in self.codes]
+            pt = max(geoms, key=lambda g: g.area).representative_point()
+            return float(pt.y), float(pt.x)
+        if self.kind == "bbox":
+            east = self.east if self.west <= self.east else self.east + 360.0
+            lon = (self.west + east) / 2.0
+            return (self.south + self.north) / 2.0, lon - 360.0 if lon > 180.0 else lon
+        return self.lat, self.lon
+
+    def describe(self) -> str:
+        """The constraint as the prompt states it to the model."""
+        if self.kind == "countries":
+            names = [f"{countries().get(c).name} ({c})" for c in self.codes]
+            return "in " + (names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1])
+        if self.kind == "bbox":
+            return (
+                f"inside the box from latitude {self.south:.4f} to {self.north:.4f} and longitude "
+                f"{self.west:.4f} to {self.east:.4f}"
+            )
+        return f"within {self.radius_km:g} km of latitude {self.lat:.4f}, longitude {self.lon:.4f}"
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind == "countries":
+            return {"kind": "countries", "codes": list(self.codes)}
+        if self.kind == "bbox":
+            return {"kind": "bbox", "west": self.west, "south": self.south, "east": self.east, "north": self.north}
+        return {"kind": "circle", "lat": self.lat, "lon": self.lon, "radius_km": self.radius_km}

@@ -1,0 +1,135 @@
+"""Region constraints (issue 11 part 3): real country borders, boxes and circles, end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import FAST
+
+from clue2geo_sdk.countries import countries
+from clue2geo_sdk.errors import RegionError
+from clue2geo_sdk.geocode import haversine_km
+from clue2geo_sdk.region import Region
+from clue2geo_sdk.stages import within_region
+
+PARIS, LONDON = (48.8566, 2.3522), (51.5074, -0.1278)
+
+
+def test_country_codes_follow_real_borders() -> None:
+    c = countries()
+    assert c.code_at(*PARIS) == "FR"  # Natural Earth marks France -99 in ISO_A2: the _EH column is used
+    assert c.code_at(59.9139, 10.7522) == "NO"  # Oslo, the other -99
+    assert c.code_at(52.52, 13.405) == "DE"
+    # Either side of the Rhine at Strasbourg / Kehl, 4.5 km apart.
+    assert c.code_at(48.5817, 7.7510) == "FR"
+    assert c.code_at(48.5769, 7.8150) == "DE"
+    assert c.code_at(0.0, -30.0) is None  # mid-Atlantic
+
+
+def test_parse_and_errors_name_the_input() -> None:
+    assert Region.parse("fr, de").codes == ("DE", "FR")
+    assert Region.parse(["IT"]).to_dict() == {"kind": "countries", "codes": ["IT"]}
+    box = Region.parse("bbox:-5,41,10,51.5")
+    assert (box.west, box.south, box.east, box.north) == (-5.0, 41.0, 10.0, 51.5)
+    circ = Region.parse("circle:48.8566,2.3522,350")
+    assert Region.parse(circ.to_dict()) == circ
+    with pytest.raises(RegionError, match="'XX'"):
+        Region.parse("FR,XX")
+    with pytest.raises(RegionError, match="4 numbers"):
+        Region.parse("bbox:1,2,3")
+    with pytest.raises(RegionError, match="south 50.0 must be below north 40.0"):
+        Region.bbox(0, 50, 10, 40)
+    with pytest.raises(RegionError, match="latitude 91"):
+        Region.circle(91, 0, 10)
+    with pytest.raises(RegionError, match="radius must be > 0"):
+        Region.parse("circle:0,0,0")
+
+
+def test_membership_by_kind() -> None:
+    lat = np.array([PARIS[0], LONDON[0], 52.52])
+    lon = np.array([PARIS[1], LONDON[1], 13.405])
+    assert Region.parse("FR").contains(lat, lon).tolist() == [True, False, False]
+    assert Region.parse("FR,DE,GB").contains(lat, lon).tolist() == [True, True, True]
+    # Paris-London is 343.5 km (haversine, R = 6371.0088): a 340 km circle misses London, 350 km holds it.
+    d = float(haversine_km(*PARIS, *LONDON))
+    assert 343 < d < 344
+    assert Region.circle(*PARIS, 340).contains(lat, lon).tolist() == [True, False, False]
+    assert Region.circle(*PARIS, 350).contains(lat, lon).tolist() == [True, True, False]
+    # A box across the antimeridian: 170E .. 170W holds 179.9E and 179.9W, not 0.
+    fiji = Region.bbox(170, -25, -170, -10)
+    assert fiji.contains(np.array([-17, -17, -17]), np.array([179.9, -179.9, 0.0])).tolist() == [True, True, False]
+    assert fiji.contains(*fiji.anchor()) and abs(fiji.anchor()[1]) == 180.0
+
+
+def test_anchor_lies_inside_and_prompt_says_so() -> None:
+    for spec in ("FR", "NO,SE", "circle:10,20,5"):
+        r = Region.parse(spec)
+        assert r.contains(*r.anchor()), spec
+    prompt = "Look at it.\nOutput only JSON: {}"
+    out = within_region(prompt, Region.parse("FR"))
+    assert (
+        out
+        == "Look at it.\nThe photo is known to have been taken in France (FR); answer with a location there.\nOutput only JSON: {}"
+    )
+    assert within_region(prompt, None) == prompt
+
+
+def _in_region(region: Region, lat: float, lon: float) -> bool:
+    return bool(region.contains(np.array([lat]), np.array([lon]))[0])
+
+
+def test_locate_inside_a_region_the_demo_would_not_answer(geo, photo) -> None:  # noqa: ANN001
+    from clue2geo_sdk.geolocator import Options
+
+    free = geo.locate(photo, options=Options(**FAST))
+    # A 400 km circle around Reykjavik: the demo's random model answers elsewhere.
+    region = Region.circle(64.1466, -21.9426, 400)
+    assert not _in_region(region, free.lat, free.lon)
+    pred = geo.locate(photo, options=Options(**FAST, region=region))
+    assert _in_region(region, pred.lat, pred.lon)
+    assert all(_in_region(region, c.lat, c.lon) for c in pred.candidates)
+    assert pred.region == region.to_dict() and pred.options["region"] == region.to_dict()
+    proposals = 4  # direct + rag5/10/15
+    assert (
+        pred.outside_region + pred.invalid_candidates + sum(c.source != "gallery_nearest" for c in pred.candidates)
+        == proposals
+    )
+    assert pred.outside_region > 0
+    if pred.fallback:
+        assert pred.source == "gallery_nearest"
+    # The references came from inside the region only.
+    keys = geo._keys_in(region)
+    assert len(keys) and region.contains(geo.gallery.lat[keys], geo.gallery.lon[keys]).all()
+    for raw in pred.raw_outputs.get("rag5", []):
+        assert isinstance(raw["text"], str)
+
+
+def test_region_with_no_gallery_point_falls_back_to_its_anchor(geo, photo) -> None:  # noqa: ANN001
+    from clue2geo_sdk.geolocator import Options
+
+    region = Region.circle(-45.0, -140.0, 30)  # open South Pacific
+    assert not len(geo._keys_in(region))
+    pred = geo.locate(photo, options=Options(**FAST, region=region))
+    assert _in_region(region, pred.lat, pred.lon)
+    if pred.fallback:
+        assert (pred.source, pred.lat, pred.lon) == ("region_anchor", -45.0, -140.0)
+    assert pred.country_code is None  # at sea: no border contains it, and none is invented
+
+
+def test_cli_region_is_recorded_and_bad_region_named(demo_bundle, photo, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from click.testing import CliRunner
+
+    from clue2geo_sdk.cli import main
+
+    out = tmp_path / "r.jsonl"
+    args = ["locate", str(photo), "--bundle", str(demo_bundle), "--out", str(out), "--no-verify"]
+    args += ["--max-cue-tokens", "96", "--max-answer-tokens", "48"]
+    bad = CliRunner().invoke(main, [*args, "--region", "FR,ZZ"])
+    assert bad.exit_code == 1 and "'ZZ'" in bad.output
+    res = CliRunner().invoke(main, [*args, "--region", "IS"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(out.read_text().splitlines()[-1])
+    assert rec["region"] == {"kind": "countries", "codes": ["IS"]}
+    assert _in_region(Region.parse("IS"), rec["lat"], rec["lon"]) and rec["country_code"] == "IS"

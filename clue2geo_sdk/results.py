@@ -50,7 +50,8 @@ class Prediction:
 
     ``country`` and ``country_code`` are the country whose Natural Earth border contains the winning
     coordinate (None at sea); ``admin1`` and ``city`` the nearest GeoNames place in that country. The
-    model's own strings are kept apart (``model_country``, ``model_city``, ``landmark``), cleaned of control characters and capped in length. ``cues_status`` is "ok",
+    model's own strings are kept apart (``model_country``, ``model_city``, ``landmark``), cleaned of
+    control characters and capped in length. ``cues_status`` is "ok",
     "reasked" (the free answer did not parse; the schema-constrained one did), "failed" (no usable
     cue list: the cluemap is empty) or "skipped" (``use_cluemap=False``). ``region`` is the region
     constraint, if any, and ``outside_region`` how many candidates it dropped.

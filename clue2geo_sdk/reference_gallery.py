@@ -1,0 +1,522 @@
+"""Reference galleries from the analyst's own geotagged photos (image -> image retrieval).
+
+The paper's retrieval database is images with known coordinates; an analyst has exactly that for
+their own area. ``build_gallery`` embeds each photo with the bundle's GPSCLIP *image* tower and
+stores, in one folder::
+
+    manifest.json    format, SDK version, the image tower's sha256, dim, count, metric, dtype, digest
+    gallery.duckdb   photos(key, path, sha256, lat, lon, source, taken_at, added_at): one row a photo
+    vectors.f16      the embeddings, float16, row = key (memory-mapped: exact and subset search)
+    index.usearch    USearch HNSW index over the same vectors (cosine; key = row)
+    errors.jsonl     what could not be added, one JSON line each, appended per run
+
+Resumable and crash-safe: a batch's vectors are appended and fsynced, then its rows committed in
+one DuckDB transaction; the index is derived (saved every minute and at the end) and is brought up
+to date from ``vectors.f16`` on the next run. Killing a build loses at most the batch in flight,
+and re-running it adds only photos whose sha256 is not yet in the gallery.
+
+``PhotoGallery`` opens a finished gallery with the search interface of
+:class:`clue2geo_sdk.retrieval.Gallery`; it refuses a gallery built with another image tower.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from ._version import __version__
+from .errors import BundleFormatError, Clue2GeoError
+from .retrieval import (
+    EXACT_LIMIT,
+    PHOTO_HNSW_EXPANSION,
+    PHOTO_INDEX_CONNECTIVITY,
+    PHOTO_INDEX_DTYPE,
+    PHOTO_INDEX_EXPANSION_ADD,
+    GalleryHit,
+    SearchMixin,
+)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DB = "gallery.duckdb"
+VECTORS = "vectors.f16"
+INDEX = "index.usearch"
+ERRORS = "errors.jsonl"
+SAVE_EVERY_S = 60.0
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS photos (
+    key BIGINT PRIMARY KEY,
+    path VARCHAR NOT NULL,
+    sha256 VARCHAR NOT NULL UNIQUE,
+    lat DOUBLE NOT NULL,
+    lon DOUBLE NOT NULL,
+    source VARCHAR NOT NULL,  -- where the coordinate came from: exif, xmp or csv
+    taken_at VARCHAR,         -- EXIF DateTimeOriginal (ISO 8601, with its offset when recorded)
+    added_at TIMESTAMP NOT NULL  -- UTC
+)
+"""
+
+
+class GalleryBuildError(Clue2GeoError, ValueError):
+    """The gallery source or output cannot be used at all (not one bad photo: those are recorded)."""
+
+
+@attrs.frozen(kw_only=True)
+class SourcePhoto:
+    """One photo to add; ``lat``/``lon`` given by a CSV, else read from the photo's EXIF/XMP."""
+
+    path: Path
+    lat: float | None = None
+    lon: float | None = None
+    line: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Problem:
+    """A photo or CSV row that was not added, and why. ``kind``: "unreadable" (a failure) or
+    "no_position" (a photo without GPS in a folder source: skipped, not a failure)."""
+
+    source: str
+    kind: str
+    message: str
+    line: int | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.kind != "no_position"
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen(kw_only=True)
+class BuildSummary:
+    gallery: str
+    added: int
+    already: int  # photos whose sha256 was already in the gallery (resume) or repeated in the source
+    skipped: int  # photos without a position
+    failed: int  # unreadable photos and bad CSV rows
+    count: int  # rows in the gallery now
+    digest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+# -- sources ---------------------------------------------------------------------------------------
+
+
+def _coordinate(text: str, name: str, limit: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} {text!r} is not a number") from None
+    if not math.isfinite(value) or abs(value) > limit:
+        raise ValueError(f"{name} {text!r} is outside [-{limit:g}, {limit:g}]")
+    return value
+
+
+def read_csv_source(csv_path: Path) -> tuple[list[SourcePhoto], list[Problem]]:
+    """Rows ``path,lat,lon`` (a header naming those columns is optional; other columns are ignored).
+    Relative paths are resolved against the CSV's folder. Bad rows become :class:`Problem`s with
+    their line number."""
+    photos: list[SourcePhoto] = []
+    problems: list[Problem] = []
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GalleryBuildError(f"{csv_path}: cannot read the CSV ({exc})") from exc
+    rows = list(csv.reader(text.splitlines()))
+    cols, start = (0, 1, 2), 0
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    if {"path", "lat", "lon"} <= set(header):
+        cols, start = (header.index("path"), header.index("lat"), header.index("lon")), 1
+    for number, row in enumerate(rows[start:], start=start + 1):
+        if not any(c.strip() for c in row):
+            continue
+        where = f"{csv_path}:{number}"
+        try:
+            if len(row) <= max(cols):
+                raise ValueError(f"{len(row)} fields, expected path,lat,lon")
+            rel = row[cols[0]].strip()
+            if not rel:
+                raise ValueError("empty path")
+            lat = _coordinate(row[cols[1]].strip(), "lat", 90.0)
+            lon = _coordinate(row[cols[2]].strip(), "lon", 180.0)
+        except ValueError as exc:
+            problems.append(Problem(source=where, kind="bad_row", message=f"{where}: {exc}", line=number))
+            continue
+        path = Path(rel).expanduser()
+        photos.append(
+            SourcePhoto(path=path if path.is_absolute() else csv_path.parent / path, lat=lat, lon=lon, line=number)
+        )
+    return photos, problems
+
+
+def read_source(src: Path, *, recursive: bool = True) -> tuple[list[SourcePhoto], list[Problem]]:
+    """A folder (coordinates from each photo's EXIF/XMP) or a ``.csv`` of ``path,lat,lon``."""
+    from .batch import discover
+
+    if src.is_dir():
+        photos, problems = [], []
+        for item in discover([src], recursive=recursive):
+            if isinstance(item, Path):
+                photos.append(SourcePhoto(path=item))
+            else:
+                problems.append(Problem(source=item.image, kind="unreadable", message=item.message))
+        return photos, problems
+    if src.suffix.lower() == ".csv" and src.is_file():
+        return read_csv_source(src)
+    raise GalleryBuildError(f"{src}: not a folder of photos nor a .csv file of path,lat,lon")
+
+
+# -- build -----------------------------------------------------------------------------------------
+
+
+def _manifest_path(out: Path) -> Path:
+    return out / MANIFEST
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    path = _manifest_path(out)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        if (out / DB).is_file():
+            raise BundleFormatError(_incomplete(out)) from None
+        raise BundleFormatError(
+            f"{out}: not a photo gallery (no {MANIFEST}); build one with `clue2geo gallery build`"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise BundleFormatError(f"{path}: unreadable gallery manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("kind") != "photos":
+        raise BundleFormatError(f"{path}: not a photo gallery manifest")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise BundleFormatError(
+            f"{path}: gallery format {manifest.get('format_version')} is newer than this SDK reads ({FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def _incomplete(out: Path) -> str:
+    return f"{out}: incomplete photo gallery (a build was interrupted?); run `clue2geo gallery build` again to finish it"
+
+
+def content_digest(keys: Iterable[int], sha256s: Iterable[str], lat: Iterable[float], lon: Iterable[float]) -> str:
+    """sha256 over the rows in key order: names the gallery's content in records, and lets the
+    reader check that the manifest describes the rows next to it."""
+    h = hashlib.sha256(b"clue2geo-photo-gallery-v1\n")
+    for k, s, a, o in zip(keys, sha256s, lat, lon, strict=True):
+        h.update(f"{int(k)},{s},{float(a)!r},{float(o)!r}\n".encode())
+    return h.hexdigest()
+
+
+def _utc_now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC).replace(tzinfo=None)
+
+
+class _Writer:
+    """The gallery folder opened for appending: reconciles a killed run, then adds batches."""
+
+    def __init__(self, out: Path, *, dim: int, image_sha256: str) -> None:
+        import duckdb
+
+        from ._native import usearch_index
+
+        self.out, self.dim, self.image_sha256 = out, dim, image_sha256
+        out.mkdir(parents=True, exist_ok=True)
+        if _manifest_path(out).is_file():
+            old = read_manifest(out)
+            if old.get("image_tower_sha256") != image_sha256 or int(old.get("dim", dim)) != dim:
+                raise BundleFormatError(
+                    f"{out} was built with GPSCLIP image tower {old.get('image_tower_sha256')}, but this bundle's is "
+                    f"{image_sha256}: embeddings of two towers cannot share a gallery; use another --out"
+                )
+        self.con = duckdb.connect(str(out / DB))
+        self.con.execute(SCHEMA)
+        n = int(self.con.execute("SELECT count(*) FROM photos").fetchone()[0])
+        top = self.con.execute("SELECT max(key) FROM photos").fetchone()[0]
+        if n and top != n - 1:
+            raise GalleryBuildError(f"{out / DB}: keys are not 0..{n - 1}; the gallery is damaged")
+        # Vectors are written before rows are committed: drop any tail a killed run left behind.
+        vec_path = out / VECTORS
+        row_bytes = 2 * dim
+        have = vec_path.stat().st_size // row_bytes if vec_path.exists() else 0
+        if have < n:
+            raise GalleryBuildError(f"{vec_path}: {have} vectors for {n} rows; the gallery is damaged")
+        with vec_path.open("ab") as f:
+            f.truncate(n * row_bytes)
+        self.vectors = vec_path.open("ab")
+        self.count = n
+        self.known = {s for (s,) in self.con.execute("SELECT sha256 FROM photos").fetchall()}
+        ui = usearch_index()
+        self.index = None
+        if (out / INDEX).is_file():
+            self.index = ui.Index.restore(str(out / INDEX))
+            if self.index is not None and len(self.index) > n:
+                self.index = None  # cannot happen in order (saved after commit); rebuild rather than trust it
+        if self.index is None:
+            self.index = ui.Index(
+                ndim=dim,
+                metric="cos",
+                dtype=PHOTO_INDEX_DTYPE,
+                connectivity=PHOTO_INDEX_CONNECTIVITY,
+                expansion_add=PHOTO_INDEX_EXPANSION_ADD,
+            )
+        if len(self.index) < n:  # the index lags the rows after a kill: add the missing ones
+            mm = np.memmap(vec_path, dtype=np.float16, mode="r", shape=(n, dim))
+            for s in range(len(self.index), n, 10_000):
+                e = min(n, s + 10_000)
+                self.index.add(np.arange(s, e, dtype=np.uint64), np.asarray(mm[s:e], dtype=np.float32), threads=0)
+            del mm
+        self.saved_at = time.monotonic()
+        self._save_index()
+
+    def add(self, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
+        """Append one batch: vectors (fsynced), then rows in one transaction, then the index."""
+        if not rows:
+            return
+        keys = np.arange(self.count, self.count + len(rows), dtype=np.int64)
+        self.vectors.write(np.ascontiguousarray(vectors, dtype=np.float16).tobytes())
+        self.vectors.flush()
+        os.fsync(self.vectors.fileno())
+        added_at = _utc_now()
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            self.con.executemany(
+                "INSERT INTO photos VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    [int(k), r["path"], r["sha256"], r["lat"], r["lon"], r["source"], r["taken_at"], added_at]
+                    for k, r in zip(keys, rows, strict=True)
+                ],
+            )
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
+        self.count += len(rows)
+        self.known.update(r["sha256"] for r in rows)
+        self.index.add(keys.astype(np.uint64), np.asarray(vectors, dtype=np.float32), threads=0)
+        if time.monotonic() - self.saved_at > SAVE_EVERY_S:
+            self._save_index()
+
+    def _save_index(self) -> None:
+        tmp = self.out / (INDEX + ".tmp")
+        self.index.save(str(tmp))
+        os.replace(tmp, self.out / INDEX)
+        self.saved_at = time.monotonic()
+
+    def finish(self) -> str:
+        """Save the index and write the manifest (last: a gallery is complete when they agree)."""
+        self._save_index()
+        rows = self.con.execute("SELECT key, sha256, lat, lon FROM photos ORDER BY key").fetchnumpy()
+        digest = content_digest(rows["key"], rows["sha256"], rows["lat"], rows["lon"])
+        manifest = {
+            "kind": "photos",
+            "format_version": FORMAT_VERSION,
+            "sdk_version": __version__,
+            "image_tower_sha256": self.image_sha256,
+            "dim": self.dim,
+            "count": self.count,
+            "metric": "cos",
+            "dtype": PHOTO_INDEX_DTYPE,
+            "index": {
+                "connectivity": PHOTO_INDEX_CONNECTIVITY,
+                "expansion_add": PHOTO_INDEX_EXPANSION_ADD,
+            },
+            "content_sha256": digest,
+            "updated_at": _utc_now().isoformat(timespec="seconds") + "Z",
+        }
+        tmp = self.out / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, _manifest_path(self.out))
+        return digest
+
+    def close(self) -> None:
+        self.vectors.close()
+        self.con.close()
+
+
+def _batches(items: list[SourcePhoto], size: int) -> Iterator[list[SourcePhoto]]:
+    for s in range(0, len(items), size):
+        yield items[s : s + size]
+
+
+def build_gallery(
+    src: str | Path,
+    bundle: Any,
+    out: str | Path,
+    *,
+    batch_size: int = 16,
+    device: str = "cpu",
+    recursive: bool = True,
+    on_total: Callable[[int], None] | None = None,
+    on_photo: Callable[[str, Problem | None], None] | None = None,
+) -> BuildSummary:
+    """Embed every photo of ``src`` (a folder or a CSV) into the photo gallery ``out``.
+
+    ``bundle`` is a :class:`~clue2geo_sdk.bundle.Bundle` or its path. ``on_total(n)`` is called once
+    with the number of photos to look at; ``on_photo(path, problem)`` after each photo (problem
+    None when it was added or already present). Bad photos never stop the build: they are
+    returned in the summary's counts and appended to ``out/errors.jsonl``."""
+    from .bundle import Bundle
+    from .encoders import GpsClipEncoder, providers_for
+    from .image import load_image
+    from .metadata import read_metadata
+
+    b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=False)
+    out = Path(out)
+    comp = b.component("gpsclip")
+    params = b.params("gpsclip")
+    dim = int(params["dim"])
+    image_sha = comp.files["image"].sha256
+    photos, problems = read_source(Path(src), recursive=recursive)
+    writer = _Writer(out, dim=dim, image_sha256=image_sha)
+    encoder = GpsClipEncoder({k: b.file("gpsclip", k) for k in comp.files}, params, providers_for(device))  # type: ignore[arg-type]
+    counts = {"added": 0, "already": 0}
+    errors_file = (out / ERRORS).open("a", encoding="utf-8")
+    run = _utc_now().isoformat(timespec="seconds") + "Z"
+
+    def report(problem: Problem) -> None:
+        problems_seen.append(problem)
+        errors_file.write(json.dumps({"run": run, **problem.to_dict()}) + "\n")
+        errors_file.flush()
+
+    problems_seen: list[Problem] = []
+    try:
+        for p in problems:
+            report(p)
+            if on_photo:
+                on_photo(p.source, p)
+        if on_total:
+            on_total(len(photos))
+        for chunk in _batches(photos, max(1, batch_size)):
+            rows, images, done = [], [], []
+            for sp in chunk:
+                name = str(sp.path)
+                try:
+                    img = load_image(sp.path)
+                except (Clue2GeoError, OSError) as exc:
+                    where = f" (CSV line {sp.line})" if sp.line else ""
+                    done.append((name, Problem(source=name, kind="unreadable", message=f"{exc}{where}", line=sp.line)))
+                    continue
+                if img.sha256 in writer.known or any(r["sha256"] == img.sha256 for r in rows):
+                    counts["already"] += 1
+                    done.append((name, None))
+                    continue
+                meta = read_metadata(img)
+                if sp.lat is not None and sp.lon is not None:
+                    lat, lon, source = sp.lat, sp.lon, "csv"
+                elif meta.position is not None:
+                    lat, lon, source = meta.position.lat, meta.position.lon, meta.position.source
+                else:
+                    why = "; ".join(meta.problems) or "no GPS position in its EXIF or XMP"
+                    done.append((name, Problem(source=name, kind="no_position", message=f"{name}: {why}; skipped")))
+                    continue
+                rows.append(
+                    {
+                        "path": str(sp.path.resolve()),
+                        "sha256": img.sha256,
+                        "lat": float(lat),
+                        "lon": float(lon),
+                        "source": source,
+                        "taken_at": meta.datetime_original,
+                    }
+                )
+                images.append(img.image)
+                done.append((name, None))
+            if images:
+                writer.add(rows, encoder.encode_images(images))
+                counts["added"] += len(rows)
+            for name, problem in done:
+                if problem is not None:
+                    report(problem)
+                if on_photo:
+                    on_photo(name, problem)
+        digest = writer.finish()
+    finally:
+        errors_file.close()
+        writer.close()
+    return BuildSummary(
+        gallery=str(out),
+        added=counts["added"],
+        already=counts["already"],
+        skipped=sum(not p.failed for p in problems_seen),
+        failed=sum(p.failed for p in problems_seen),
+        count=writer.count,
+        digest=digest,
+    )
+
+
+# -- search ----------------------------------------------------------------------------------------
+
+
+class PhotoGallery(SearchMixin):
+    """A built photo gallery, read-only and memory-mapped; safe to query from several threads.
+    ``image_sha256`` (the bundle's GPSCLIP image tower) refuses a gallery embedded by another."""
+
+    kind = "photos"
+
+    def __init__(self, path: str | Path, *, image_sha256: str | None = None) -> None:
+        import duckdb
+
+        from ._native import usearch_index
+
+        self.root = Path(path)
+        manifest = read_manifest(self.root)
+        built_with = str(manifest.get("image_tower_sha256"))
+        if image_sha256 is not None and built_with != image_sha256:
+            raise BundleFormatError(
+                f"photo gallery {self.root} was built with GPSCLIP image tower {built_with}, but the bundle's "
+                f"image tower is {image_sha256}; rebuild it with `clue2geo gallery build --bundle` for this bundle"
+            )
+        self.manifest = manifest
+        dim = int(manifest["dim"])
+        n = int(manifest["count"])
+        stale = _incomplete(self.root)
+        try:
+            with duckdb.connect(str(self.root / DB), read_only=True) as con:
+                rows = con.execute("SELECT key, path, sha256, lat, lon FROM photos ORDER BY key").fetchnumpy()
+        except duckdb.Error as exc:
+            raise BundleFormatError(f"{self.root / DB}: unreadable gallery rows ({exc})") from exc
+        keys = np.asarray(rows["key"], dtype=np.int64)
+        if len(keys) != n or (n and (keys[0] != 0 or keys[-1] != n - 1)):
+            raise BundleFormatError(stale)
+        self.digest = content_digest(keys, rows["sha256"], rows["lat"], rows["lon"])
+        if self.digest != manifest.get("content_sha256"):
+            raise BundleFormatError(stale)
+        vec_path = self.root / VECTORS
+        if not vec_path.is_file() or vec_path.stat().st_size < n * dim * 2:
+            raise BundleFormatError(stale)
+        self.vectors = (
+            np.memmap(vec_path, dtype=np.float16, mode="r", shape=(n, dim)) if n else np.zeros((0, dim), np.float16)
+        )
+        self.index = usearch_index().Index.restore(str(self.root / INDEX), view=True)
+        if self.index is None or self.index.ndim != dim or len(self.index) != n:
+            raise BundleFormatError(stale)
+        self.exact = n <= EXACT_LIMIT
+        if not self.exact:
+            self.index.expansion_search = PHOTO_HNSW_EXPANSION
+        self.lat = np.asarray(rows["lat"], dtype=np.float64)
+        self.lon = np.asarray(rows["lon"], dtype=np.float64)
+        self.paths = rows["path"]
+        self.sha256 = rows["sha256"]
+
+    def _vectors(self, keys: np.ndarray) -> np.ndarray:
+        return np.asarray(self.vectors[keys])
+
+    def _hit(self, key: int, cosine: float) -> GalleryHit:
+        return GalleryHit(
+            key=key, lat=float(self.lat[key]), lon=float(self.lon[key]), cosine=cosine, path=str(self.paths[key])
+        )

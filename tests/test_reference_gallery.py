@@ -1,0 +1,367 @@
+"""Reference galleries from the analyst's photos, end to end on the demo bundle: geotagged JPEGs
+written with Pillow's EXIF GPS IFD, ``clue2geo gallery build`` from a folder and from a CSV, resume,
+a corrupt photo, a refused encoder, ``locate`` with the gallery; and ``allowed=`` restricted search
+against numpy brute force on both gallery kinds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import FAST
+from PIL import Image
+from PIL.TiffImagePlugin import IFDRational as R
+
+from clue2geo_sdk import Geolocator
+from clue2geo_sdk.bundle import Bundle
+from clue2geo_sdk.cli import main
+from clue2geo_sdk.errors import BundleFormatError
+from clue2geo_sdk.image import load_image
+from clue2geo_sdk.reference_gallery import DB, ERRORS, MANIFEST, VECTORS, PhotoGallery, build_gallery
+from clue2geo_sdk.retrieval import Gallery, SearchMixin
+
+# (lat, lon) of the generated photos: hemispheres of every sign.
+PLACES = [(48.8584, 2.2945), (-33.8568, 151.2153), (40.6892, -74.0445), (-22.9519, -43.2105), (35.6586, 139.7454)]
+
+
+def dms(value: float) -> tuple[R, R, R]:
+    """Degrees, minutes, seconds (hundredths) as EXIF rationals, the way phones write them."""
+    v = abs(value)
+    d = int(v)
+    m = int((v - d) * 60)
+    s = round((v - d - m / 60) * 3600 * 100)
+    return R(d, 1), R(m, 1), R(s, 100)
+
+
+def exif_value(value: float) -> float:
+    """The coordinate the rationals of :func:`dms` encode (what a reader must return)."""
+    d, m, s = (Fraction(x.numerator, x.denominator) for x in dms(value))
+    return float(d + m / 60 + s / 3600) * (1 if value >= 0 else -1)
+
+
+def picture(seed: int) -> Image.Image:
+    """A distinct image per seed: smooth colour fields plus blocks, 160x120."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((160, 120), Image.Resampling.BICUBIC)
+
+
+def geotagged_jpeg(path: Path, lat: float, lon: float, seed: int, when: str | None = "2024:05:01 12:30:00") -> Path:
+    ex = Image.Exif()
+    ex[0x010F] = "TestCam"
+    if when:
+        ex[0x8769] = {0x9003: when, 0x9011: "+02:00"}
+    ex[0x8825] = {1: "N" if lat >= 0 else "S", 2: dms(lat), 3: "E" if lon >= 0 else "W", 4: dms(lon)}
+    picture(seed).save(path, "JPEG", quality=92, exif=ex.tobytes())
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def rows(gallery: Path) -> list[tuple]:
+    with duckdb.connect(str(gallery / DB), read_only=True) as con:
+        return con.execute(
+            "SELECT key, path, sha256, lat, lon, source, taken_at, added_at FROM photos ORDER BY key"
+        ).fetchall()
+
+
+def errors(gallery: Path) -> list[dict]:
+    return [json.loads(line) for line in (gallery / ERRORS).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    sub = folder / "trip"
+    sub.mkdir()
+    for i, (lat, lon) in enumerate(PLACES):
+        geotagged_jpeg((sub if i % 2 else folder) / f"p{i}.jpg", lat, lon, seed=i)
+    picture(99).save(folder / "no_gps.jpg", "JPEG")  # reported and skipped, not a failure
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(photos: Path, demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gallery") / "g"
+    res = CliRunner().invoke(
+        main, ["gallery", "build", str(photos), "--bundle", str(demo_bundle), "--out", str(out), "--batch-size", "2"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "5 added, 0 already in the gallery, 1 without a position, 0 failed; 5 photos" in res.output
+    return out
+
+
+def test_folder_build_stores_exif_positions_hashes_and_times(built: Path, photos: Path, demo_bundle: Path) -> None:
+    got = rows(built)
+    assert [r[0] for r in got] == list(range(5))
+    by_name = {Path(r[1]).name: r for r in got}
+    assert set(by_name) == {f"p{i}.jpg" for i in range(5)}
+    for i, (lat, lon) in enumerate(PLACES):
+        r = by_name[f"p{i}.jpg"]
+        path = Path(r[1])
+        assert path.is_absolute() and path.is_file()
+        assert r[2] == sha256(path)
+        assert r[3] == pytest.approx(exif_value(lat), abs=1e-9) and r[4] == pytest.approx(exif_value(lon), abs=1e-9)
+        assert abs(r[3] - lat) < 1e-4 and abs(r[4] - lon) < 1e-4  # hundredths of a second: ~0.3 m
+        assert r[5] == "exif" and r[6] == "2024-05-01T12:30:00+02:00"
+    manifest = json.loads((built / MANIFEST).read_text())
+    gpsclip = Bundle.open(demo_bundle, verify=False).component("gpsclip")
+    assert manifest["image_tower_sha256"] == gpsclip.files["image"].sha256
+    assert (manifest["kind"], manifest["count"], manifest["dim"], manifest["metric"], manifest["dtype"]) == (
+        "photos",
+        5,
+        512,
+        "cos",
+        "f16",
+    )
+    assert (built / VECTORS).stat().st_size == 5 * 512 * 2
+    no_gps = [e for e in errors(built) if e["kind"] == "no_position"]
+    assert len(no_gps) == 1 and no_gps[0]["source"].endswith("no_gps.jpg")
+    g = PhotoGallery(built)
+    assert (len(g), g.kind, g.digest) == (5, "photos", manifest["content_sha256"])
+    # The stored vectors are the image tower's embeddings of the photos, unit length.
+    assert np.allclose(np.linalg.norm(g.vectors.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+
+def test_rerun_is_a_no_op(built: Path, photos: Path, demo_bundle: Path) -> None:
+    before, manifest = rows(built), json.loads((built / MANIFEST).read_text())
+    res = CliRunner().invoke(
+        main, ["gallery", "build", str(photos), "--bundle", str(demo_bundle), "--out", str(built), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert (summary["added"], summary["already"], summary["count"]) == (0, 5, 5)
+    assert rows(built) == before  # same keys, same added_at: nothing rewritten
+    assert json.loads((built / MANIFEST).read_text())["content_sha256"] == manifest["content_sha256"]
+
+
+def test_interrupted_build_resumes_losing_at_most_a_batch(photos: Path, demo_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "g"
+    seen: list[str] = []
+
+    def interrupt(name: str, problem: object) -> None:
+        """Ctrl-C while the 2nd batch's photos are being reported (after it was committed)."""
+        seen.append(name)
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_gallery(photos, demo_bundle, out, batch_size=2, on_photo=interrupt)
+    committed = rows(out)
+    assert 1 <= len(committed) <= 4
+    with pytest.raises(BundleFormatError, match="incomplete photo gallery"):
+        PhotoGallery(out)  # no manifest yet
+    # A torn write of the next batch: vector bytes without their rows.
+    with (out / VECTORS).open("ab") as f:
+        f.write(b"\x01" * 700)
+    summary = build_gallery(photos, demo_bundle, out, batch_size=2)
+    assert (summary.added, summary.already, summary.count) == (5 - len(committed), len(committed), 5)
+    assert rows(out)[: len(committed)] == committed
+    assert (out / VECTORS).stat().st_size == 5 * 512 * 2
+    g = PhotoGallery(out)
+    assert len(g) == 5 and len(g.index) == 5
+    # The index (rebuilt from vectors.f16 after the interruption) finds each stored vector first.
+    for key in range(5):
+        assert g.most_similar(g.vectors[key].astype(np.float32), 1)[0].key == key
+
+
+def test_corrupt_photo_is_reported_and_the_rest_land(demo_bundle: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    geotagged_jpeg(src / "a.jpg", 51.5, -0.12, seed=10)
+    good = (src / "a.jpg").read_bytes()
+    (src / "broken.jpg").write_bytes(good[: len(good) // 3])  # truncated JPEG
+    (src / "noise.jpg").write_bytes(b"\x00not an image at all" * 10)
+    geotagged_jpeg(src / "b.jpg", 52.52, 13.40, seed=11)
+    out = tmp_path / "g"
+    res = CliRunner().invoke(main, ["gallery", "build", str(src), "--bundle", str(demo_bundle), "--out", str(out)])
+    assert res.exit_code == 3, res.output
+    assert "broken.jpg" in res.output and "noise.jpg" in res.output
+    assert "2 added, 0 already in the gallery, 0 without a position, 2 failed" in res.output
+    assert sorted(Path(r[1]).name for r in rows(out)) == ["a.jpg", "b.jpg"]
+    failed = sorted(Path(e["source"]).name for e in errors(out) if e["kind"] == "unreadable")
+    assert failed == ["broken.jpg", "noise.jpg"]
+    assert len(PhotoGallery(out)) == 2
+
+
+def test_csv_source_with_bad_rows(demo_bundle: Path, tmp_path: Path) -> None:
+    src = tmp_path / "csvsrc"
+    (src / "img").mkdir(parents=True)
+    for i in range(3):  # no EXIF at all: the CSV gives the coordinates
+        picture(20 + i).save(src / "img" / f"c{i}.jpg", "JPEG")
+    geotagged_jpeg(src / "img" / "exif.jpg", 10.0, 10.0, seed=30)  # the CSV wins over the EXIF
+    table = src / "refs.csv"
+    table.write_text(
+        "path,lat,lon\n"
+        "img/c0.jpg,45.5,-73.5\n"
+        "img/c1.jpg,95,10\n"  # line 3: latitude out of range
+        "img/c2.jpg,abc,10\n"  # line 4: not a number
+        f"{src / 'img' / 'c2.jpg'},-1.25,36.8\n"  # absolute path
+        "img/missing.jpg,1,1\n"  # line 6: no such file
+        "img/exif.jpg,-10,-20\n"
+        "img/c0.jpg\n"  # line 8: too few fields
+    )
+    out = tmp_path / "g"
+    res = CliRunner().invoke(main, ["gallery", "build", str(table), "--bundle", str(demo_bundle), "--out", str(out)])
+    assert res.exit_code == 3, res.output
+    got = {Path(r[1]).name: (r[3], r[4], r[5]) for r in rows(out)}
+    assert got == {"c0.jpg": (45.5, -73.5, "csv"), "c2.jpg": (-1.25, 36.8, "csv"), "exif.jpg": (-10.0, -20.0, "csv")}
+    bad = {e["line"]: e["message"] for e in errors(out)}
+    assert set(bad) == {3, 4, 6, 8}
+    assert "lat '95' is outside [-90, 90]" in bad[3] and "lat 'abc' is not a number" in bad[4]
+    assert "missing.jpg" in bad[6] and "CSV line 6" in bad[6] and "expected path,lat,lon" in bad[8]
+    assert f"{table}:3" in bad[3]
+
+
+def test_a_gallery_of_another_image_tower_is_refused(built: Path, demo_bundle: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(built, other)
+    manifest = json.loads((other / MANIFEST).read_text())
+    manifest["image_tower_sha256"] = "ab" * 32
+    (other / MANIFEST).write_text(json.dumps(manifest))
+    ours = Bundle.open(demo_bundle, verify=False).component("gpsclip").files["image"].sha256
+    with pytest.raises(BundleFormatError) as exc:
+        Geolocator.load(demo_bundle, device="cpu", verify=False, gallery=other, **FAST)
+    assert "ab" * 32 in str(exc.value) and ours in str(exc.value)
+    # Nor can the bundle's tower add to it: two towers' embeddings would be mixed.
+    with pytest.raises(BundleFormatError, match="cannot share a gallery"):
+        build_gallery(tmp_path, demo_bundle, other)
+
+
+def test_locate_uses_the_photo_gallery(built: Path, photos: Path, demo_bundle: Path) -> None:
+    with Geolocator.load(
+        demo_bundle, device="cpu", verify=False, gallery=built, nearest_neighbour_candidate=True, **FAST
+    ) as geo:
+        assert geo.gallery.kind == "photos" and len(geo.gallery) == 5
+        target = photos / "trip" / "p1.jpg"  # Sydney
+        emb = geo.gpsclip.encode_images([load_image(target).image])[0]
+        hits = geo.gallery.most_similar(emb, 5)
+        assert hits[0].path == str(target.resolve()) and hits[0].cosine == pytest.approx(1.0, abs=2e-3)
+        assert (hits[0].lat, hits[0].lon) == pytest.approx((exif_value(PLACES[1][0]), exif_value(PLACES[1][1])))
+        assert [h.cosine for h in hits] == sorted((h.cosine for h in hits), reverse=True)
+        far = geo.gallery.least_similar(emb, 5)
+        assert far[-1].key == hits[0].key  # the least similar list ends with the photo itself
+        pred = geo.locate(target)
+        nearest = [c for c in pred.candidates if c.source == "gallery_nearest"]
+        assert len(nearest) == 1
+        assert (nearest[0].lat, nearest[0].lon) == pytest.approx((exif_value(PLACES[1][0]), exif_value(PLACES[1][1])))
+
+
+def test_locate_cli_takes_gallery(built: Path, photos: Path, demo_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    args = ["locate", str(photos / "p0.jpg"), "--bundle", str(demo_bundle), "--out", str(out), "--no-verify"]
+    args += ["--gallery", str(built), "--nearest-neighbour-candidate", "--max-cue-tokens", "96"]
+    res = CliRunner().invoke(main, [*args, "--max-answer-tokens", "48", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(out.read_text().splitlines()[-1])
+    near = [c for c in rec["candidates"] if c["source"] == "gallery_nearest"]
+    assert near and (near[0]["lat"], near[0]["lon"]) == pytest.approx(
+        (exif_value(PLACES[0][0]), exif_value(PLACES[0][1]))
+    )
+
+
+# -- allowed= ----------------------------------------------------------------------------------------
+
+
+def brute(vectors: np.ndarray, q: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    v = vectors[allowed].astype(np.float64)
+    cos = v @ q / (np.linalg.norm(v, axis=1) * np.linalg.norm(q))
+    order = np.argsort(-cos, kind="stable")[:k]
+    return allowed[order], cos[order]
+
+
+class ArrayGallery(SearchMixin):
+    """A SearchMixin over an in-memory USearch index, to test the search at sizes and settings
+    (exact and HNSW, brute-force subsets and oversampled ones) the demo cannot reach."""
+
+    kind = "test"
+
+    def __init__(self, vectors: np.ndarray, *, exact: bool, subset_limit: int) -> None:
+        from clue2geo_sdk._native import usearch_index
+
+        self.vectors = vectors.astype(np.float16)
+        self.index = usearch_index().Index(ndim=vectors.shape[1], metric="cos", dtype="f16")
+        self.index.add(np.arange(len(vectors), dtype=np.uint64), vectors, threads=0)
+        self.index.expansion_search = 256
+        self.exact, self.subset_limit = exact, subset_limit
+        self.lat = np.zeros(len(vectors))
+        self.lon = np.zeros(len(vectors))
+
+    def _vectors(self, keys: np.ndarray) -> np.ndarray:
+        return self.vectors[keys]
+
+    def _hit(self, key: int, cosine: float):  # noqa: ANN202
+        from clue2geo_sdk.retrieval import GalleryHit
+
+        return GalleryHit(key=key, lat=0.0, lon=0.0, cosine=cosine)
+
+
+@pytest.mark.parametrize(("exact", "subset_limit"), [(True, 0), (True, 10**9), (False, 0), (False, 10**9)])
+def test_allowed_matches_numpy_brute_force(exact: bool, subset_limit: int) -> None:
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((20, 64))
+    x = (centers[rng.integers(0, 20, 4000)] + 0.6 * rng.standard_normal((4000, 64))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    g = ArrayGallery(x, exact=exact, subset_limit=subset_limit)
+    stored = g.vectors.astype(np.float32)
+    for trial, size in enumerate([1, 7, 15, 60, 900, 3000]):
+        allowed = np.sort(rng.choice(4000, size, replace=False)).astype(np.int64)
+        q = x[rng.integers(0, 4000)] + 0.3 * rng.standard_normal(64).astype(np.float32)
+        for fn, sign in ((g.most_similar, 1.0), (g.least_similar, -1.0)):
+            hits = fn(q, 15, allowed=allowed)
+            assert set(h.key for h in hits) <= set(allowed.tolist())
+            want_keys, want_cos = brute(stored, sign * q, allowed, 15)
+            assert len(hits) == min(15, size)
+            got = np.array([sign * h.cosine for h in hits])  # cosine to sign*q, best first
+            keys = np.array([h.key for h in hits])
+            truth = stored[keys] @ (sign * q) / np.linalg.norm(stored[keys], axis=1) / np.linalg.norm(q)
+            assert np.allclose(got, truth, atol=2e-3) and np.all(np.diff(got) <= 1e-6), (trial, size)
+            if exact or subset_limit:  # exact paths: the exact top k, up to float16 ties
+                assert np.allclose(got, want_cos, atol=2e-3), (trial, size)
+            else:  # HNSW, oversampled and filtered: nearly all of the exact top 15
+                assert len(set(keys.tolist()) & set(want_keys.tolist())) >= min(14, size), (trial, size)
+    # No restriction: the plain search; an empty restriction: nothing; keys outside: refused.
+    assert len(g.most_similar(x[0], 5)) == 5 and g.most_similar(x[0], 5)[0].key == 0
+    assert g.most_similar(x[0], 5, allowed=np.zeros(0, dtype=np.int64)) == []
+    with pytest.raises(ValueError, match="allowed keys"):
+        g.most_similar(x[0], 5, allowed=np.array([3, 4000]))
+
+
+def test_allowed_on_the_photo_and_coordinate_galleries(built: Path, demo_bundle: Path) -> None:
+    g = PhotoGallery(built)
+    q = g.vectors[2].astype(np.float32)
+    hits = g.most_similar(q, 3, allowed=np.array([0, 4], dtype=np.int64))
+    want, _ = brute(g.vectors.astype(np.float32), q, np.array([0, 4]), 3)
+    assert [h.key for h in hits] == want.tolist() and all(h.path for h in hits)
+    b = Bundle.open(demo_bundle, verify=False)
+    p = b.params("gallery")
+    coords = Gallery(
+        b.file("gallery", "index"),
+        b.file("metadata", "db"),
+        dim=int(p["dim"]),
+        encoder_sha256=str(p["encoder_sha256"]),
+        location_sha256=b.component("gpsclip").files["location"].sha256,
+    )
+    assert coords.kind == "coordinates" and len(coords.digest) == 64
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal(512).astype(np.float32)
+    europe = np.flatnonzero((coords.lat > 35) & (coords.lat < 60) & (coords.lon > -10) & (coords.lon < 30))
+    few = np.sort(rng.choice(len(coords), 40, replace=False))
+    for allowed in (europe, few):
+        vecs = np.asarray(coords.index.get(allowed.astype(np.uint64)), dtype=np.float32).reshape(len(allowed), -1)
+        want, want_cos = brute(vecs, q, np.arange(len(allowed)), 15)
+        for fn, sign in ((coords.most_similar, 1.0), (coords.least_similar, -1.0)):
+            hits = fn(q, 15, allowed=allowed)
+            want, want_cos = brute(vecs, sign * q, np.arange(len(allowed)), 15)
+            assert set(h.key for h in hits) <= set(allowed.tolist())
+            assert np.allclose([sign * h.cosine for h in hits], want_cos, atol=2e-3)
+            assert all(35 < h.lat < 60 for h in hits) or allowed is few

@@ -392,6 +392,26 @@ def _candidates_html(rec: Mapping[str, Any]) -> str:
     )
 
 
+def _answers_html(rec: Mapping[str, Any]) -> str:
+    """The ranked distinct answers (candidates merged within 25 km) with their confidence."""
+    rows = [
+        f"<tr><td>{_e(a.get('rank'))}</td><td>{_num(a.get('lat'))}, {_num(a.get('lon'))}</td>"
+        f"<td>{_num(a.get('confidence'), '.3f')}</td><td>{_num(a.get('score'), '.3f')}</td>"
+        f'<td class="text">{_e(", ".join(map(str, a.get("sources") or [])))}</td><td>{_km(a.get("extent_km"))}</td></tr>'
+        for a in rec.get("answers") or []
+        if isinstance(a, Mapping)
+    ]
+    if not rows:
+        return "<p>No ranked answers in this record.</p>"
+    return (
+        '<table class="answers"><thead><tr><th>#</th><th>lat, lon</th><th>confidence</th><th>best score</th>'
+        '<th class="text">merged candidates</th><th>extent</th></tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table><p><small>Confidence: the share of a softmax over the "
+        "candidates' and the nearest gallery points' GPSCLIP cosines that falls on the answer; read it "
+        "against a reliability table (<code>clue2geo eval --calibration</code>), not as a probability.</small></p>"
+    )
+
+
 def _metadata_html(rec: Mapping[str, Any]) -> str:
     meta = rec.get("metadata")
     if not isinstance(meta, Mapping):
@@ -727,6 +747,11 @@ def _ok_section(
             ("Candidate spread", _km(rec.get("spread_km"))),
             ("Metadata position → prediction", _km(rec.get("metadata_distance_km"))),
             ("Cues", _e(rec.get("cues_status"))),
+            *(
+                [("Region", f"{_e(json.dumps(rec['region']))} · {int(rec.get('outside_region') or 0)} outside dropped")]
+                if rec.get("region")
+                else []
+            ),
         ]
     )
     local = _map_svg(_record_points(rec), zoom=True, css_class="local", label=f"map of image {n}")
@@ -734,6 +759,7 @@ def _ok_section(
 <h2>#{n} {_e(rec.get("path"))}</h2>
 <div class="top">{figure}<div><table class="kv">{summary}</table>{local}</div></div>
 <h3>Cluemap</h3>{_cluemap_html(rec, grid)}
+<h3>Answers</h3>{_answers_html(rec)}
 <h3>Candidates</h3>{_candidates_html(rec)}
 <h3>Photo metadata</h3>{_metadata_html(rec)}
 {_raw_html(rec)}

@@ -194,6 +194,9 @@ def test_report_renders_in_chromium(case: dict[str, Any]) -> None:
     assert rec["record_hash"] in text and rec["prev_hash"] in text and rec["started_utc"] in text
     assert "demo bundle" in text and dom.find(id="demo-warning")
     assert len(dom.find("details", **{"class": "raw"})) == 4  # raw answers folded away, per located image
+    assert len(dom.find("table", **{"class": "answers"})) == 4  # the ranked answers with their confidence
+    first = f"{rec['answers'][0]['confidence']:.3f}"
+    assert rec["answers"][0]["members"] and first in text
     # exactly two photos embedded (a.jpg and rot.jpg), and nothing else is fetched from anywhere
     images = dom.find("image")
     assert len(images) == 2 and all(str(i["href"]).startswith("data:image/jpeg;base64,") for i in images)

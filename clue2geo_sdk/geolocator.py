@@ -45,6 +45,7 @@ from .retrieval import Gallery
 from .selection import similarity, spread_km
 from .vlm import Constrain, PendingAnswer, VisionLanguageModel
 
+REGION_CACHE = 32
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -144,6 +145,7 @@ class Geolocator:
         self.geocoder = ReverseGeocoder(files["metadata"]["db"])
         self.countries = countries()
         self._region_keys: dict[Region, Any] = {}
+        self._region_lock = threading.Lock()
         self.prompts = resolve(bundle.params("vlm").get("prompts"))
         grid = bundle.params("clip").get("patch_grid", [3, 3])
         self.grid = (int(grid[0]), int(grid[1]))
@@ -387,11 +389,15 @@ class Geolocator:
         )
 
     def _keys_in(self, region: Region) -> Any:
-        """Gallery keys inside ``region`` (sorted), computed once per region and kept."""
-        keys = self._region_keys.get(region)
-        if keys is None:
-            keys = self._region_keys[region] = np.flatnonzero(region.contains(self.gallery.lat, self.gallery.lon))
-        return keys
+        """Gallery keys inside ``region`` (sorted), kept for the last ``REGION_CACHE`` regions used."""
+        with self._region_lock:
+            keys = self._region_keys.pop(region, None)
+            if keys is None:
+                keys = np.flatnonzero(region.contains(self.gallery.lat, self.gallery.lon))
+            self._region_keys[region] = keys  # most recent last
+            while len(self._region_keys) > REGION_CACHE:
+                self._region_keys.pop(next(iter(self._region_keys)))
+            return keys
 
     def locate_many(
         self,

@@ -1,4 +1,4 @@
-"""Geolocate a folder with the public API; write JSONL, GeoJSON and the offline HTML map report.
+"""Geolocate a folder with the public API; write JSONL, GeoJSON and the offline HTML case report.
 
 python examples/locate_folder.py [FOLDER] [--bundle artifacts/demo] [--out out/]
 """
@@ -30,15 +30,18 @@ with Geolocator.load(args.bundle) as geo:
             print(f"FAILED {result.image}: {result.message}")
             records.append({"path": result.image, "status": "error", **result.to_dict(), "demo": demo})
             continue
-        print(f"{result.image}: {result.lat:.4f}, {result.lon:.4f} ({result.city}, {result.country})")
+        print(
+            f"{result.image}: {result.lat:.4f}, {result.lon:.4f} ({result.city}, {result.country}) "
+            f"confidence {result.confidence:.2f} over {len(result.answers)} distinct answer(s)"
+        )
         records.append({"path": result.image, "status": "ok", **result.to_dict(), "demo": demo})
         features.append(result.to_geojson())
-    db = geo.bundle.file("metadata", "db")
+    bundle = geo.bundle
 
 (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 (out / "results.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
 
 from clue2geo_sdk.report import write_report  # noqa: E402
 
-write_report(out / "report.html", records, db)
+write_report(out / "report.html", records, bundle)
 print(f"wrote {out / 'results.jsonl'}, {out / 'results.geojson'}, {out / 'report.html'}")

@@ -60,7 +60,7 @@ class Answer:
     lat: float
     lon: float
     score: float
-    confidence: float
+    confidence: float | None  # None: nothing was weighed (see Prediction.confidence)
     members: tuple[int, ...] = attrs.field(converter=tuple)
     sources: tuple[str, ...] = attrs.field(converter=tuple)
     extent_km: float

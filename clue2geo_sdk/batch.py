@@ -45,7 +45,7 @@ Format = Literal["jsonl", "csv", "geojson"]
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".hif"}
 )
-IDENTITY_FIELDS = ("bundle_digest", "options_digest", "sdk_version", "demo")
+IDENTITY_FIELDS = ("bundle_digest", "options_digest", "gallery_digest", "sdk_version", "demo")
 CSV_FIELDS = (
     "path",
     "status",
@@ -64,6 +64,8 @@ CSV_FIELDS = (
     "source",
     "fallback",
     "invalid_candidates",
+    "region",
+    "outside_region",
     "cues_status",
     "image_sha256",
     "bundle",
@@ -151,14 +153,17 @@ def _sha256(data: bytes | None) -> str | None:
 def identity(geo: Geolocator, options: Options | None = None) -> dict[str, Any]:
     """What makes a record: the bundle, the options and the SDK. Stored in every record so a
     result is never reused, nor read, as if another model or setting had made it."""
-    return identity_of(geo.bundle, options or geo.options)
+    photos = getattr(geo.gallery, "kind", "coordinates") == "photos"
+    return identity_of(geo.bundle, options or geo.options, gallery_digest=geo.gallery.digest if photos else None)
 
 
-def identity_of(bundle: Bundle, options: Options) -> dict[str, Any]:
-    """:func:`identity` from a bundle and options alone (a cluster driver loads no models)."""
+def identity_of(bundle: Bundle, options: Options, *, gallery_digest: str | None = None) -> dict[str, Any]:
+    """:func:`identity` from a bundle and options alone (a cluster driver loads no models).
+    ``gallery_digest`` names an analyst's photo gallery; None is the bundle's own gallery."""
     return {
         "bundle_digest": bundle.digest,
         "options_digest": options.digest(),
+        "gallery_digest": gallery_digest,
         "sdk_version": __version__,
         "demo": bundle.demo,
     }
@@ -192,6 +197,8 @@ def record_of(
 
 
 def _csv_value(rec: Mapping[str, Any], key: str) -> Any:
+    if key == "region":
+        return json.dumps(rec["region"], separators=(",", ":")) if rec.get("region") else None
     if not key.startswith("metadata_") or key == "metadata_distance_km":
         return rec.get(key)
     meta = rec.get("metadata") or {}
@@ -368,7 +375,12 @@ def _short(value: Any) -> str:
 
 def stale_notice(journal: Path, records: Iterable[Mapping[str, Any]], ident: Mapping[str, Any]) -> str | None:
     """One line saying how many records were made by another bundle, options or SDK, or None."""
-    labels = {"bundle_digest": "bundle", "options_digest": "options", "sdk_version": "clue2geo version"}
+    labels = {
+        "bundle_digest": "bundle",
+        "options_digest": "options",
+        "gallery_digest": "reference gallery",
+        "sdk_version": "clue2geo version",
+    }
     n, parts = 0, {}
     for r in records:
         differ = [k for k in labels if r.get(k) != ident[k]]

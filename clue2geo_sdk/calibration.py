@@ -202,7 +202,10 @@ def answer_confidences(
 ) -> tuple[float, ...]:
     """The answers' confidences of one result record, first answer first: its ``answers`` when it
     has them, else computed from its ``candidates`` with :func:`~clue2geo_sdk.answers.rank_answers`.
-    Empty when the record has neither (a failure)."""
+    Empty when the record has neither (a failure) or says it has no confidence (a lone fallback
+    point: nothing was weighed), so such images are left out of the table, not binned."""
+    if "confidence" in record and record["confidence"] is None:
+        return ()
     answers = record.get("answers")
     if answers:
         return tuple(float(a["confidence"]) for a in answers)

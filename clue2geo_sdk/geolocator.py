@@ -303,9 +303,10 @@ class Geolocator:
                 )
 
             # The RAG prompts need only the image and the references: they run beside cue extraction.
+            # A region holding no gallery point leaves none to show, so they are not asked.
             pending_rag = (
                 {f"rag{k}": locate_prompt(stages.rag_prompt(self.prompts["rag"], refs, k)) for k in opts.references}
-                if opts.use_refinement
+                if opts.use_refinement and refs.similar
                 else {}
             )
             cluemap: Cluemap | None = None
@@ -339,12 +340,16 @@ class Geolocator:
         win = chosen.candidates[chosen.best]
         # Gallery hits are GPSCLIP image-location cosines, on the candidates' scale; a photo gallery's
         # image-image cosines are not, so they stay out of the softmax.
-        same_scale = getattr(self.gallery, "kind", "coordinates") == "coordinates"
-        answers = rank_answers(chosen.candidates, references=refs.similar if same_scale else ())
+        weighed = refs.similar if getattr(self.gallery, "kind", "coordinates") == "coordinates" else ()
+        answers = rank_answers(chosen.candidates, references=weighed)
+        # A softmax over one point says nothing: a lone candidate with no references has no confidence.
+        if len(chosen.candidates) + len(weighed) <= 1:
+            answers = tuple(attrs.evolve(a, confidence=None) for a in answers)
         lap("selection")
         # The country by its real borders; the city and admin1 from the nearest GeoNames place inside it.
         code = self.countries.code_at(win.lat, win.lon)
         place = self.geocoder.lookup(win.lat, win.lon, country_code=code)
+        same_country = code is not None and place.country_code == code  # else no city rather than a foreign one
         lap("reverse_geocode")
         meta = read_metadata(img)  # beside the prediction, never used by it (metadata can be forged)
         timings["total"] = round(time.perf_counter() - t0, 4)
@@ -352,10 +357,10 @@ class Geolocator:
         return Prediction(
             lat=win.lat,
             lon=win.lon,
-            country=(place.country if place.country_code == code else self.countries.get(code).name) if code else None,
+            country=(place.country if same_country else self.countries.get(code).name) if code else None,
             country_code=code,
-            admin1=place.admin1 or None,
-            city=place.city or None,
+            admin1=(place.admin1 or None) if same_country else None,
+            city=(place.city or None) if same_country else None,
             landmark=win.landmark,
             model_country=win.country,
             model_city=win.city,
@@ -392,12 +397,13 @@ class Geolocator:
         """Gallery keys inside ``region`` (sorted), kept for the last ``REGION_CACHE`` regions used."""
         with self._region_lock:
             keys = self._region_keys.pop(region, None)
-            if keys is None:
-                keys = np.flatnonzero(region.contains(self.gallery.lat, self.gallery.lon))
+        if keys is None:  # computed unlocked: other threads' regions need not wait for this one
+            keys = np.flatnonzero(region.contains(self.gallery.lat, self.gallery.lon))
+        with self._region_lock:
             self._region_keys[region] = keys  # most recent last
             while len(self._region_keys) > REGION_CACHE:
                 self._region_keys.pop(next(iter(self._region_keys)))
-            return keys
+        return keys
 
     def locate_many(
         self,

@@ -38,6 +38,9 @@ def _lon(v: float, what: str) -> float:
 class Region:
     """Build with :meth:`of_countries`, :meth:`bbox`, :meth:`circle` or :meth:`parse`.
 
+    A country is every territory in Natural Earth's polygon for its code (France includes French
+    Guiana and Réunion), plus :data:`~clue2geo_sdk.countries.BORDER_TOLERANCE_DEG` around it.
+
     A box with ``west > east`` crosses the antimeridian (e.g. west=170, east=-170 is 20° wide).
     """
 
@@ -62,9 +65,12 @@ class Region:
     @classmethod
     def bbox(cls, west: float, south: float, east: float, north: float) -> Region:
         s, n = _lat(south, "box south"), _lat(north, "box north")
+        w, e = _lon(west, "box west"), _lon(east, "box east")
         if s >= n:
             raise RegionError(f"box south {s} must be below north {n}")
-        return cls(kind="bbox", west=_lon(west, "box west"), south=s, east=_lon(east, "box east"), north=n)
+        if w % 360.0 == e % 360.0:
+            raise RegionError(f"box west {w} and east {e} are the same meridian: the box has no width")
+        return cls(kind="bbox", west=w, south=s, east=e, north=n)
 
     @classmethod
     def circle(cls, lat: float, lon: float, radius_km: float) -> Region:
@@ -81,12 +87,17 @@ class Region:
             return spec
         if isinstance(spec, dict):
             kind = spec.get("kind")
-            if kind == "countries":
-                return cls.of_countries(spec.get("codes", ()))
-            if kind == "bbox":
-                return cls.bbox(spec["west"], spec["south"], spec["east"], spec["north"])
-            if kind == "circle":
-                return cls.circle(spec["lat"], spec["lon"], spec["radius_km"])
+            try:
+                if kind == "countries":
+                    return cls.of_countries(spec.get("codes", ()))
+                if kind == "bbox":
+                    return cls.bbox(spec["west"], spec["south"], spec["east"], spec["north"])
+                if kind == "circle":
+                    return cls.circle(spec["lat"], spec["lon"], spec["radius_km"])
+            except (KeyError, TypeError, ValueError) as exc:
+                if isinstance(exc, RegionError):
+                    raise
+                raise RegionError(f"region {spec!r}: missing or bad field ({exc})") from None
             raise RegionError(f"region {spec!r}: kind must be countries, bbox or circle")
         if not isinstance(spec, str):
             return cls.of_countries(spec)
@@ -136,9 +147,10 @@ class Region:
             names = [f"{countries().get(c).name} ({c})" for c in self.codes]
             return "in " + (names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1])
         if self.kind == "bbox":
+            across = " (eastward across the 180° meridian)" if self.west > self.east else ""
             return (
                 f"inside the box from latitude {self.south:.4f} to {self.north:.4f} and longitude "
-                f"{self.west:.4f} to {self.east:.4f}"
+                f"{self.west:.4f} to {self.east:.4f}{across}"
             )
         return f"within {self.radius_km:g} km of latitude {self.lat:.4f}, longitude {self.lon:.4f}"
 

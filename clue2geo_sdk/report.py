@@ -43,7 +43,14 @@ LAND, OCEAN, BORDER = "#cfe0c3", "#dbe9f6", "#6f8a62"
 CUE_COLORS = ("#e6194b", "#f58231", "#911eb4")  # clue sets 1, 2, 3 (primary cues' patch outlines)
 METADATA_COLOR = "#000000"
 PREDICTION_COLOR = "#ff7f0e"
-_COLORS = {"direct": "#d62728", "rag5": "#1f77b4", "rag10": "#2ca02c", "rag15": "#9467bd", "gallery_nearest": "#8c564b"}
+_COLORS = {
+    "direct": "#d62728",
+    "rag5": "#1f77b4",
+    "rag10": "#2ca02c",
+    "rag15": "#9467bd",
+    "gallery_nearest": "#8c564b",
+    "region_anchor": "#7f7f7f",  # a point inside the region, not a model answer
+}
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
@@ -403,12 +410,21 @@ def _answers_html(rec: Mapping[str, Any]) -> str:
     ]
     if not rows:
         return "<p>No ranked answers in this record.</p>"
+    photos = (rec.get("references") or {}).get("gallery") == "photos"
+    over = "candidates'" if photos else "candidates' and the nearest gallery points'"
+    note = (
+        "There was nothing to weigh the winner against (a lone fallback point): the prediction has no confidence. "
+        if rec.get("confidence") is None
+        else ""
+    )
+    if any(str(c.get("source")) == "region_anchor" for c in rec.get("candidates") or [] if isinstance(c, Mapping)):
+        note += "region_anchor is a point inside the region chosen because nothing else was in it, not a model answer. "
     return (
         '<table class="answers"><thead><tr><th>#</th><th>lat, lon</th><th>confidence</th><th>best score</th>'
         '<th class="text">merged candidates</th><th>extent</th></tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table><p><small>Confidence: the share of a softmax over the "
-        "candidates' and the nearest gallery points' GPSCLIP cosines that falls on the answer; read it "
-        "against a reliability table (<code>clue2geo eval --calibration</code>), not as a probability.</small></p>"
+        f"<tbody>{''.join(rows)}</tbody></table><p><small>{_e(note)}Confidence: the share of a softmax over "
+        f"the {_e(over)} GPSCLIP cosines that falls on the answer; read it against a reliability table "
+        "(<code>clue2geo eval --calibration</code>), not as a probability.</small></p>"
     )
 
 

@@ -42,6 +42,7 @@ class Prediction:
     candidates' and the nearest gallery points' GPSCLIP cosines (GeoCLIP's logit scale) that falls on
     the winning answer — the model's relative preference, to be read against a reliability table
     (``clue2geo eval --calibration``), not a probability by itself (:mod:`clue2geo_sdk.answers`).
+    It is None when there was nothing to weigh the winner against (a lone fallback point).
     ``similarity`` is the winner's GPSCLIP cosine mapped from [-1, 1] to [0, 1]. ``references`` are
     the gallery points the RAG prompts were shown (``similar`` / ``dissimilar``, with their cosines)
     and which gallery they came from.
@@ -72,7 +73,7 @@ class Prediction:
     landmark: str | None
     model_country: str | None
     model_city: str | None
-    confidence: float
+    confidence: float | None
     spread_km: float | None
     source: str
     fallback: bool

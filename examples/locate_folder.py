@@ -32,7 +32,8 @@ with Geolocator.load(args.bundle) as geo:
             continue
         print(
             f"{result.image}: {result.lat:.4f}, {result.lon:.4f} ({result.city}, {result.country}) "
-            f"confidence {result.confidence:.2f} over {len(result.answers)} distinct answer(s)"
+            f"confidence {result.confidence if result.confidence is None else round(result.confidence, 2)} "
+            f"over {len(result.answers)} distinct answer(s)"
         )
         records.append({"path": result.image, "status": "ok", **result.to_dict(), "demo": demo})
         features.append(result.to_geojson())

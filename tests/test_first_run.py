@@ -26,7 +26,7 @@ def test_export_extra_brings_the_sdist_build_backend() -> None:
 
 def test_ci_runs_the_readme_command_with_an_empty_project_cache() -> None:
     readme = (ROOT / "README.md").read_text()
-    commands = re.findall(r"```bash\n(python3 -m venv .*)\n```", readme)
+    commands = re.findall(r"```bash\n(.*python3 -m venv .*)\n```", readme)
     assert len(commands) == 2 and "--overwrite" in commands[0]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert ci[-1] == commands[1]  # exactly the README's test command

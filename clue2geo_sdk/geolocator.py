@@ -196,7 +196,11 @@ class Geolocator:
             temperature=float(p.get("generation", {}).get("temperature", 0.0)),
             verbose=verbose,
         )
-        return cls(bundle, vlm, device=device, options=opts, max_in_flight=max_in_flight, gallery=gallery)
+        try:
+            return cls(bundle, vlm, device=device, options=opts, max_in_flight=max_in_flight, gallery=gallery)
+        except BaseException:  # e.g. a refused gallery: the engine's thread and memory go with it
+            vlm.close()
+            raise
 
     def __enter__(self) -> Geolocator:
         return self

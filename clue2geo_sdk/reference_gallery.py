@@ -7,7 +7,7 @@ stores, in one folder::
     manifest.json    format, SDK version, the image tower's sha256, dim, count, metric, dtype, digest
     gallery.duckdb   photos(key, path, sha256, lat, lon, source, taken_at, added_at): one row a photo
     vectors.f16      the embeddings, float16, row = key (memory-mapped: exact and subset search)
-    index.usearch    USearch HNSW index over the same vectors (cosine; key = row)
+    index.usearch    USearch HNSW index over the same vectors (cosine, float16; key = row)
     errors.jsonl     what could not be added, one JSON line each, appended per run
 
 Resumable and crash-safe: a batch's vectors are appended and fsynced, then its rows committed in
@@ -43,8 +43,12 @@ from .retrieval import (
     PHOTO_INDEX_CONNECTIVITY,
     PHOTO_INDEX_DTYPE,
     PHOTO_INDEX_EXPANSION_ADD,
+    PHOTO_RERANK,
+    SUBSET_BRUTE_FORCE,
     GalleryHit,
+    Matches,
     SearchMixin,
+    brute_force,
 )
 
 FORMAT_VERSION = 1
@@ -210,7 +214,9 @@ def read_manifest(out: Path) -> dict[str, Any]:
 
 
 def _incomplete(out: Path) -> str:
-    return f"{out}: incomplete photo gallery (a build was interrupted?); run `clue2geo gallery build` again to finish it"
+    return (
+        f"{out}: incomplete photo gallery (a build was interrupted?); run `clue2geo gallery build` again to finish it"
+    )
 
 
 def content_digest(keys: Iterable[int], sha256s: Iterable[str], lat: Iterable[float], lon: Iterable[float]) -> str:
@@ -243,8 +249,11 @@ class _Writer:
                     f"{out} was built with GPSCLIP image tower {old.get('image_tower_sha256')}, but this bundle's is "
                     f"{image_sha256}: embeddings of two towers cannot share a gallery; use another --out"
                 )
-        self.con = duckdb.connect(str(out / DB))
-        self.con.execute(SCHEMA)
+        try:
+            self.con = duckdb.connect(str(out / DB))
+            self.con.execute(SCHEMA)
+        except duckdb.Error as exc:  # not a DuckDB file, or another build holds it
+            raise GalleryBuildError(f"{out / DB}: cannot open the gallery rows ({exc})") from exc
         n = int(self.con.execute("SELECT count(*) FROM photos").fetchone()[0])
         top = self.con.execute("SELECT max(key) FROM photos").fetchone()[0]
         if n and top != n - 1:
@@ -264,6 +273,8 @@ class _Writer:
         self.index = None
         if (out / INDEX).is_file():
             self.index = ui.Index.restore(str(out / INDEX))
+            if self.index is not None:
+                self.index.expansion_add = PHOTO_INDEX_EXPANSION_ADD  # not kept in the file
             if self.index is not None and len(self.index) > n:
                 self.index = None  # cannot happen in order (saved after commit); rebuild rather than trust it
         if self.index is None:
@@ -330,10 +341,12 @@ class _Writer:
             "dim": self.dim,
             "count": self.count,
             "metric": "cos",
-            "dtype": PHOTO_INDEX_DTYPE,
+            "dtype": "f16",  # of the stored vectors (vectors.f16); the index's own is under "index"
             "index": {
+                "dtype": PHOTO_INDEX_DTYPE,
                 "connectivity": PHOTO_INDEX_CONNECTIVITY,
                 "expansion_add": PHOTO_INDEX_EXPANSION_ADD,
+                "rerank": PHOTO_RERANK,
             },
             "content_sha256": digest,
             "updated_at": _utc_now().isoformat(timespec="seconds") + "Z",
@@ -372,7 +385,7 @@ def build_gallery(
     returned in the summary's counts and appended to ``out/errors.jsonl``."""
     from .bundle import Bundle
     from .encoders import GpsClipEncoder, providers_for
-    from .image import load_image
+    from .image import load_image, read_image_file
     from .metadata import read_metadata
 
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=False)
@@ -406,14 +419,16 @@ def build_gallery(
             for sp in chunk:
                 name = str(sp.path)
                 try:
-                    img = load_image(sp.path)
+                    data = read_image_file(sp.path, name=name)
+                    digest = hashlib.sha256(data).hexdigest()
+                    if digest in writer.known or any(r["sha256"] == digest for r in rows):
+                        counts["already"] += 1  # known by its bytes: not decoded again
+                        done.append((name, None))
+                        continue
+                    img = load_image(data, name=name)
                 except (Clue2GeoError, OSError) as exc:
                     where = f" (CSV line {sp.line})" if sp.line else ""
                     done.append((name, Problem(source=name, kind="unreadable", message=f"{exc}{where}", line=sp.line)))
-                    continue
-                if img.sha256 in writer.known or any(r["sha256"] == img.sha256 for r in rows):
-                    counts["already"] += 1
-                    done.append((name, None))
                     continue
                 meta = read_metadata(img)
                 if sp.lat is not None and sp.lon is not None:
@@ -505,7 +520,10 @@ class PhotoGallery(SearchMixin):
         self.index = usearch_index().Index.restore(str(self.root / INDEX), view=True)
         if self.index is None or self.index.ndim != dim or len(self.index) != n:
             raise BundleFormatError(stale)
+        # Exact galleries are brute-forced over the float16 vectors (SIMD, no index rounding);
+        # larger ones search the HNSW index (and re-score its top PHOTO_RERANK, when set).
         self.exact = n <= EXACT_LIMIT
+        self.subset_limit = n if self.exact else SUBSET_BRUTE_FORCE
         if not self.exact:
             self.index.expansion_search = PHOTO_HNSW_EXPANSION
         self.lat = np.asarray(rows["lat"], dtype=np.float64)
@@ -515,6 +533,18 @@ class PhotoGallery(SearchMixin):
 
     def _vectors(self, keys: np.ndarray) -> np.ndarray:
         return np.asarray(self.vectors[keys])
+
+    def _unrestricted(self, q: np.ndarray, k: int) -> Matches:
+        if self.exact:
+            return brute_force(self.vectors, q, k)
+        m = self.index.search(q, min(len(self), max(k, PHOTO_RERANK)))
+        keys, distances = np.asarray(m.keys, dtype=np.int64), np.asarray(m.distances, dtype=np.float32)
+        return self._rescore(q, keys, distances, k) if PHOTO_RERANK else Matches(keys=keys[:k], distances=distances[:k])
+
+    def _rescore(self, q: np.ndarray, keys: np.ndarray, distances: np.ndarray, k: int) -> Matches:
+        order = np.sort(keys)  # sorted reads from the memory map
+        m = brute_force(self._vectors(order), q, k)
+        return Matches(keys=order[m.keys], distances=m.distances)
 
     def _hit(self, key: int, cosine: float) -> GalleryHit:
         return GalleryHit(

@@ -8,16 +8,16 @@ GPSCLIP image embeddings of geotagged reference photos: image -> image retrieval
 Most similar: nearest neighbours of the query. Least similar: nearest neighbours of the *negated*
 query, i.e. the largest cosine distance (G3's negative references).
 
-Exact or HNSW (measured with ``bench/retrieval.py``, docs/gallery.md): exact search over 100K
-float16 vectors costs ~8 ms per query and grows linearly (~80 ms at 1M), so galleries up to
-``EXACT_LIMIT`` rows are searched exactly (recall 1, and the coordinate gallery's cross-modal
+Exact or HNSW (measured with ``bench/retrieval.py``, docs/gallery.md): exact search costs ~8 ms
+per query at 100K float16 rows and grows linearly (~80 ms at 1M), so galleries up to
+``EXACT_LIMIT`` rows are searched exactly (recall 1; and the coordinate gallery's cross-modal
 queries, cosines ~0.2 all close, are where HNSW struggles most: at expansion 64 it found 5 of the
-exact top 15 on the demo gallery). Larger ones use HNSW with ``HNSW_EXPANSION``.
+exact top 15 on the demo gallery). Larger ones use HNSW.
 
-``allowed`` (a sorted array of keys, e.g. a region's) restricts a search to those rows, exactly
-for any subset: small subsets are searched by brute force over their own vectors; large ones by an
+``allowed`` (a sorted array of keys, e.g. a region's) restricts a search to those rows, for any
+subset: small subsets are searched by brute force over their own vectors; large ones by an
 oversampled search whose results are filtered, widened until k allowed rows are found (in the end
-an exact search over everything, so a result is never missing an allowed row it should have).
+an exact search over everything, so a result never lacks an allowed row for want of looking).
 """
 
 from __future__ import annotations
@@ -32,15 +32,20 @@ import numpy as np
 from .errors import BundleFormatError
 
 EXACT_LIMIT = 100_000
-# expansion_search for HNSW-searched galleries: the coordinate gallery (cross-modal queries) and
-# the photo gallery (image -> image; recall@15 >= 0.99 at 1M and 5M in docs/gallery.md).
+# expansion_search of the coordinate gallery when searched by HNSW (cross-modal queries: wide).
 HNSW_EXPANSION = 1024
-PHOTO_HNSW_EXPANSION = 256
-# Index build settings for photo galleries (USearch defaults; see docs/gallery.md for the curve).
+# Photo galleries: a float16 HNSW index with USearch's default graph (connectivity 16, expansion_add
+# 128), searched at expansion 512: recall@15 0.993 at 1M clustered vectors, p50 ~1.5 ms on two
+# cores; 0.978 at 2M, p50 2.2 ms (docs/gallery.md: the 0.99 target is not met above 1M). An int8
+# index (connectivity 16, expansion_add 64) builds 2.5x faster but caps near 0.95 at 1M (0.84 at
+# 5M) even with its top 64-512 re-scored exactly, so re-ranking is off (``PHOTO_RERANK`` 0); a
+# positive value re-scores the index's top R from the float16 vectors.
 PHOTO_INDEX_DTYPE = "f16"
 PHOTO_INDEX_CONNECTIVITY = 16
 PHOTO_INDEX_EXPANSION_ADD = 128
-# Subsets up to this many rows are searched by brute force over their own vectors.
+PHOTO_HNSW_EXPANSION = 512
+PHOTO_RERANK = 0
+# Allowed subsets up to this many rows are searched by brute force over their own vectors.
 SUBSET_BRUTE_FORCE = 50_000
 
 
@@ -89,18 +94,18 @@ def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> Matches:
     (float16 rows are not converted to float32 first, which would cost more than the search)."""
     from ._native import usearch_index
 
-    search = usearch_index().search
     k = min(k, len(vectors))
-    if k == 0:
+    if k <= 0:
         return Matches(keys=np.zeros(0, dtype=np.int64), distances=np.zeros(0, dtype=np.float32))
     q = np.asarray(query, dtype=vectors.dtype)
-    m = search(np.ascontiguousarray(vectors), q, k, "cos", exact=True, threads=1)
+    m = usearch_index().search(np.ascontiguousarray(vectors), q, k, "cos", exact=True, threads=1)
     return Matches(keys=np.asarray(m.keys, dtype=np.int64), distances=np.asarray(m.distances, dtype=np.float32))
 
 
 class SearchMixin:
     """The search logic both gallery kinds share. Subclasses set ``index`` (a USearch index or
-    view), ``exact``, ``lat``, ``lon`` and may override :meth:`_vectors`."""
+    view), ``exact``, ``lat``, ``lon`` and may override :meth:`_vectors`, :meth:`_unrestricted` and
+    :meth:`_rescore`."""
 
     index: Any
     exact: bool
@@ -120,12 +125,21 @@ class SearchMixin:
     def _hit(self, key: int, cosine: float) -> GalleryHit:
         raise NotImplementedError
 
+    def _unrestricted(self, q: np.ndarray, k: int) -> Matches:
+        """Top k of the whole gallery (the index's own exact or HNSW search)."""
+        m = self.index.search(q, min(k, len(self)), exact=self.exact)
+        return Matches(keys=np.asarray(m.keys, dtype=np.int64), distances=np.asarray(m.distances, dtype=np.float32))
+
+    def _rescore(self, q: np.ndarray, keys: np.ndarray, distances: np.ndarray, k: int) -> Matches:
+        """The best k of candidate ``keys`` (best first); a gallery whose index distances are
+        coarse (int8) re-scores them from its exact vectors."""
+        return Matches(keys=keys[:k], distances=distances[:k])
+
     def _search(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> Matches:
         q = np.asarray(query, dtype=np.float32)
         n = len(self)
         if allowed is None:
-            m = self.index.search(q, min(k, n), exact=self.exact)
-            return Matches(keys=np.asarray(m.keys, dtype=np.int64), distances=np.asarray(m.distances))
+            return self._unrestricted(q, k)
         allowed = np.asarray(allowed, dtype=np.int64)
         if len(allowed) == 0 or k <= 0:
             return Matches(keys=np.zeros(0, dtype=np.int64), distances=np.zeros(0, dtype=np.float32))
@@ -138,13 +152,12 @@ class SearchMixin:
         # HNSW's search widens its own expansion to the count asked for; the last try is exact.
         want = min(n, int(np.ceil(2 * k * n / len(allowed))) + k)
         while True:
-            exact = self.exact or want >= n
-            m = self.index.search(q, want, exact=exact)
+            m = self.index.search(q, want, exact=self.exact or want >= n)
             keys = np.asarray(m.keys, dtype=np.int64)
             pos = np.minimum(np.searchsorted(allowed, keys), len(allowed) - 1)
             ok = allowed[pos] == keys
             if ok.sum() >= min(k, len(allowed)) or want >= n:
-                return Matches(keys=keys[ok][:k], distances=np.asarray(m.distances)[ok][:k])
+                return self._rescore(q, keys[ok], np.asarray(m.distances, dtype=np.float32)[ok], k)
             want = min(n, want * 4)
 
     def most_similar(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[GalleryHit]:
@@ -174,8 +187,9 @@ class Gallery(SearchMixin):
         location_sha256: str,
         digest: str | None = None,
     ) -> None:
-        """``digest`` names this gallery in records (the bundle's sha256 of the index file); None
-        hashes the index file's header and size instead (cheap, and enough to tell galleries apart)."""
+        """``digest`` names this gallery in records (the bundle manifest's sha256 of the index
+        file); None hashes the index file's size and first MiB instead (cheap, and enough to tell
+        galleries apart)."""
         import duckdb
 
         from ._native import usearch_index
@@ -196,9 +210,9 @@ class Gallery(SearchMixin):
         self.exact = len(self.index) <= EXACT_LIMIT
         if not self.exact:
             self.index.expansion_search = HNSW_EXPANSION
-        # Reading vectors back from a USearch view is slow (~5 us a key): when the whole gallery is
-        # searched exactly anyway, an oversampled exact search is cheaper than fetching a subset.
-        self.subset_limit = 0 if self.exact else 5_000
+        # Reading vectors back from a USearch view is slow (~5 us a key): past ~2K keys, an
+        # oversampled exact search of the whole (exact) gallery is cheaper than fetching a subset.
+        self.subset_limit = 2_000 if self.exact else 5_000
         self.lat = np.asarray(rows["lat"], dtype=np.float64)
         self.lon = np.asarray(rows["lon"], dtype=np.float64)
         self.country = rows["country"]

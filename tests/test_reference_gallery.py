@@ -336,6 +336,28 @@ def test_allowed_matches_numpy_brute_force(exact: bool, subset_limit: int) -> No
         g.most_similar(x[0], 5, allowed=np.array([3, 4000]))
 
 
+@pytest.mark.parametrize("rerank", [0, 64])
+def test_photo_gallery_hnsw_mode_gives_the_exact_answer(
+    built: Path, monkeypatch: pytest.MonkeyPatch, rerank: int
+) -> None:
+    """Above EXACT_LIMIT a photo gallery searches its HNSW index (re-scoring the top PHOTO_RERANK
+    from the float16 vectors when set): on a small gallery that is the exact answer."""
+    exact = PhotoGallery(built)
+    monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 2)
+    monkeypatch.setattr("clue2geo_sdk.reference_gallery.PHOTO_RERANK", rerank)
+    hnsw = PhotoGallery(built)
+    assert exact.exact and not hnsw.exact and str(hnsw.index.dtype).endswith("F16")
+    assert hnsw.index.expansion_search == 512
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        q = exact.vectors[rng.integers(0, 5)].astype(np.float32) + 0.05 * rng.standard_normal(512).astype(np.float32)
+        for k in (1, 3, 5):
+            a, b = exact.most_similar(q, k), hnsw.most_similar(q, k)
+            assert [h.key for h in a] == [h.key for h in b]
+            assert np.allclose([h.cosine for h in a], [h.cosine for h in b], atol=1e-3)
+            assert [h.key for h in exact.least_similar(q, k)] == [h.key for h in hnsw.least_similar(q, k)]
+
+
 def test_allowed_on_the_photo_and_coordinate_galleries(built: Path, demo_bundle: Path) -> None:
     g = PhotoGallery(built)
     q = g.vectors[2].astype(np.float32)
@@ -356,6 +378,7 @@ def test_allowed_on_the_photo_and_coordinate_galleries(built: Path, demo_bundle:
     q = rng.standard_normal(512).astype(np.float32)
     europe = np.flatnonzero((coords.lat > 35) & (coords.lat < 60) & (coords.lon > -10) & (coords.lon < 30))
     few = np.sort(rng.choice(len(coords), 40, replace=False))
+    assert len(europe) > coords.subset_limit >= len(few)  # both paths: oversampled exact, and brute force
     for allowed in (europe, few):
         vecs = np.asarray(coords.index.get(allowed.astype(np.uint64)), dtype=np.float32).reshape(len(allowed), -1)
         want, want_cos = brute(vecs, q, np.arange(len(allowed)), 15)

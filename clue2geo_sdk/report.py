@@ -422,7 +422,7 @@ def _answers_html(rec: Mapping[str, Any]) -> str:
     return (
         '<table class="answers"><thead><tr><th>#</th><th>lat, lon</th><th>confidence</th><th>best score</th>'
         '<th class="text">merged candidates</th><th>extent</th></tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table><p><small>{_e(note)}Confidence: the share of a softmax over "
+        f"<tbody>{''.join(rows)}</tbody></table><p><small>{html.escape(note)}Confidence: the share of a softmax over "
         f"the {_e(over)} GPSCLIP cosines that falls on the answer; read it against a reliability table "
         "(<code>clue2geo eval --calibration</code>), not as a probability.</small></p>"
     )
@@ -502,6 +502,8 @@ def _custody_html(
     rd = rec.get("bundle_digest")
     if bundle_digest is None:
         bcheck = "no bundle given to the report"
+    elif not rd:
+        bcheck = '<span class="warn">the record does not say which bundle made it</span>'
     elif rd == bundle_digest:
         bcheck = '<span class="good">the bundle given to the report is this one</span>'
     else:
@@ -537,7 +539,7 @@ def _custody_html(
 
 _STYLE = """
 *{box-sizing:border-box}
-body{font-family:sans-serif;margin:1em auto;max-width:1240px;padding:0 1em;color:#111;font-size:14px}
+body{font-family:sans-serif;margin:1em auto;max-width:1240px;padding:0 1em;color:#111;font-size:14px;overflow-wrap:anywhere}
 h1{font-size:1.6em} h2{font-size:1.3em;border-bottom:2px solid #444;padding-bottom:.2em} h3{font-size:1.05em;break-after:avoid}
 table.candidates :is(th,td):not(.text){white-space:nowrap}
 table{border-collapse:collapse;margin:.5em 0;width:100%;table-layout:auto}

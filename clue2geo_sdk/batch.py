@@ -153,7 +153,7 @@ def _sha256(data: bytes | None) -> str | None:
 def identity(geo: Geolocator, options: Options | None = None) -> dict[str, Any]:
     """What makes a record: the bundle, the options and the SDK. Stored in every record so a
     result is never reused, nor read, as if another model or setting had made it."""
-    photos = getattr(geo.gallery, "kind", "coordinates") == "photos"
+    photos = geo.gallery.kind == "photos"
     return identity_of(geo.bundle, options or geo.options, gallery_digest=geo.gallery.digest if photos else None)
 
 

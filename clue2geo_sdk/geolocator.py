@@ -344,7 +344,7 @@ class Geolocator:
         win = chosen.candidates[chosen.best]
         # Gallery hits are GPSCLIP image-location cosines, on the candidates' scale; a photo gallery's
         # image-image cosines are not, so they stay out of the softmax.
-        weighed = refs.similar if getattr(self.gallery, "kind", "coordinates") == "coordinates" else ()
+        weighed = refs.similar if self.gallery.kind == "coordinates" else ()
         answers = rank_answers(chosen.candidates, references=weighed)
         # A softmax over one point says nothing: a lone candidate with no references has no confidence.
         if len(chosen.candidates) + len(weighed) <= 1:
@@ -390,8 +390,8 @@ class Geolocator:
             outside_region=chosen.outside_region,
             answers=answers,
             references={
-                "gallery": getattr(self.gallery, "kind", "coordinates"),
-                "gallery_digest": getattr(self.gallery, "digest", None),
+                "gallery": self.gallery.kind,
+                "gallery_digest": self.gallery.digest,
                 "similar": [h.to_dict() for h in refs.similar],
                 "dissimilar": [h.to_dict() for h in refs.dissimilar],
             },

@@ -35,6 +35,7 @@ from typing import Any
 import attrs
 
 from ._version import __version__
+from .evaluate import distance_km
 
 W, H = 1440, 720  # the equirectangular world: 4 units per degree
 THUMB_MAX = 480  # longest side of an embedded thumbnail, px
@@ -71,12 +72,6 @@ def patch_box(size: tuple[int, int], grid: tuple[int, int], index: int) -> tuple
     w, h = size
     r, c = divmod(index, cols)
     return c * w // cols, r * h // rows, (c + 1) * w // cols, (r + 1) * h // rows
-
-
-def _km_between(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    from .geocode import haversine_km
-
-    return float(haversine_km(lat1, lon1, lat2, lon2))
 
 
 def _finite(*values: Any) -> bool:
@@ -380,8 +375,8 @@ def _candidates_html(rec: Mapping[str, Any]) -> str:
         if not isinstance(c, Mapping):
             continue
         ok = _finite(c.get("lat"), c.get("lon"))
-        to_pred = _km_between(rec["lat"], rec["lon"], c["lat"], c["lon"]) if ok else None
-        to_meta = _km_between(pos["lat"], pos["lon"], c["lat"], c["lon"]) if ok and pos else None
+        to_pred = distance_km(rec["lat"], rec["lon"], c["lat"], c["lon"]) if ok else None
+        to_meta = distance_km(pos["lat"], pos["lon"], c["lat"], c["lon"]) if ok and pos else None
         color = _COLORS.get(str(c.get("source")), "#444")
         rows.append(
             f'<tr><td><span style="color:{color}">●</span> {_e(c.get("source"))}</td>'

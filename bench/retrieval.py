@@ -1,29 +1,34 @@
-"""Retrieval benchmark: USearch HNSW (f32 / f16 / i8, optional exact re-rank) vs exact search.
+"""Retrieval benchmark: USearch HNSW (f32 / f16 / i8 / scaled i8, optional exact re-rank) vs exact search.
 
 Prints (and with ``--out`` writes) JSON: per size and index setting, build time, index size, and for
 each ``expansion_search`` value recall@15 against exact float32 search with p50/p99 single-query
 latency: the recall/latency curve. Also the exact-search latency per gallery size, from which
 :mod:`clue2geo_sdk.retrieval` picks where exact search stops and HNSW starts.
 
-    # the curve at 1M; the index is kept in --index-dir and reused by a re-run with other --ef values
-    python bench/retrieval.py --sizes 1000000 --index f16:16:128 --ef 128 256 512 1024 \\
-        --index-dir /tmp/ret/idx1m --out /tmp/ret/1m-f16.json
-    python bench/retrieval.py --sizes 1000000 --index i8:16:64 --ef 256 512 1024 --rerank 64 128 \\
-        --index-dir /tmp/ret/idx1m --out /tmp/ret/1m-i8.json
+    # what photo galleries use: scaled int8, connectivity 32, expansion_add 128, top 64 re-scored
+    python bench/retrieval.py --sizes 1000000 --index i8s:32:128 --ef 128 256 512 --rerank 64 \
+        --index-dir /tmp/ret/idx1m --out /tmp/ret/1m.json      # an index already in --index-dir is reused
+    python bench/retrieval.py --world places --sizes 1000000 --index i8s:32:128 --ef 64 128 256 --rerank 64
     python bench/retrieval.py --exact-curve 10000 30000 100000 300000    # exact search latency per size
     python bench/retrieval.py --bundle artifacts/demo                   # the bundle's real gallery
 
-``--index DTYPE:CONNECTIVITY:EXPANSION_ADD``. ``--rerank R...``: also HNSW's top R re-scored exactly
-from a float16 copy of the vectors (what ``PHOTO_RERANK`` does; useful with coarse int8 distances).
-Vectors are generated chunk by chunk (float32 for 5M x 512 would be 10 GB) and the ground truth is
-streamed over the same chunks.
+``--index DTYPE:CONNECTIVITY:EXPANSION_ADD``; DTYPE ``i8s`` is an int8 index given vectors
+pre-scaled by :func:`clue2geo_sdk.retrieval.to_int8` (what photo galleries build), ``i8`` leaves the
+float -> int8 cast to USearch (x127: too coarse for unit vectors). ``--rerank R...``: also HNSW's
+top R re-scored exactly from a float16 copy of the vectors (``PHOTO_RERANK``). Vectors are
+generated chunk by chunk (float32 for 5M x 512 would be 10 GB) and the ground truth is streamed
+over the same chunks.
 
-The synthetic "world" is clustered: ``n/1000`` place centres (Gaussian), each vector a centre plus
-isotropic noise (cosine ~0.8 to its centre), unit-normalized, 512-d; queries are new photos of the
-same places (same centres, fresh noise). Inside a cluster the neighbours differ by isotropic noise
-only (the 15th and 16th exact neighbours are ~2e-4 apart in cosine), which makes this harder for
-HNSW than real CLIP-like embeddings with a low intrinsic dimension: a conservative test, not a
-statement about GeoCLIP's embedding distribution (use --bundle for that).
+Two synthetic worlds, both "photos of places"; queries are new photos of the same places:
+
+* ``iso`` (default): ``n/1000`` place centres (Gaussian, 512-d, so mutually near-orthogonal), each
+  vector a centre plus isotropic noise (cosine ~0.8 to its centre). Inside a cluster the 1000
+  members are near-equidistant (the 15th and 16th exact neighbours are ~2e-4 apart in cosine) and
+  clusters have nothing in between: a deliberately hard case for a graph index.
+* ``places``: :class:`PlacesWorld`, the bundle's 100K real GeoCLIP location embeddings as places
+  (where MP-16's photos were taken, as GeoCLIP's trained encoder places them: a continuum, 15th and
+  16th neighbours ~1.5e-3 apart) and per-photo variation drawn from their own covariance. Closer to
+  real embeddings; still not image embeddings (GeoCLIP's CLIP backbone is not available offline).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from clue2geo_sdk._native import usearch_index
+from clue2geo_sdk.retrieval import int8_scale, to_int8
 
 K = 15
 CHUNK = 100_000
@@ -65,6 +71,37 @@ class World:
 
     def queries(self, m: int) -> np.ndarray:
         return self._draw(m, np.random.default_rng([self.seed, 2]))
+
+
+class PlacesWorld(World):
+    """Photos of real places: each vector is one of the bundle's gallery embeddings (GeoCLIP's
+    trained location encoder over MP-16's 100K photo coordinates: the real geography of where
+    photos are taken, a continuum rather than orthogonal blobs) plus per-photo variation drawn from
+    the same embeddings' own covariance (anisotropic: participation ratio ~72 of 512), scaled to
+    cosine ~0.8 to the place, like :class:`World`. A chunk is always the same rows."""
+
+    def __init__(self, n: int, places: np.ndarray, seed: int = 0) -> None:
+        self.n, self.dim, self.seed = n, places.shape[1], seed
+        self.centers = places / np.linalg.norm(places, axis=1, keepdims=True)
+        cov = np.cov(self.centers, rowvar=False)
+        w, v = np.linalg.eigh(cov)
+        # noise = z @ root: covariance cov, scaled so that E|noise| ~ 0.75 (cosine ~0.8 to the place)
+        self.root = (v * np.sqrt(np.clip(w, 0, None))).T.astype(np.float32) * np.float32(0.75 / np.sqrt(np.trace(cov)))
+
+    def _draw(self, m: int, rng: np.random.Generator) -> np.ndarray:
+        x = self.centers[rng.integers(0, len(self.centers), m)]
+        x = x + rng.standard_normal((m, self.dim), dtype=np.float32) @ self.root
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def bundle_gallery(bundle: Path) -> np.ndarray:
+    """The bundle's coordinate-gallery vectors (float32, unit norm)."""
+    from clue2geo_sdk import Bundle
+
+    b = Bundle.open(bundle, verify=False)
+    view = usearch_index().Index.restore(str(b.file("gallery", "index")), view=True)
+    base = np.asarray(view.get(np.arange(len(view), dtype=np.uint64)), dtype=np.float32)
+    return base / np.linalg.norm(base, axis=1, keepdims=True)
 
 
 def synthetic(n: int, dim: int, seed: int) -> np.ndarray:
@@ -94,13 +131,24 @@ def _log(**kw: object) -> None:
     print(json.dumps({"t": time.strftime("%H:%M:%S"), **kw}), file=sys.stderr, flush=True)
 
 
+def encoder(dtype: str, dim: int):  # noqa: ANN201
+    """``(usearch dtype, vectors -> what the index is given)``: ``i8s`` is an int8 index fed
+    pre-scaled int8 vectors (:func:`clue2geo_sdk.retrieval.to_int8`, what photo galleries use);
+    plain ``i8`` leaves the float -> int8 cast to USearch (x127)."""
+    if dtype == "i8s":
+        scale = int8_scale(dim)
+        return "i8", lambda x: to_int8(x, scale)
+    return dtype, lambda x: x
+
+
 def build(world: World, dtype: str, connectivity: int, expansion_add: int, path: Path) -> dict:
     """Build and save the index; threads=0 uses every core."""
     ui = usearch_index()
-    index = ui.Index(ndim=world.dim, metric="cos", dtype=dtype, connectivity=connectivity, expansion_add=expansion_add)
+    kind, enc = encoder(dtype, world.dim)
+    index = ui.Index(ndim=world.dim, metric="cos", dtype=kind, connectivity=connectivity, expansion_add=expansion_add)
     t0 = time.perf_counter()
     for start, chunk in world.chunks():
-        index.add(np.arange(start, start + len(chunk), dtype=np.uint64), chunk, threads=0)
+        index.add(np.arange(start, start + len(chunk), dtype=np.uint64), enc(chunk), threads=0)
         _log(building=path.name, added=start + len(chunk), s=round(time.perf_counter() - t0, 1))
     build_s = time.perf_counter() - t0
     index.save(str(path))
@@ -137,23 +185,30 @@ def _stats(found: list[np.ndarray], lat: np.ndarray, truth: np.ndarray) -> dict:
 
 
 def curve(
-    path: Path, queries: np.ndarray, truth: np.ndarray, efs: list[int], rerank: list[int], f16: Path | None
+    path: Path,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    efs: list[int],
+    rerank: list[int],
+    f16: Path | None,
+    dtype: str = "f16",
 ) -> dict:
     ui = usearch_index()
+    enc = encoder(dtype, queries.shape[1])[1]
     t0 = time.perf_counter()
     view = ui.Index.restore(str(path), view=True)
     out: dict = {"open_view_ms": round(1000 * (time.perf_counter() - t0), 2), "curve": []}
     vecs = np.load(f16, mmap_mode="r") if f16 is not None and rerank else None
     for ef in efs:
         view.expansion_search = ef
-        _timed(lambda q: view.search(q, K).keys, queries[:20])  # warm the pages touched
+        _timed(lambda q: view.search(enc(q), K).keys, queries[:20])  # warm the pages touched
         point: dict = {"expansion_search": ef}
-        found, lat = _timed(lambda q: view.search(q, K).keys, queries)
+        found, lat = _timed(lambda q: view.search(enc(q), K).keys, queries)
         point["hnsw"] = _stats(found, lat, truth)
         for r in rerank if vecs is not None else ():
 
             def reranked(q: np.ndarray, r: int = r) -> np.ndarray:
-                keys = np.sort(view.search(q, r).keys)
+                keys = np.sort(view.search(enc(q), r).keys)
                 return keys[np.argsort(-(vecs[keys].astype(np.float32) @ q))[:K]]
 
             _timed(reranked, queries[:20])
@@ -162,7 +217,7 @@ def curve(
         out["curve"].append(point)
         _log(curve=path.name, **point)
     m = min(20, len(queries))
-    found, lat = _timed(lambda q: view.search(q, K, exact=True).keys, queries[:m])
+    found, lat = _timed(lambda q: view.search(enc(q), K, exact=True).keys, queries[:m])
     out["usearch_exact"] = _stats(found, lat, truth[:m])
     return out
 
@@ -197,7 +252,14 @@ def main() -> None:
     ap.add_argument(
         "--rerank", type=int, nargs="*", default=[], help="also: HNSW top R re-scored exactly from float16 vectors"
     )
-    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--dim", type=int, default=512, help="of the iso world")
+    ap.add_argument(
+        "--world",
+        choices=["iso", "places"],
+        default="iso",
+        help="see the module docstring",
+    )
+    ap.add_argument("--places-bundle", type=Path, default=Path("artifacts/demo"), help="whose gallery the places are")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--index-dir", type=Path, default=None, help="keep indexes here; an index already there is reused")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -206,6 +268,7 @@ def main() -> None:
     args = ap.parse_args()
     results: dict = {"cores": os.cpu_count(), "k": K, "queries": args.queries, "synthetic": []}
     specs = [s.split(":") for s in (args.indexes or ["f16:16:128"])]
+    places = bundle_gallery(args.places_bundle) if args.world == "places" else None
 
     def save() -> None:
         if args.out:
@@ -215,17 +278,23 @@ def main() -> None:
         idir = args.index_dir or Path(tmp)
         idir.mkdir(parents=True, exist_ok=True)
         for n in args.sizes:
-            world = World(n, args.dim)
+            world = World(n, args.dim) if args.world == "iso" else PlacesWorld(n, places)
             queries = world.queries(args.queries)
             t0 = time.perf_counter()
             truth = streamed_truth(world, queries, K)
-            entry = {"size": n, "dim": args.dim, "truth_s": round(time.perf_counter() - t0, 1), "indexes": []}
+            entry = {
+                "world": args.world,
+                "size": n,
+                "dim": world.dim,
+                "truth_s": round(time.perf_counter() - t0, 1),
+                "indexes": [],
+            }
             results["synthetic"].append(entry)
-            f16 = idir / f"vectors-{n}-f16.npy" if args.rerank else None
+            f16 = idir / f"vectors-{args.world}-{n}-f16.npy" if args.rerank else None
             if f16 is not None and not f16.is_file():
                 write_f16(world, f16)
             for dtype, m, ea in specs:
-                path = idir / f"{n}-{dtype}-M{m}-ea{ea}.usearch"
+                path = idir / f"{args.world}-{n}-{dtype}-M{m}-ea{ea}.usearch"
                 res: dict = {"dtype": dtype, "connectivity": int(m), "expansion_add": int(ea)}
                 if path.is_file():
                     res["reused"] = str(path)
@@ -233,7 +302,7 @@ def main() -> None:
                     res |= build(world, dtype, int(m), int(ea), path)
                 entry["indexes"].append(res)
                 save()
-                res |= curve(path, queries, truth, args.ef, args.rerank, f16)
+                res |= curve(path, queries, truth, args.ef, args.rerank, f16, dtype)
                 save()
         if args.exact_curve:
             results["exact_curve"] = exact_curve(args.exact_curve, args.dim, args.queries)
@@ -241,11 +310,8 @@ def main() -> None:
         if args.bundle:
             from clue2geo_sdk import Bundle
 
-            b = Bundle.open(args.bundle, verify=False)
-            path = b.file("gallery", "index")
-            view = usearch_index().Index.restore(str(path), view=True)
-            base = np.asarray(view.get(np.arange(len(view), dtype=np.uint64)), dtype=np.float32)
-            base /= np.linalg.norm(base, axis=1, keepdims=True)
+            path = Bundle.open(args.bundle, verify=False).file("gallery", "index")
+            base = bundle_gallery(args.bundle)
             rng = np.random.default_rng(2)
             queries = base[rng.integers(0, len(base), args.queries)]
             queries = queries + 0.05 * rng.standard_normal(queries.shape, dtype=np.float32)

@@ -30,7 +30,8 @@ def providers_for(device: Device) -> list[str]:
     if device == "cuda":
         raise RuntimeError(
             "device='cuda' but onnxruntime has no CUDA provider (available: "
-            f"{', '.join(available)}); install clue2geo[gpu] on a machine with an NVIDIA GPU"
+            f"{', '.join(available)}); on a machine with an NVIDIA GPU replace the CPU wheel: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (README, Pinned stack)"
         )
     log.info("clue2geo: no CUDA provider in onnxruntime, encoders run on the CPU")
     return ["CPUExecutionProvider"]

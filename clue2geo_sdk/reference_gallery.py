@@ -7,7 +7,7 @@ stores, in one folder::
     manifest.json    format, SDK version, the image tower's sha256, dim, count, metric, dtype, digest
     gallery.duckdb   photos(key, path, sha256, lat, lon, source, taken_at, added_at): one row a photo
     vectors.f16      the embeddings, float16, row = key (memory-mapped: exact and subset search)
-    index.usearch    USearch HNSW index over the same vectors (cosine, float16; key = row)
+    index.usearch    USearch HNSW index over the same vectors (cosine, int8 scaled; key = row)
     errors.jsonl     what could not be added, one JSON line each, appended per run
 
 Resumable and crash-safe: a batch's vectors are appended and fsynced, then its rows committed in
@@ -49,6 +49,8 @@ from .retrieval import (
     Matches,
     SearchMixin,
     brute_force,
+    int8_scale,
+    to_int8,
 )
 
 FORMAT_VERSION = 1
@@ -270,13 +272,18 @@ class _Writer:
         self.count = n
         self.known = {s for (s,) in self.con.execute("SELECT sha256 FROM photos").fetchall()}
         ui = usearch_index()
+        self.scale = int8_scale(dim)
         self.index = None
         if (out / INDEX).is_file():
             self.index = ui.Index.restore(str(out / INDEX))
             if self.index is not None:
                 self.index.expansion_add = PHOTO_INDEX_EXPANSION_ADD  # not kept in the file
-            if self.index is not None and len(self.index) > n:
-                self.index = None  # cannot happen in order (saved after commit); rebuild rather than trust it
+            if self.index is not None and (
+                len(self.index) > n  # cannot happen in order (saved after commit); rebuild rather than trust it
+                or not str(self.index.dtype).lower().endswith(PHOTO_INDEX_DTYPE)  # built by an older version
+                or self.index.connectivity != PHOTO_INDEX_CONNECTIVITY
+            ):
+                self.index = None
         if self.index is None:
             self.index = ui.Index(
                 ndim=dim,
@@ -289,10 +296,16 @@ class _Writer:
             mm = np.memmap(vec_path, dtype=np.float16, mode="r", shape=(n, dim))
             for s in range(len(self.index), n, 10_000):
                 e = min(n, s + 10_000)
-                self.index.add(np.arange(s, e, dtype=np.uint64), np.asarray(mm[s:e], dtype=np.float32), threads=0)
+                self.index.add(np.arange(s, e, dtype=np.uint64), self._encode(mm[s:e]), threads=0)
             del mm
         self.saved_at = time.monotonic()
         self._save_index()
+
+    def _encode(self, vectors: np.ndarray) -> np.ndarray:
+        """What the index is given: scaled int8 for an int8 index, float32 otherwise."""
+        if PHOTO_INDEX_DTYPE == "i8":
+            return to_int8(vectors, self.scale)
+        return np.asarray(vectors, dtype=np.float32)
 
     def add(self, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
         """Append one batch: vectors (fsynced), then rows in one transaction, then the index."""
@@ -318,7 +331,7 @@ class _Writer:
             raise
         self.count += len(rows)
         self.known.update(r["sha256"] for r in rows)
-        self.index.add(keys.astype(np.uint64), np.asarray(vectors, dtype=np.float32), threads=0)
+        self.index.add(keys.astype(np.uint64), self._encode(vectors), threads=0)
         if time.monotonic() - self.saved_at > SAVE_EVERY_S:
             self._save_index()
 
@@ -346,6 +359,7 @@ class _Writer:
                 "dtype": PHOTO_INDEX_DTYPE,
                 "connectivity": PHOTO_INDEX_CONNECTIVITY,
                 "expansion_add": PHOTO_INDEX_EXPANSION_ADD,
+                "scale": self.scale if PHOTO_INDEX_DTYPE == "i8" else 1.0,
                 "rerank": PHOTO_RERANK,
             },
             "content_sha256": digest,
@@ -521,7 +535,11 @@ class PhotoGallery(SearchMixin):
         if self.index is None or self.index.ndim != dim or len(self.index) != n:
             raise BundleFormatError(stale)
         # Exact galleries are brute-forced over the float16 vectors (SIMD, no index rounding);
-        # larger ones search the HNSW index (and re-score its top PHOTO_RERANK, when set).
+        # larger ones search the HNSW index (and re-score its top PHOTO_RERANK, when set). An int8
+        # index is queried with the query scaled as its vectors were (the manifest says how).
+        index_meta = manifest.get("index") or {}
+        self.int8 = str(index_meta.get("dtype", "f16")) == "i8"
+        self.scale = float(index_meta.get("scale") or int8_scale(dim))
         self.exact = n <= EXACT_LIMIT
         self.subset_limit = n if self.exact else SUBSET_BRUTE_FORCE
         if not self.exact:
@@ -534,12 +552,17 @@ class PhotoGallery(SearchMixin):
     def _vectors(self, keys: np.ndarray) -> np.ndarray:
         return np.asarray(self.vectors[keys])
 
+    def _query(self, q: np.ndarray) -> np.ndarray:
+        return to_int8(q / max(float(np.linalg.norm(q)), 1e-12), self.scale) if self.int8 else q
+
     def _unrestricted(self, q: np.ndarray, k: int) -> Matches:
         if self.exact:
             return brute_force(self.vectors, q, k)
-        m = self.index.search(q, min(len(self), max(k, PHOTO_RERANK)))
+        m = self.index.search(self._query(q), min(len(self), max(k, PHOTO_RERANK)))
         keys, distances = np.asarray(m.keys, dtype=np.int64), np.asarray(m.distances, dtype=np.float32)
-        return self._rescore(q, keys, distances, k) if PHOTO_RERANK else Matches(keys=keys[:k], distances=distances[:k])
+        if PHOTO_RERANK or self.int8:  # int8 distances are coarse: always re-score what is returned
+            return self._rescore(q, keys, distances, k)
+        return Matches(keys=keys[:k], distances=distances[:k])
 
     def _rescore(self, q: np.ndarray, keys: np.ndarray, distances: np.ndarray, k: int) -> Matches:
         order = np.sort(keys)  # sorted reads from the memory map

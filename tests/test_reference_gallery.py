@@ -25,7 +25,7 @@ from clue2geo_sdk.cli import main
 from clue2geo_sdk.errors import BundleFormatError
 from clue2geo_sdk.image import load_image
 from clue2geo_sdk.reference_gallery import DB, ERRORS, MANIFEST, VECTORS, PhotoGallery, build_gallery
-from clue2geo_sdk.retrieval import Gallery, SearchMixin
+from clue2geo_sdk.retrieval import PHOTO_HNSW_EXPANSION, Gallery, SearchMixin, int8_scale, to_int8
 
 # (lat, lon) of the generated photos: hemispheres of every sign.
 PLACES = [(48.8584, 2.2945), (-33.8568, 151.2153), (40.6892, -74.0445), (-22.9519, -43.2105), (35.6586, 139.7454)]
@@ -336,18 +336,21 @@ def test_allowed_matches_numpy_brute_force(exact: bool, subset_limit: int) -> No
         g.most_similar(x[0], 5, allowed=np.array([3, 4000]))
 
 
-@pytest.mark.parametrize("rerank", [0, 64])
-def test_photo_gallery_hnsw_mode_gives_the_exact_answer(
-    built: Path, monkeypatch: pytest.MonkeyPatch, rerank: int
-) -> None:
-    """Above EXACT_LIMIT a photo gallery searches its HNSW index (re-scoring the top PHOTO_RERANK
-    from the float16 vectors when set): on a small gallery that is the exact answer."""
+def test_photo_gallery_hnsw_mode_gives_the_exact_answer(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above EXACT_LIMIT a photo gallery searches its int8 HNSW index (vectors and query scaled
+    alike) and re-scores its top PHOTO_RERANK from the float16 vectors: on a small gallery that is
+    the exact answer, with float16 cosines."""
     exact = PhotoGallery(built)
     monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 2)
-    monkeypatch.setattr("clue2geo_sdk.reference_gallery.PHOTO_RERANK", rerank)
     hnsw = PhotoGallery(built)
-    assert exact.exact and not hnsw.exact and str(hnsw.index.dtype).endswith("F16")
-    assert hnsw.index.expansion_search == 512
+    assert exact.exact and not hnsw.exact and str(hnsw.index.dtype).endswith("I8")
+    assert hnsw.scale == pytest.approx(int8_scale(512)) == json.loads((built / MANIFEST).read_text())["index"]["scale"]
+    # The index holds the scaled vectors (built from float32, so float16 rounding may move a step),
+    # with far finer steps than USearch's own x127 cast.
+    stored = np.asarray(hnsw.index.get(0), dtype=np.int16)
+    assert np.abs(stored - to_int8(exact.vectors[0].astype(np.float32), hnsw.scale)).max() <= 1
+    assert np.abs(stored).max() > 64
+    assert hnsw.index.expansion_search == PHOTO_HNSW_EXPANSION
     rng = np.random.default_rng(3)
     for _ in range(5):
         q = exact.vectors[rng.integers(0, 5)].astype(np.float32) + 0.05 * rng.standard_normal(512).astype(np.float32)
@@ -388,3 +391,27 @@ def test_allowed_on_the_photo_and_coordinate_galleries(built: Path, demo_bundle:
             assert set(h.key for h in hits) <= set(allowed.tolist())
             assert np.allclose([sign * h.cosine for h in hits], want_cos, atol=2e-3)
             assert all(35 < h.lat < 60 for h in hits) or allowed is few
+
+
+def test_a_gallery_with_an_older_float16_index_still_opens_and_is_reindexed_on_the_next_build(
+    photos: Path, demo_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Galleries built before the int8 index (float16 index, manifest scale 1) are searched as
+    they are, and the next build rebuilds the index from vectors.f16 in the current layout."""
+    out = tmp_path / "g"
+    with monkeypatch.context() as m:
+        m.setattr("clue2geo_sdk.reference_gallery.PHOTO_INDEX_DTYPE", "f16")
+        build_gallery(photos, demo_bundle, out)
+    old = json.loads((out / MANIFEST).read_text())["index"]
+    assert (old["dtype"], old["scale"]) == ("f16", 1.0)
+    monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 2)  # search the index itself
+    g = PhotoGallery(out)
+    assert not g.int8 and str(g.index.dtype).endswith("F16")
+    assert [g.most_similar(g.vectors[i].astype(np.float32), 1)[0].key for i in range(5)] == list(range(5))
+    (tmp_path / "more").mkdir()
+    geotagged_jpeg(tmp_path / "more" / "extra.jpg", 10.0, 10.0, seed=99)
+    summary = build_gallery(tmp_path / "more", demo_bundle, out)
+    assert (summary.added, summary.count) == (1, 6)
+    g = PhotoGallery(out)
+    assert g.int8 and str(g.index.dtype).endswith("I8") and len(g.index) == 6
+    assert [g.most_similar(g.vectors[i].astype(np.float32), 1)[0].key for i in range(6)] == list(range(6))

@@ -34,12 +34,10 @@ from .errors import BundleFormatError
 EXACT_LIMIT = 100_000
 # expansion_search of the coordinate gallery when searched by HNSW (cross-modal queries: wide).
 HNSW_EXPANSION = 1024
-# Photo galleries: a float16 HNSW index with USearch's default graph (connectivity 16, expansion_add
-# 128), searched at expansion 512: recall@15 0.993 at 1M clustered vectors, p50 ~1.5 ms on two
-# cores; 0.978 at 2M, p50 2.2 ms (docs/gallery.md: the 0.99 target is not met above 1M). An int8
-# index (connectivity 16, expansion_add 64) builds 2.5x faster but caps near 0.95 at 1M (0.84 at
-# 5M) even with its top 64-512 re-scored exactly, so re-ranking is off (``PHOTO_RERANK`` 0); a
-# positive value re-scores the index's top R from the float16 vectors.
+# Photo galleries above EXACT_LIMIT (bench/retrieval.py, docs/gallery.md): an int8 HNSW index of
+# scaled vectors (``to_int8``), connectivity 32, expansion_add 128, searched at expansion 512 with
+# its top 64 re-scored from the float16 vectors: recall@15 0.996 at 1M clustered 512-d vectors
+# (p50 ~1.4-1.9 ms on two cores) and 0.982 at 5M (p50 1.85 ms): the 0.99 target is missed at 5M.
 PHOTO_INDEX_DTYPE = "i8"
 PHOTO_INDEX_CONNECTIVITY = 32
 PHOTO_INDEX_EXPANSION_ADD = 128

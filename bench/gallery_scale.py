@@ -1,0 +1,118 @@
+"""The product's search path at scale: a real photo-gallery folder (DuckDB rows, vectors.f16,
+the int8 USearch index, manifest) assembled from ``bench/retrieval.py``'s kept files, opened with
+:class:`clue2geo_sdk.reference_gallery.PhotoGallery`, and queried with ``most_similar`` exactly
+as the geolocator does (scaled int8 query, HNSW, top ``PHOTO_RERANK`` re-scored). Prints recall@15
+against exact float32 search and p50/p99 latency.
+
+    python bench/retrieval.py --sizes 1000000 --index i8s:32:128 --ef 256 --rerank 64 --index-dir /tmp/ret/idx1m
+    python bench/gallery_scale.py --size 1000000 --index-dir /tmp/ret/idx1m --out /tmp/ret/g1m
+
+Embedding photos is not part of this (``clue2geo gallery build`` does that, ~20 photos/s on CPU
+with the demo's towers): the folder gets synthetic sha256s and coordinates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from retrieval import K, PlacesWorld, World, bundle_gallery, streamed_truth  # noqa: E402
+
+from clue2geo_sdk import retrieval  # noqa: E402
+from clue2geo_sdk.reference_gallery import (  # noqa: E402
+    DB,
+    FORMAT_VERSION,
+    INDEX,
+    MANIFEST,
+    SCHEMA,
+    VECTORS,
+    PhotoGallery,
+    content_digest,
+)
+
+
+def assemble(world: str, n: int, index_dir: Path, out: Path) -> None:
+    import duckdb
+
+    r = retrieval
+    name = f"{world}-{n}-i8s-M{r.PHOTO_INDEX_CONNECTIVITY}-ea{r.PHOTO_INDEX_EXPANSION_ADD}.usearch"
+    out.mkdir(parents=True, exist_ok=True)
+    vectors = np.load(index_dir / f"vectors-{world}-{n}-f16.npy", mmap_mode="r")
+    with (out / VECTORS).open("wb") as f:
+        for s in range(0, n, 100_000):
+            f.write(np.ascontiguousarray(vectors[s : s + 100_000]).tobytes())
+    shutil.copyfile(index_dir / name, out / INDEX)
+    with duckdb.connect(str(out / DB)) as con:
+        con.execute(SCHEMA)
+        con.execute(
+            "INSERT INTO photos SELECT range, 'synthetic/' || range || '.jpg', sha256(range::VARCHAR), "
+            "(hash(range) % 180000) / 1000.0 - 90, (hash(range + 1) % 360000) / 1000.0 - 180, 'csv', NULL, "
+            f"now()::TIMESTAMP FROM range({n})"
+        )
+        rows = con.execute("SELECT key, sha256, lat, lon FROM photos ORDER BY key").fetchnumpy()
+    manifest = {
+        "kind": "photos",
+        "format_version": FORMAT_VERSION,
+        "image_tower_sha256": "synthetic",
+        "dim": int(vectors.shape[1]),
+        "count": n,
+        "metric": "cos",
+        "dtype": "f16",
+        "index": {"dtype": r.PHOTO_INDEX_DTYPE, "scale": r.int8_scale(int(vectors.shape[1]))},
+        "content_sha256": content_digest(rows["key"], rows["sha256"], rows["lat"], rows["lon"]),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", choices=["iso", "places"], default="iso")
+    ap.add_argument("--size", type=int, required=True)
+    ap.add_argument("--index-dir", type=Path, required=True, help="bench/retrieval.py --index-dir")
+    ap.add_argument("--out", type=Path, required=True, help="where to assemble the gallery folder (reused)")
+    ap.add_argument("--queries", type=int, default=200)
+    args = ap.parse_args()
+    if not (args.out / MANIFEST).is_file():
+        assemble(args.world, args.size, args.index_dir, args.out)
+    if args.world == "iso":
+        world = World(args.size, 512)
+    else:
+        world = PlacesWorld(args.size, bundle_gallery(Path("artifacts/demo")))
+    queries = world.queries(args.queries)
+    truth = streamed_truth(world, queries, K)
+    t0 = time.perf_counter()
+    g = PhotoGallery(args.out)
+    open_s = time.perf_counter() - t0
+    for q in queries[:20]:
+        g.most_similar(q, K)  # warm the pages touched
+    lat, recall = [], []
+    for q, t in zip(queries, truth, strict=True):
+        t0 = time.perf_counter()
+        hits = g.most_similar(q, K)
+        lat.append(time.perf_counter() - t0)
+        recall.append(len({h.key for h in hits} & set(t.tolist())) / K)
+    print(
+        json.dumps(
+            {
+                "world": args.world,
+                "size": len(g),
+                "open_s": round(open_s, 2),
+                "expansion_search": g.index.expansion_search,
+                "rerank": retrieval.PHOTO_RERANK,
+                "recall@15": round(float(np.mean(recall)), 4),
+                "p50_ms": round(1000 * float(np.percentile(lat, 50)), 3),
+                "p99_ms": round(1000 * float(np.percentile(lat, 99)), 3),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

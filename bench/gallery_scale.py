@@ -28,21 +28,19 @@ from retrieval import K, PlacesWorld, World, bundle_gallery, streamed_truth  # n
 from clue2geo_sdk import retrieval  # noqa: E402
 from clue2geo_sdk.reference_gallery import (  # noqa: E402
     DB,
-    FORMAT_VERSION,
     INDEX,
     MANIFEST,
     SCHEMA,
     VECTORS,
     PhotoGallery,
-    content_digest,
+    write_manifest,
 )
 
 
 def assemble(world: str, n: int, index_dir: Path, out: Path) -> None:
     import duckdb
 
-    r = retrieval
-    name = f"{world}-{n}-i8s-M{r.PHOTO_INDEX_CONNECTIVITY}-ea{r.PHOTO_INDEX_EXPANSION_ADD}.usearch"
+    name = f"{world}-{n}-i8s-M{retrieval.PHOTO_INDEX_CONNECTIVITY}-ea{retrieval.PHOTO_INDEX_EXPANSION_ADD}.usearch"
     out.mkdir(parents=True, exist_ok=True)
     vectors = np.load(index_dir / f"vectors-{world}-{n}-f16.npy", mmap_mode="r")
     with (out / VECTORS).open("wb") as f:
@@ -56,19 +54,7 @@ def assemble(world: str, n: int, index_dir: Path, out: Path) -> None:
             "(hash(range) % 180000) / 1000.0 - 90, (hash(range + 1) % 360000) / 1000.0 - 180, 'csv', NULL, "
             f"now()::TIMESTAMP FROM range({n})"
         )
-        rows = con.execute("SELECT key, sha256, lat, lon FROM photos ORDER BY key").fetchnumpy()
-    manifest = {
-        "kind": "photos",
-        "format_version": FORMAT_VERSION,
-        "image_tower_sha256": "synthetic",
-        "dim": int(vectors.shape[1]),
-        "count": n,
-        "metric": "cos",
-        "dtype": "f16",
-        "index": {"dtype": r.PHOTO_INDEX_DTYPE, "scale": r.int8_scale(int(vectors.shape[1]))},
-        "content_sha256": content_digest(rows["key"], rows["sha256"], rows["lat"], rows["lon"]),
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(out, con, dim=int(vectors.shape[1]), image_sha256="synthetic")
 
 
 def main() -> None:

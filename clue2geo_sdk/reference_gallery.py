@@ -234,6 +234,36 @@ def _utc_now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC).replace(tzinfo=None)
 
 
+def write_manifest(out: Path, con: Any, *, dim: int, image_sha256: str) -> str:
+    """Write ``out``'s manifest for the rows in ``con`` (the gallery's DuckDB) and the current index
+    settings, atomically; returns the content digest."""
+    rows = con.execute("SELECT key, sha256, lat, lon FROM photos ORDER BY key").fetchnumpy()
+    digest = content_digest(rows["key"], rows["sha256"], rows["lat"], rows["lon"])
+    manifest = {
+        "kind": "photos",
+        "format_version": FORMAT_VERSION,
+        "sdk_version": __version__,
+        "image_tower_sha256": image_sha256,
+        "dim": dim,
+        "count": len(rows["key"]),
+        "metric": "cos",
+        "dtype": "f16",  # of the stored vectors (vectors.f16); the index's own is under "index"
+        "index": {
+            "dtype": PHOTO_INDEX_DTYPE,
+            "connectivity": PHOTO_INDEX_CONNECTIVITY,
+            "expansion_add": PHOTO_INDEX_EXPANSION_ADD,
+            "scale": int8_scale(dim) if PHOTO_INDEX_DTYPE == "i8" else 1.0,
+            "rerank": PHOTO_RERANK,
+        },
+        "content_sha256": digest,
+        "updated_at": _utc_now().isoformat(timespec="seconds") + "Z",
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, _manifest_path(out))
+    return digest
+
+
 class _Writer:
     """The gallery folder opened for appending: reconciles a killed run, then adds batches."""
 
@@ -344,31 +374,7 @@ class _Writer:
     def finish(self) -> str:
         """Save the index and write the manifest (last: a gallery is complete when they agree)."""
         self._save_index()
-        rows = self.con.execute("SELECT key, sha256, lat, lon FROM photos ORDER BY key").fetchnumpy()
-        digest = content_digest(rows["key"], rows["sha256"], rows["lat"], rows["lon"])
-        manifest = {
-            "kind": "photos",
-            "format_version": FORMAT_VERSION,
-            "sdk_version": __version__,
-            "image_tower_sha256": self.image_sha256,
-            "dim": self.dim,
-            "count": self.count,
-            "metric": "cos",
-            "dtype": "f16",  # of the stored vectors (vectors.f16); the index's own is under "index"
-            "index": {
-                "dtype": PHOTO_INDEX_DTYPE,
-                "connectivity": PHOTO_INDEX_CONNECTIVITY,
-                "expansion_add": PHOTO_INDEX_EXPANSION_ADD,
-                "scale": self.scale if PHOTO_INDEX_DTYPE == "i8" else 1.0,
-                "rerank": PHOTO_RERANK,
-            },
-            "content_sha256": digest,
-            "updated_at": _utc_now().isoformat(timespec="seconds") + "Z",
-        }
-        tmp = self.out / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, _manifest_path(self.out))
-        return digest
+        return write_manifest(self.out, self.con, dim=self.dim, image_sha256=self.image_sha256)
 
     def close(self) -> None:
         self.vectors.close()

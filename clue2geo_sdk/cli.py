@@ -579,6 +579,7 @@ def report_cmd(records: Path, dest: Path, bundle_path: Path | None, image_root: 
 @click.option("--max-cue-tokens", default=512, show_default=True, type=click.IntRange(16))
 @click.option("--max-answer-tokens", default=128, show_default=True, type=click.IntRange(16))
 @click.option("--verify/--no-verify", default=True, show_default=True)
+@click.option("--trusted-key", "trusted_keys", multiple=True, help=_TRUSTED_KEY_HELP)
 @click.option(
     "--calibration",
     is_flag=True,
@@ -599,6 +600,7 @@ def evaluate_cmd(
     engine: str,
     max_in_flight: int,
     verify: bool,
+    trusted_keys: tuple[str, ...],
     calibration: bool,
     calibration_bins: int,
     **options: Any,
@@ -609,6 +611,8 @@ def evaluate_cmd(
     from .eval_run import run_eval, variants
     from .geolocator import Geolocator
 
+    if trusted_keys and not verify:
+        raise click.UsageError("--trusted-key needs --verify: the signature covers the manifest, the sha256s the files")
     abl = [a.strip() for a in ablate.split(",") if a.strip()]
     try:
         variants(abl)
@@ -618,6 +622,7 @@ def evaluate_cmd(
             verify=verify,
             engine=engine,  # type: ignore[arg-type]
             max_in_flight=max_in_flight,
+            trusted_keys=trusted_keys or None,
             **options,
         )
     except (Clue2GeoError, ValueError) as exc:

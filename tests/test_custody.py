@@ -197,6 +197,13 @@ def test_sign_and_verify_through_the_cli(bundle_copy: Path, keys: dict[str, Path
     res = run(main, [*base, "--trusted-key", str(keys["other_pub"])])
     assert res.exit_code == 1 and "none of them trusted" in res.output and not out.exists()
     assert run(main, [*base, "--no-verify", "--trusted-key", str(keys["pub"])]).exit_code == 2
+    # and so does eval, before it writes anything
+    (tmp_path / "ds.csv").write_text("IMG_ID,LAT,LON\na.jpg,1,2\n")
+    ev_out = tmp_path / "ev"
+    base = ["eval", "--dataset", str(tmp_path / "ds.csv"), "--images", str(tmp_path), "--bundle", str(bundle_copy)]
+    res = run(main, [*base, "--out", str(ev_out), "--trusted-key", str(keys["other_pub"])])
+    assert res.exit_code == 1 and "none of them trusted" in res.output and not ev_out.exists()
+    assert run(main, [*base, "--out", str(ev_out), "--no-verify", "--trusted-key", str(keys["pub"])]).exit_code == 2
 
 
 def test_a_tampered_signed_bundle_is_refused(bundle_copy: Path, keys: dict[str, Path]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -46,7 +47,10 @@ def assemble(world: str, n: int, index_dir: Path, out: Path) -> None:
     with (out / VECTORS).open("wb") as f:
         for s in range(0, n, 100_000):
             f.write(np.ascontiguousarray(vectors[s : s + 100_000]).tobytes())
-    shutil.copyfile(index_dir / name, out / INDEX)
+    try:  # the index file is used as it is: a hard link saves copying gigabytes
+        os.link(index_dir / name, out / INDEX)
+    except OSError:
+        shutil.copyfile(index_dir / name, out / INDEX)
     with duckdb.connect(str(out / DB)) as con:
         con.execute(SCHEMA)
         con.execute(
@@ -67,6 +71,8 @@ def main() -> None:
     args = ap.parse_args()
     if not (args.out / MANIFEST).is_file():
         assemble(args.world, args.size, args.index_dir, args.out)
+    elif json.loads((args.out / MANIFEST).read_text())["count"] != args.size:
+        sys.exit(f"{args.out} holds another gallery size; remove it or pass another --out")
     if args.world == "iso":
         world = World(args.size, 512)
     else:

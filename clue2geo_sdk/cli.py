@@ -105,6 +105,11 @@ _TRUSTED_KEY_HELP = (
 )
 
 
+def _check_trusted_keys(trusted_keys: tuple[str, ...], verify: bool) -> None:
+    if trusted_keys and not verify:
+        raise click.UsageError("--trusted-key needs --verify: the signature covers the manifest, the sha256s the files")
+
+
 @bundle.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--trusted-key", "trusted_keys", multiple=True, help=_TRUSTED_KEY_HELP)
@@ -368,8 +373,7 @@ def locate(
 
     if retry_failed and not resume:
         raise click.UsageError("--retry-failed runs again the failures recorded in --out; pass --resume with it")
-    if trusted_keys and not verify:
-        raise click.UsageError("--trusted-key needs --verify: the signature covers the manifest, the sha256s the files")
+    _check_trusted_keys(trusted_keys, verify)
     if trusted_keys and ray_address is not None:  # the driver checks the signature; actors check the digest
         try:
             Bundle.open(bundle_path, verify=True, trusted_keys=trusted_keys)
@@ -611,8 +615,7 @@ def evaluate_cmd(
     from .eval_run import run_eval, variants
     from .geolocator import Geolocator
 
-    if trusted_keys and not verify:
-        raise click.UsageError("--trusted-key needs --verify: the signature covers the manifest, the sha256s the files")
+    _check_trusted_keys(trusted_keys, verify)
     abl = [a.strip() for a in ablate.split(",") if a.strip()]
     try:
         variants(abl)

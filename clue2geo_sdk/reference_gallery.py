@@ -200,7 +200,7 @@ def read_manifest(out: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         if (out / DB).is_file():
-            raise BundleFormatError(_incomplete(out)) from None
+            raise BundleFormatError(_incomplete(out, f"rows but no {MANIFEST} yet")) from None
         raise BundleFormatError(
             f"{out}: not a photo gallery (no {MANIFEST}); build one with `clue2geo gallery build`"
         ) from None
@@ -215,10 +215,17 @@ def read_manifest(out: Path) -> dict[str, Any]:
     return manifest
 
 
-def _incomplete(out: Path) -> str:
+def _incomplete(path: Path, what: str) -> str:
     return (
-        f"{out}: incomplete photo gallery (a build was interrupted?); run `clue2geo gallery build` again to finish it"
+        f"{path}: {what}: incomplete photo gallery (a build was interrupted?); "
+        "run `clue2geo gallery build` again to finish it"
     )
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file written by another library to disk before it is renamed into place."""
+    with path.open("rb+") as f:
+        os.fsync(f.fileno())
 
 
 def content_digest(keys: Iterable[int], sha256s: Iterable[str], lat: Iterable[float], lon: Iterable[float]) -> str:
@@ -260,6 +267,7 @@ def write_manifest(out: Path, con: Any, *, dim: int, image_sha256: str) -> str:
     }
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    _fsync(tmp)
     os.replace(tmp, _manifest_path(out))
     return digest
 
@@ -303,17 +311,22 @@ class _Writer:
         self.known = {s for (s,) in self.con.execute("SELECT sha256 FROM photos").fetchall()}
         ui = usearch_index()
         self.scale = int8_scale(dim)
+        # The index is derived from vectors.f16: one that is damaged, ahead of the rows, or built
+        # with other settings (an older version's float16 index) is rebuilt rather than trusted.
         self.index = None
         if (out / INDEX).is_file():
-            self.index = ui.Index.restore(str(out / INDEX))
-            if self.index is not None:
-                self.index.expansion_add = PHOTO_INDEX_EXPANSION_ADD  # not kept in the file
+            try:
+                self.index = ui.Index.restore(str(out / INDEX))
+            except (ValueError, RuntimeError):
+                self.index = None
             if self.index is not None and (
-                len(self.index) > n  # cannot happen in order (saved after commit); rebuild rather than trust it
-                or not str(self.index.dtype).lower().endswith(PHOTO_INDEX_DTYPE)  # built by an older version
+                self.index.ndim != dim
+                or len(self.index) > n
+                or not str(self.index.dtype).lower().endswith(PHOTO_INDEX_DTYPE)
                 or self.index.connectivity != PHOTO_INDEX_CONNECTIVITY
             ):
                 self.index = None
+        changed = self.index is None
         if self.index is None:
             self.index = ui.Index(
                 ndim=dim,
@@ -322,14 +335,19 @@ class _Writer:
                 connectivity=PHOTO_INDEX_CONNECTIVITY,
                 expansion_add=PHOTO_INDEX_EXPANSION_ADD,
             )
-        if len(self.index) < n:  # the index lags the rows after a kill: add the missing ones
+        self.index.expansion_add = PHOTO_INDEX_EXPANSION_ADD  # not kept in the file
+        self.saved_at = time.monotonic()
+        if len(self.index) < n:  # the index lags the rows (a kill, a rebuild): add the missing ones
+            changed = True
             mm = np.memmap(vec_path, dtype=np.float16, mode="r", shape=(n, dim))
             for s in range(len(self.index), n, 10_000):
                 e = min(n, s + 10_000)
                 self.index.add(np.arange(s, e, dtype=np.uint64), self._encode(mm[s:e]), threads=0)
+                if time.monotonic() - self.saved_at > SAVE_EVERY_S:  # a killed rebuild resumes from here
+                    self._save_index()
             del mm
-        self.saved_at = time.monotonic()
-        self._save_index()
+        if changed:
+            self._save_index()
 
     def _encode(self, vectors: np.ndarray) -> np.ndarray:
         """What the index is given: scaled int8 for an int8 index, float32 otherwise."""
@@ -368,6 +386,7 @@ class _Writer:
     def _save_index(self) -> None:
         tmp = self.out / (INDEX + ".tmp")
         self.index.save(str(tmp))
+        _fsync(tmp)
         os.replace(tmp, self.out / INDEX)
         self.saved_at = time.monotonic()
 
@@ -519,7 +538,6 @@ class PhotoGallery(SearchMixin):
         self.manifest = manifest
         dim = int(manifest["dim"])
         n = int(manifest["count"])
-        stale = _incomplete(self.root)
         try:
             with duckdb.connect(str(self.root / DB), read_only=True) as con:
                 rows = con.execute("SELECT key, path, sha256, lat, lon FROM photos ORDER BY key").fetchnumpy()
@@ -527,26 +545,36 @@ class PhotoGallery(SearchMixin):
             raise BundleFormatError(f"{self.root / DB}: unreadable gallery rows ({exc})") from exc
         keys = np.asarray(rows["key"], dtype=np.int64)
         if len(keys) != n or (n and (keys[0] != 0 or keys[-1] != n - 1)):
-            raise BundleFormatError(stale)
+            raise BundleFormatError(_incomplete(self.root / DB, f"{len(keys)} rows where the manifest says {n}"))
         self.digest = content_digest(keys, rows["sha256"], rows["lat"], rows["lon"])
         if self.digest != manifest.get("content_sha256"):
-            raise BundleFormatError(stale)
+            raise BundleFormatError(_incomplete(self.root / DB, "the rows are not the ones the manifest describes"))
         vec_path = self.root / VECTORS
-        if not vec_path.is_file() or vec_path.stat().st_size < n * dim * 2:
-            raise BundleFormatError(stale)
+        have = vec_path.stat().st_size // (2 * dim) if vec_path.is_file() else 0
+        if have < n:
+            raise BundleFormatError(_incomplete(vec_path, f"{have} vectors for {n} rows"))
         self.vectors = (
             np.memmap(vec_path, dtype=np.float16, mode="r", shape=(n, dim)) if n else np.zeros((0, dim), np.float16)
         )
-        self.index = usearch_index().Index.restore(str(self.root / INDEX), view=True)
-        if self.index is None or self.index.ndim != dim or len(self.index) != n:
-            raise BundleFormatError(stale)
+        index_path = self.root / INDEX
+        try:
+            self.index = usearch_index().Index.restore(str(index_path), view=True)
+        except (ValueError, RuntimeError) as exc:
+            raise BundleFormatError(_incomplete(index_path, f"unreadable index ({exc})")) from exc
+        if self.index is None:
+            raise BundleFormatError(_incomplete(index_path, "no index"))
+        if self.index.ndim != dim:
+            raise BundleFormatError(f"{index_path}: {self.index.ndim}-d vectors where the manifest says {dim}")
+        if len(self.index) != n:
+            raise BundleFormatError(_incomplete(index_path, f"{len(self.index)} vectors for {n} rows"))
         # Exact galleries are brute-forced over the float16 vectors (SIMD, no index rounding);
-        # larger ones search the HNSW index (and re-score its top PHOTO_RERANK, when set). An int8
-        # index is queried with the query scaled as its vectors were (the manifest says how).
-        index_meta = manifest.get("index") or {}
-        self.int8 = str(index_meta.get("dtype", "f16")) == "i8"
-        self.scale = float(index_meta.get("scale") or int8_scale(dim))
+        # larger ones search the HNSW index and re-score its top PHOTO_RERANK. An int8 index is
+        # queried with the query scaled as its vectors were; the index file itself says whether it
+        # is int8 (a rebuild cut short leaves a new index beside the old manifest).
+        self.int8 = str(self.index.dtype).lower().endswith("i8")
+        self.scale = int8_scale(dim)
         self.exact = n <= EXACT_LIMIT
+        self.rerank = PHOTO_RERANK
         self.subset_limit = n if self.exact else SUBSET_BRUTE_FORCE
         if not self.exact:
             self.index.expansion_search = PHOTO_HNSW_EXPANSION
@@ -564,9 +592,9 @@ class PhotoGallery(SearchMixin):
     def _unrestricted(self, q: np.ndarray, k: int) -> Matches:
         if self.exact:
             return brute_force(self.vectors, q, k)
-        m = self.index.search(self._query(q), min(len(self), max(k, PHOTO_RERANK)))
+        m = self.index.search(self._query(q), min(len(self), max(k, self.rerank)))
         keys, distances = np.asarray(m.keys, dtype=np.int64), np.asarray(m.distances, dtype=np.float32)
-        if PHOTO_RERANK or self.int8:  # int8 distances are coarse: always re-score what is returned
+        if self.rerank or self.int8:  # int8 distances are coarse: always re-score what is returned
             return self._rescore(q, keys, distances, k)
         return Matches(keys=keys[:k], distances=distances[:k])
 

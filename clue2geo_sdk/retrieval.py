@@ -127,6 +127,8 @@ class SearchMixin:
     lon: np.ndarray
     # Allowed subsets up to this size are brute-forced over their own vectors (:meth:`_vectors`).
     subset_limit: int = SUBSET_BRUTE_FORCE
+    # How many index results :meth:`_rescore` re-scores (0: the index's own distances are kept).
+    rerank: int = 0
 
     def __len__(self) -> int:
         return len(self.lat)
@@ -166,15 +168,17 @@ class SearchMixin:
         if len(allowed) <= self.subset_limit:
             m = brute_force(self._vectors(allowed), q, k)
             return Matches(keys=allowed[m.keys], distances=m.distances)
-        # Oversample by the inverse of the allowed fraction, filter, and widen until k are found.
+        # Oversample by the inverse of the allowed fraction, filter, and widen until enough are
+        # found (k, or the top ``rerank`` for re-scoring, as an unrestricted search would).
         # HNSW's search widens its own expansion to the count asked for; the last try is exact.
-        want = min(n, int(np.ceil(2 * k * n / len(allowed))) + k)
+        target = max(k, self.rerank)
+        want = min(n, int(np.ceil(2 * target * n / len(allowed))) + target)
         while True:
             m = self.index.search(self._query(q), want, exact=self.exact or want >= n)
             keys = np.asarray(m.keys, dtype=np.int64)
             pos = np.minimum(np.searchsorted(allowed, keys), len(allowed) - 1)
             ok = allowed[pos] == keys
-            if ok.sum() >= min(k, len(allowed)) or want >= n:
+            if ok.sum() >= min(target, len(allowed)) or want >= n:
                 return self._rescore(q, keys[ok], np.asarray(m.distances, dtype=np.float32)[ok], k)
             want = min(n, want * 4)
 

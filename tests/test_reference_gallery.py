@@ -24,7 +24,16 @@ from clue2geo_sdk.bundle import Bundle
 from clue2geo_sdk.cli import main
 from clue2geo_sdk.errors import BundleFormatError
 from clue2geo_sdk.image import load_image
-from clue2geo_sdk.reference_gallery import DB, ERRORS, MANIFEST, VECTORS, PhotoGallery, build_gallery
+from clue2geo_sdk.reference_gallery import (
+    DB,
+    ERRORS,
+    INDEX,
+    MANIFEST,
+    VECTORS,
+    PhotoGallery,
+    _Writer,
+    build_gallery,
+)
 from clue2geo_sdk.retrieval import PHOTO_HNSW_EXPANSION, Gallery, SearchMixin, int8_scale, to_int8
 
 # (lat, lon) of the generated photos: hemispheres of every sign.
@@ -361,6 +370,76 @@ def test_photo_gallery_hnsw_mode_gives_the_exact_answer(built: Path, monkeypatch
             assert [h.key for h in exact.least_similar(q, k)] == [h.key for h in hnsw.least_similar(q, k)]
 
 
+def test_int8_search_path_on_a_gallery_of_thousands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int8 index's own search decides what is re-scored once a gallery has more rows than
+    PHOTO_RERANK: the query must be scaled as the stored vectors were, and the region-filtered
+    (oversampled) search must bring enough allowed candidates. Checked against numpy brute force."""
+    rng = np.random.default_rng(5)
+    centers = rng.standard_normal((30, 64))
+    x = centers[rng.integers(0, 30, 3000)] + 0.7 * rng.standard_normal((3000, 64))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+    out = tmp_path / "g"
+    out.mkdir()
+    w = _Writer(out, dim=64, image_sha256="test")
+    for s in range(0, 3000, 500):
+        w.add(
+            [
+                {"path": f"{i}.jpg", "sha256": f"{i:064x}", "lat": 0.0, "lon": 0.0, "source": "csv", "taken_at": None}
+                for i in range(s, s + 500)
+            ],
+            x[s : s + 500],
+        )
+    w.finish()
+    w.close()
+    monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 100)
+    monkeypatch.setattr("clue2geo_sdk.reference_gallery.SUBSET_BRUTE_FORCE", 100)
+    g = PhotoGallery(out)
+    assert g.int8 and not g.exact and g.subset_limit == 100 and g.rerank < len(g)
+    for i in (0, 1234, 2999):  # the query goes in as the rows went in
+        assert np.abs(g._query(x[i]).astype(np.int16) - np.asarray(g.index.get(i), dtype=np.int16)).max() <= 1
+    stored = g.vectors.astype(np.float32)
+    allowed = np.sort(rng.choice(3000, 600, replace=False)).astype(np.int64)
+    found, found_allowed = [], []
+    for _ in range(40):
+        q = x[rng.integers(0, 3000)] + 0.3 * rng.standard_normal(64).astype(np.float32)
+        want, _ = brute(stored, q, np.arange(3000), 15)
+        hits = g.most_similar(q, 15)
+        cos = stored[[h.key for h in hits]] @ q / np.linalg.norm(q)
+        assert np.allclose([h.cosine for h in hits], cos, atol=2e-3)  # re-scored: float16 cosines
+        found.append(len({h.key for h in hits} & set(want.tolist())) / 15)
+        want, _ = brute(stored, q, allowed, 15)
+        hits = g.most_similar(q, 15, allowed=allowed)
+        assert {h.key for h in hits} <= set(allowed.tolist())
+        found_allowed.append(len({h.key for h in hits} & set(want.tolist())) / 15)
+    assert np.mean(found) >= 0.98 and np.mean(found_allowed) >= 0.98, (np.mean(found), np.mean(found_allowed))
+    # the filtered search re-scores as many candidates as the unrestricted one, not just ~2k
+    seen: list[int] = []
+    rescore = g._rescore
+    monkeypatch.setattr(g, "_rescore", lambda q, keys, d, k: seen.append(len(keys)) or rescore(q, keys, d, k))
+    g.most_similar(x[7], 15, allowed=allowed)
+    g.most_similar(x[7], 15)
+    assert len(seen) == 2 and min(seen) >= g.rerank, seen
+
+
+def test_a_damaged_index_is_named_and_rebuilt_by_the_next_build(
+    built: Path, photos: Path, demo_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "g"
+    shutil.copytree(built, out)
+    (out / INDEX).write_bytes(b"not an index")
+    with pytest.raises(BundleFormatError, match=r"index\.usearch: unreadable index"):
+        PhotoGallery(out)
+    summary = build_gallery(photos, demo_bundle, out)  # nothing new to add: the index is rebuilt
+    assert (summary.added, summary.count) == (0, 5)
+    monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 2)  # search the index itself
+    g = PhotoGallery(out)
+    assert len(g.index) == 5
+    assert [g.most_similar(g.vectors[i].astype(np.float32), 1)[0].key for i in range(5)] == list(range(5))
+    (out / VECTORS).write_bytes((out / VECTORS).read_bytes()[:-2])
+    with pytest.raises(BundleFormatError, match=r"vectors\.f16: 4 vectors for 5 rows"):
+        PhotoGallery(out)
+
+
 def test_allowed_on_the_photo_and_coordinate_galleries(built: Path, demo_bundle: Path) -> None:
     g = PhotoGallery(built)
     q = g.vectors[2].astype(np.float32)
@@ -407,6 +486,13 @@ def test_a_gallery_with_an_older_float16_index_still_opens_and_is_reindexed_on_t
     monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 2)  # search the index itself
     g = PhotoGallery(out)
     assert not g.int8 and str(g.index.dtype).endswith("F16")
+    assert [g.most_similar(g.vectors[i].astype(np.float32), 1)[0].key for i in range(5)] == list(range(5))
+    # A build cut short after re-indexing leaves the new int8 index beside the old manifest: the
+    # reader follows the index file, not the manifest.
+    _Writer(out, dim=512, image_sha256=json.loads((out / MANIFEST).read_text())["image_tower_sha256"]).close()
+    assert json.loads((out / MANIFEST).read_text())["index"]["dtype"] == "f16"
+    g = PhotoGallery(out)
+    assert g.int8 and str(g.index.dtype).endswith("I8")
     assert [g.most_similar(g.vectors[i].astype(np.float32), 1)[0].key for i in range(5)] == list(range(5))
     (tmp_path / "more").mkdir()
     geotagged_jpeg(tmp_path / "more" / "extra.jpg", 10.0, 10.0, seed=99)

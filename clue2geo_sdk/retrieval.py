@@ -37,7 +37,8 @@ HNSW_EXPANSION = 1024
 # Photo galleries above EXACT_LIMIT (bench/retrieval.py, docs/gallery.md): an int8 HNSW index of
 # scaled vectors (``to_int8``), connectivity 32, expansion_add 128, searched at expansion 512 with
 # its top 64 re-scored from the float16 vectors: recall@15 0.996 at 1M clustered 512-d vectors
-# (p50 ~1.4-1.9 ms on two cores) and 0.982 at 5M (p50 1.85 ms): the 0.99 target is missed at 5M.
+# (p50 ~1.4 ms on two cores; 1.0 ms at expansion 192) and 0.982 at 5M (p50 1.85 ms; 0.983 at
+# ~4 ms on the places world): the 0.99 target is missed at 5M.
 PHOTO_INDEX_DTYPE = "i8"
 PHOTO_INDEX_CONNECTIVITY = 32
 PHOTO_INDEX_EXPANSION_ADD = 128

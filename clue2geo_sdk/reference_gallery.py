@@ -8,11 +8,13 @@ stores, in one folder::
     gallery.duckdb   photos(key, path, sha256, lat, lon, source, taken_at, added_at): one row a photo
     vectors.f16      the embeddings, float16, row = key (memory-mapped: exact and subset search)
     index.usearch    USearch HNSW index over the same vectors (cosine, int8 scaled; key = row)
+    index2.usearch   a second HNSW graph over the same rows, added in another order (above
+                     PHOTO_TWIN_ABOVE rows: searched beside the first, see retrieval.py)
     errors.jsonl     what could not be added, one JSON line each, appended per run
 
 Resumable and crash-safe: a batch's vectors are appended and fsynced, then its rows committed in
-one DuckDB transaction; the index is derived (saved every minute and at the end) and is brought up
-to date from ``vectors.f16`` on the next run. Killing a build loses at most the batch in flight,
+one DuckDB transaction; the indexes are derived (saved every minute and at the end) and are brought
+up to date from ``vectors.f16`` on the next run. Killing a build loses at most the batch in flight,
 and re-running it adds only photos whose sha256 is not yet in the gallery.
 
 ``PhotoGallery`` opens a finished gallery with the search interface of
@@ -23,12 +25,14 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import functools
 import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,8 @@ from .retrieval import (
     PHOTO_INDEX_DTYPE,
     PHOTO_INDEX_EXPANSION_ADD,
     PHOTO_RERANK,
+    PHOTO_TWIN_ABOVE,
+    PHOTO_TWIN_EXPANSION,
     SUBSET_BRUTE_FORCE,
     GalleryHit,
     Matches,
@@ -58,6 +64,7 @@ MANIFEST = "manifest.json"
 DB = "gallery.duckdb"
 VECTORS = "vectors.f16"
 INDEX = "index.usearch"
+INDEX2 = "index2.usearch"
 ERRORS = "errors.jsonl"
 SAVE_EVERY_S = 60.0
 SCHEMA = """
@@ -261,6 +268,7 @@ def write_manifest(out: Path, con: Any, *, dim: int, image_sha256: str) -> str:
             "expansion_add": PHOTO_INDEX_EXPANSION_ADD,
             "scale": int8_scale(dim) if PHOTO_INDEX_DTYPE == "i8" else 1.0,
             "rerank": PHOTO_RERANK,
+            "graphs": 2 if (out / INDEX2).is_file() else 1,
         },
         "content_sha256": digest,
         "updated_at": _utc_now().isoformat(timespec="seconds") + "Z",
@@ -277,8 +285,6 @@ class _Writer:
 
     def __init__(self, out: Path, *, dim: int, image_sha256: str) -> None:
         import duckdb
-
-        from ._native import usearch_index
 
         self.out, self.dim, self.image_sha256 = out, dim, image_sha256
         out.mkdir(parents=True, exist_ok=True)
@@ -309,45 +315,66 @@ class _Writer:
         self.vectors = vec_path.open("ab")
         self.count = n
         self.known = {s for (s,) in self.con.execute("SELECT sha256 FROM photos").fetchall()}
-        ui = usearch_index()
         self.scale = int8_scale(dim)
-        # The index is derived from vectors.f16: one that is damaged, ahead of the rows, or built
-        # with other settings (an older version's float16 index) is rebuilt rather than trusted.
-        self.index = None
-        if (out / INDEX).is_file():
-            try:
-                self.index = ui.Index.restore(str(out / INDEX))
-            except (ValueError, RuntimeError):
-                self.index = None
-            if self.index is not None and (
-                self.index.ndim != dim
-                or len(self.index) > n
-                or not str(self.index.dtype).lower().endswith(PHOTO_INDEX_DTYPE)
-                or self.index.connectivity != PHOTO_INDEX_CONNECTIVITY
-            ):
-                self.index = None
-        changed = self.index is None
-        if self.index is None:
-            self.index = ui.Index(
-                ndim=dim,
-                metric="cos",
-                dtype=PHOTO_INDEX_DTYPE,
-                connectivity=PHOTO_INDEX_CONNECTIVITY,
-                expansion_add=PHOTO_INDEX_EXPANSION_ADD,
-            )
-        self.index.expansion_add = PHOTO_INDEX_EXPANSION_ADD  # not kept in the file
+        self.graphs: dict[str, Any] = {}
+        self.dirty: set[str] = set()
         self.saved_at = time.monotonic()
-        if len(self.index) < n:  # the index lags the rows (a kill, a rebuild): add the missing ones
-            changed = True
-            mm = np.memmap(vec_path, dtype=np.float16, mode="r", shape=(n, dim))
-            for s in range(len(self.index), n, 10_000):
-                e = min(n, s + 10_000)
-                self.index.add(np.arange(s, e, dtype=np.uint64), self._encode(mm[s:e]), threads=0)
-                if time.monotonic() - self.saved_at > SAVE_EVERY_S:  # a killed rebuild resumes from here
-                    self._save_index()
-            del mm
-        if changed:
-            self._save_index()
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Bring the wanted graphs (``index.usearch``; ``index2.usearch`` too above
+        PHOTO_TWIN_ABOVE rows) up to the rows from ``vectors.f16``. A graph is derived data: one
+        that is damaged, ahead of the rows or built with other settings (an older version's float16
+        index) is rebuilt rather than trusted."""
+        from ._native import usearch_index
+
+        ui = usearch_index()
+        wanted = [INDEX, INDEX2] if self.count > PHOTO_TWIN_ABOVE else [INDEX]
+        for name in wanted:
+            if name in self.graphs:
+                continue
+            index = None
+            if (self.out / name).is_file():
+                try:
+                    index = ui.Index.restore(str(self.out / name))
+                except (ValueError, RuntimeError):
+                    index = None
+                if index is not None and (
+                    index.ndim != self.dim
+                    or len(index) > self.count
+                    or not str(index.dtype).lower().endswith(PHOTO_INDEX_DTYPE)
+                    or index.connectivity != PHOTO_INDEX_CONNECTIVITY
+                ):
+                    index = None
+            if index is None:
+                index = ui.Index(
+                    ndim=self.dim,
+                    metric="cos",
+                    dtype=PHOTO_INDEX_DTYPE,
+                    connectivity=PHOTO_INDEX_CONNECTIVITY,
+                    expansion_add=PHOTO_INDEX_EXPANSION_ADD,
+                )
+                self.dirty.add(name)
+            index.expansion_add = PHOTO_INDEX_EXPANSION_ADD  # not kept in the file
+            self.graphs[name] = index
+            if len(index) < self.count:  # the graph lags the rows (a kill, a rebuild, a new graph)
+                mm = np.memmap(self.out / VECTORS, dtype=np.float16, mode="r", shape=(self.count, self.dim))
+                for s in range(len(index), self.count, 10_000):
+                    e = min(self.count, s + 10_000)
+                    self._add_to(name, np.arange(s, e, dtype=np.int64), np.asarray(mm[s:e]))
+                    if time.monotonic() - self.saved_at > SAVE_EVERY_S:  # a killed rebuild resumes from here
+                        self._save_index()
+                del mm
+        self._save_index()
+
+    def _add_to(self, name: str, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Add rows to one graph: the second graph takes each batch in a shuffled order, so that
+        its rows draw other levels than in the first and its upper layers route queries otherwise."""
+        if name == INDEX2:
+            order = np.random.default_rng(int(keys[0])).permutation(len(keys))
+            keys, vectors = keys[order], vectors[order]
+        self.graphs[name].add(keys.astype(np.uint64), self._encode(vectors), threads=0)
+        self.dirty.add(name)
 
     def _encode(self, vectors: np.ndarray) -> np.ndarray:
         """What the index is given: scaled int8 for an int8 index, float32 otherwise."""
@@ -356,7 +383,7 @@ class _Writer:
         return np.asarray(vectors, dtype=np.float32)
 
     def add(self, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
-        """Append one batch: vectors (fsynced), then rows in one transaction, then the index."""
+        """Append one batch: vectors (fsynced), then rows in one transaction, then the graphs."""
         if not rows:
             return
         keys = np.arange(self.count, self.count + len(rows), dtype=np.int64)
@@ -379,15 +406,21 @@ class _Writer:
             raise
         self.count += len(rows)
         self.known.update(r["sha256"] for r in rows)
-        self.index.add(keys.astype(np.uint64), self._encode(vectors), threads=0)
-        if time.monotonic() - self.saved_at > SAVE_EVERY_S:
+        for name in self.graphs:
+            self._add_to(name, keys, np.asarray(vectors))
+        if len(self.graphs) < 2 and self.count > PHOTO_TWIN_ABOVE:
+            self._catch_up()  # the gallery has just grown past one graph: build the second from the rows
+        elif time.monotonic() - self.saved_at > SAVE_EVERY_S:
             self._save_index()
 
     def _save_index(self) -> None:
-        tmp = self.out / (INDEX + ".tmp")
-        self.index.save(str(tmp))
-        _fsync(tmp)
-        os.replace(tmp, self.out / INDEX)
+        """Save the graphs that changed (each fsynced, then renamed into place)."""
+        for name in sorted(self.dirty):
+            tmp = self.out / (name + ".tmp")
+            self.graphs[name].save(str(tmp))
+            _fsync(tmp)
+            os.replace(tmp, self.out / name)
+        self.dirty.clear()
         self.saved_at = time.monotonic()
 
     def finish(self) -> str:
@@ -516,6 +549,29 @@ def build_gallery(
 # -- search ----------------------------------------------------------------------------------------
 
 
+def _open_graph(path: Path, dim: int, n: int) -> Any:
+    """A gallery's HNSW graph, memory-mapped, checked against the rows it must hold."""
+    from ._native import usearch_index
+
+    try:
+        index = usearch_index().Index.restore(str(path), view=True)
+    except (ValueError, RuntimeError) as exc:
+        raise BundleFormatError(_incomplete(path, f"unreadable index ({exc})")) from exc
+    if index is None:
+        raise BundleFormatError(_incomplete(path, "no index"))
+    if index.ndim != dim:
+        raise BundleFormatError(f"{path}: {index.ndim}-d vectors where the manifest says {dim}")
+    if len(index) != n:
+        raise BundleFormatError(_incomplete(path, f"{len(index)} vectors for {n} rows"))
+    return index
+
+
+@functools.cache
+def _second_thread() -> ThreadPoolExecutor:
+    """Where a second graph is searched while the calling thread searches the first."""
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="clue2geo-graph")
+
+
 class PhotoGallery(SearchMixin):
     """A built photo gallery, read-only and memory-mapped; safe to query from several threads.
     ``image_sha256`` (the bundle's GPSCLIP image tower) refuses a gallery embedded by another."""
@@ -524,8 +580,6 @@ class PhotoGallery(SearchMixin):
 
     def __init__(self, path: str | Path, *, image_sha256: str | None = None) -> None:
         import duckdb
-
-        from ._native import usearch_index
 
         self.root = Path(path)
         manifest = read_manifest(self.root)
@@ -556,28 +610,28 @@ class PhotoGallery(SearchMixin):
         self.vectors = (
             np.memmap(vec_path, dtype=np.float16, mode="r", shape=(n, dim)) if n else np.zeros((0, dim), np.float16)
         )
-        index_path = self.root / INDEX
-        try:
-            self.index = usearch_index().Index.restore(str(index_path), view=True)
-        except (ValueError, RuntimeError) as exc:
-            raise BundleFormatError(_incomplete(index_path, f"unreadable index ({exc})")) from exc
-        if self.index is None:
-            raise BundleFormatError(_incomplete(index_path, "no index"))
-        if self.index.ndim != dim:
-            raise BundleFormatError(f"{index_path}: {self.index.ndim}-d vectors where the manifest says {dim}")
-        if len(self.index) != n:
-            raise BundleFormatError(_incomplete(index_path, f"{len(self.index)} vectors for {n} rows"))
+        self.index = _open_graph(self.root / INDEX, dim, n)
         # Exact galleries are brute-forced over the float16 vectors (SIMD, no index rounding);
-        # larger ones search the HNSW index and re-score its top PHOTO_RERANK. An int8 index is
+        # larger ones search the HNSW graph(s) and re-score the top PHOTO_RERANK. An int8 index is
         # queried with the query scaled as its vectors were; the index file itself says whether it
         # is int8 (a rebuild cut short leaves a new index beside the old manifest).
         self.int8 = str(self.index.dtype).lower().endswith("i8")
+        self.exact = n <= EXACT_LIMIT
+        self.twin = None
+        if not self.exact and (self.root / INDEX2).is_file():
+            self.twin = _open_graph(self.root / INDEX2, dim, n)
+            if str(self.twin.dtype) != str(self.index.dtype):
+                raise BundleFormatError(
+                    f"{self.root / INDEX2}: {self.twin.dtype} where {INDEX} is {self.index.dtype}; "
+                    "run `clue2geo gallery build` on it again to rebuild the graphs"
+                )
+            self.twin.expansion_search = PHOTO_TWIN_EXPANSION
         self.scale = int8_scale(dim)
         self.exact = n <= EXACT_LIMIT
         self.rerank = PHOTO_RERANK
         self.subset_limit = n if self.exact else SUBSET_BRUTE_FORCE
         if not self.exact:
-            self.index.expansion_search = PHOTO_HNSW_EXPANSION
+            self.index.expansion_search = PHOTO_TWIN_EXPANSION if self.twin is not None else PHOTO_HNSW_EXPANSION
         self.lat = np.asarray(rows["lat"], dtype=np.float64)
         self.lon = np.asarray(rows["lon"], dtype=np.float64)
         self.paths = rows["path"]
@@ -589,14 +643,25 @@ class PhotoGallery(SearchMixin):
     def _query(self, q: np.ndarray) -> np.ndarray:
         return to_int8(q / max(float(np.linalg.norm(q)), 1e-12), self.scale) if self.int8 else q
 
+    def _candidates(self, q: np.ndarray, count: int, exact: bool) -> Matches:
+        """With a second graph both are searched at once (USearch releases the GIL) and their
+        candidates merged: a query that one graph's upper layers strand, the other finds."""
+        if self.twin is None or exact:
+            return super()._candidates(q, count, exact)
+        qi = self._query(q)
+        second = _second_thread().submit(self.twin.search, qi, count)
+        both = [self.index.search(qi, count), second.result()]
+        keys = np.concatenate([m.keys for m in both]).astype(np.int64)
+        distances = np.concatenate([m.distances for m in both]).astype(np.float32)
+        keys, at = np.unique(keys, return_index=True)
+        order = np.argsort(distances[at], kind="stable")
+        return Matches(keys=keys[order], distances=distances[at][order])
+
     def _unrestricted(self, q: np.ndarray, k: int) -> Matches:
         if self.exact:
             return brute_force(self.vectors, q, k)
-        m = self.index.search(self._query(q), min(len(self), max(k, self.rerank)))
-        keys, distances = np.asarray(m.keys, dtype=np.int64), np.asarray(m.distances, dtype=np.float32)
-        if self.rerank or self.int8:  # int8 distances are coarse: always re-score what is returned
-            return self._rescore(q, keys, distances, k)
-        return Matches(keys=keys[:k], distances=distances[:k])
+        m = self._candidates(q, min(len(self), max(k, self.rerank)), False)
+        return self._rescore(q, m.keys, m.distances, k)  # int8 distances are coarse: always re-scored
 
     def _rescore(self, q: np.ndarray, keys: np.ndarray, distances: np.ndarray, k: int) -> Matches:
         order = np.sort(keys)  # sorted reads from the memory map

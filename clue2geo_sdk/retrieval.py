@@ -34,15 +34,21 @@ from .errors import BundleFormatError
 EXACT_LIMIT = 100_000
 # expansion_search of the coordinate gallery when searched by HNSW (cross-modal queries: wide).
 HNSW_EXPANSION = 1024
-# Photo galleries above EXACT_LIMIT (bench/retrieval.py, docs/gallery.md): an int8 HNSW index of
-# scaled vectors (``to_int8``), connectivity 32, expansion_add 128, searched at expansion 512 with
-# its top 64 re-scored from the float16 vectors: recall@15 0.996 at 1M clustered 512-d vectors
-# (p50 ~1.4 ms on two cores; 1.0 ms at expansion 192) and 0.982 at 5M (p50 1.85 ms; 0.983 at
-# ~4 ms on the places world): the 0.99 target is missed at 5M.
+# Photo galleries above EXACT_LIMIT (bench/retrieval.py, bench/gallery_scale.py, docs/gallery.md):
+# an int8 HNSW index of scaled vectors (``to_int8``), connectivity 32, expansion_add 128, its top
+# 64 re-scored from the float16 vectors. One graph searched at expansion 192: recall@15 0.996-0.999
+# at 1M clustered 512-d vectors, p50 1.0-1.3 ms on two cores. Larger graphs lose recall mostly to
+# whole queries whose descent through the upper layers strands them in the wrong neighbourhood
+# (5M: 2.5 % of queries find none of their 15 at expansion 128, and only expansion 768, ~5 ms,
+# rescues them). A second graph over the same rows, added in another order (so other rows reach
+# the upper layers), strands other queries: above PHOTO_TWIN_ABOVE rows both are searched, at once
+# in two threads, and the union of their candidates is re-scored.
 PHOTO_INDEX_DTYPE = "i8"
 PHOTO_INDEX_CONNECTIVITY = 32
 PHOTO_INDEX_EXPANSION_ADD = 128
-PHOTO_HNSW_EXPANSION = 512
+PHOTO_HNSW_EXPANSION = 192
+PHOTO_TWIN_ABOVE = 1_000_000
+PHOTO_TWIN_EXPANSION = 128
 PHOTO_RERANK = 64
 # Allowed subsets up to this many rows are searched by brute force over their own vectors.
 SUBSET_BRUTE_FORCE = 50_000
@@ -119,8 +125,8 @@ def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> Matches:
 
 class SearchMixin:
     """The search logic both gallery kinds share. Subclasses set ``index`` (a USearch index or
-    view), ``exact``, ``lat``, ``lon`` and may override :meth:`_vectors`, :meth:`_unrestricted` and
-    :meth:`_rescore`."""
+    view), ``exact``, ``lat``, ``lon`` and may override :meth:`_vectors`, :meth:`_candidates`,
+    :meth:`_unrestricted` and :meth:`_rescore`."""
 
     index: Any
     exact: bool
@@ -146,10 +152,14 @@ class SearchMixin:
         """``q`` as the index takes it (an int8 index: scaled as its vectors were)."""
         return q
 
+    def _candidates(self, q: np.ndarray, count: int, exact: bool) -> Matches:
+        """The index's top ``count`` for ``q`` (a float query; the index's own form is made here)."""
+        m = self.index.search(self._query(q), count, exact=exact)
+        return Matches(keys=np.asarray(m.keys, dtype=np.int64), distances=np.asarray(m.distances, dtype=np.float32))
+
     def _unrestricted(self, q: np.ndarray, k: int) -> Matches:
         """Top k of the whole gallery (the index's own exact or HNSW search)."""
-        m = self.index.search(q, min(k, len(self)), exact=self.exact)
-        return Matches(keys=np.asarray(m.keys, dtype=np.int64), distances=np.asarray(m.distances, dtype=np.float32))
+        return self._candidates(q, min(k, len(self)), self.exact)
 
     def _rescore(self, q: np.ndarray, keys: np.ndarray, distances: np.ndarray, k: int) -> Matches:
         """The best k of candidate ``keys`` (best first); a gallery whose index distances are
@@ -175,12 +185,11 @@ class SearchMixin:
         target = max(k, self.rerank)
         want = min(n, int(np.ceil(2 * target * n / len(allowed))) + target)
         while True:
-            m = self.index.search(self._query(q), want, exact=self.exact or want >= n)
-            keys = np.asarray(m.keys, dtype=np.int64)
-            pos = np.minimum(np.searchsorted(allowed, keys), len(allowed) - 1)
-            ok = allowed[pos] == keys
+            m = self._candidates(q, want, self.exact or want >= n)
+            pos = np.minimum(np.searchsorted(allowed, m.keys), len(allowed) - 1)
+            ok = allowed[pos] == m.keys
             if ok.sum() >= min(target, len(allowed)) or want >= n:
-                return self._rescore(q, keys[ok], np.asarray(m.distances, dtype=np.float32)[ok], k)
+                return self._rescore(q, m.keys[ok], m.distances[ok], k)
             want = min(n, want * 4)
 
     def most_similar(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[GalleryHit]:

@@ -20,6 +20,7 @@ from PIL import Image
 from PIL.TiffImagePlugin import IFDRational as R
 
 from clue2geo_sdk import Geolocator
+from clue2geo_sdk._native import usearch_index
 from clue2geo_sdk.bundle import Bundle
 from clue2geo_sdk.cli import main
 from clue2geo_sdk.errors import BundleFormatError
@@ -28,13 +29,21 @@ from clue2geo_sdk.reference_gallery import (
     DB,
     ERRORS,
     INDEX,
+    INDEX2,
     MANIFEST,
     VECTORS,
     PhotoGallery,
     _Writer,
     build_gallery,
 )
-from clue2geo_sdk.retrieval import PHOTO_HNSW_EXPANSION, Gallery, SearchMixin, int8_scale, to_int8
+from clue2geo_sdk.retrieval import (
+    PHOTO_HNSW_EXPANSION,
+    PHOTO_TWIN_EXPANSION,
+    Gallery,
+    SearchMixin,
+    int8_scale,
+    to_int8,
+)
 
 # (lat, lon) of the generated photos: hemispheres of every sign.
 PLACES = [(48.8584, 2.2945), (-33.8568, 151.2153), (40.6892, -74.0445), (-22.9519, -43.2105), (35.6586, 139.7454)]
@@ -370,25 +379,32 @@ def test_photo_gallery_hnsw_mode_gives_the_exact_answer(built: Path, monkeypatch
             assert [h.key for h in exact.least_similar(q, k)] == [h.key for h in hnsw.least_similar(q, k)]
 
 
+def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors in 30 clusters, float16-exact (as vectors.f16 stores them)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((30, dim))
+    x = centers[rng.integers(0, 30, n)] + 0.7 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+
+
+def synthetic_rows(start: int, stop: int) -> list[dict]:
+    return [
+        {"path": f"{i}.jpg", "sha256": f"{i:064x}", "lat": 0.0, "lon": 0.0, "source": "csv", "taken_at": None}
+        for i in range(start, stop)
+    ]
+
+
 def test_int8_search_path_on_a_gallery_of_thousands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The int8 index's own search decides what is re-scored once a gallery has more rows than
     PHOTO_RERANK: the query must be scaled as the stored vectors were, and the region-filtered
     (oversampled) search must bring enough allowed candidates. Checked against numpy brute force."""
     rng = np.random.default_rng(5)
-    centers = rng.standard_normal((30, 64))
-    x = centers[rng.integers(0, 30, 3000)] + 0.7 * rng.standard_normal((3000, 64))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+    x = clustered(3000, 64, 5)
     out = tmp_path / "g"
     out.mkdir()
     w = _Writer(out, dim=64, image_sha256="test")
     for s in range(0, 3000, 500):
-        w.add(
-            [
-                {"path": f"{i}.jpg", "sha256": f"{i:064x}", "lat": 0.0, "lon": 0.0, "source": "csv", "taken_at": None}
-                for i in range(s, s + 500)
-            ],
-            x[s : s + 500],
-        )
+        w.add(synthetic_rows(s, s + 500), x[s : s + 500])
     w.finish()
     w.close()
     monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 100)
@@ -419,6 +435,65 @@ def test_int8_search_path_on_a_gallery_of_thousands(tmp_path: Path, monkeypatch:
     g.most_similar(x[7], 15, allowed=allowed)
     g.most_similar(x[7], 15)
     assert len(seen) == 2 and min(seen) >= g.rerank, seen
+
+
+def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past PHOTO_TWIN_ABOVE rows the writer keeps a second graph (built from vectors.f16 when the
+    gallery grows past it, resumed after a kill), and the reader searches both and re-scores the
+    union: a query that one graph strands is still answered by the other."""
+    monkeypatch.setattr("clue2geo_sdk.reference_gallery.PHOTO_TWIN_ABOVE", 1000)
+    monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 100)
+    x = clustered(3000, 64, 6)
+    out = tmp_path / "g"
+    w = _Writer(out, dim=64, image_sha256="test")
+    for s in range(0, 3000, 500):
+        w.add(synthetic_rows(s, s + 500), x[s : s + 500])
+        assert (INDEX2 in w.graphs) == (w.count > 1000), w.count
+        assert len(w.graphs.get(INDEX2, w.graphs[INDEX])) == w.count
+    w.finish()
+    w.close()
+    assert json.loads((out / MANIFEST).read_text())["index"]["graphs"] == 2
+    g = PhotoGallery(out)
+    assert g.twin is not None and len(g.twin) == len(g.index) == 3000
+    assert g.index.expansion_search == g.twin.expansion_search == PHOTO_TWIN_EXPANSION
+    assert [g.most_similar(x[i], 1)[0].key for i in (0, 999, 1000, 2999)] == [0, 999, 1000, 2999]
+
+    class Stranded:
+        """A graph whose search always ends in the wrong place (it answers for -q)."""
+
+        def __init__(self, graph: object) -> None:
+            self.graph = graph
+
+        def search(self, q: np.ndarray, count: int, **kw: object) -> object:
+            return self.graph.search(-q, count, **kw)
+
+    stored = g.vectors.astype(np.float32)
+    rng = np.random.default_rng(7)
+    queries = [x[rng.integers(0, 3000)] + 0.3 * rng.standard_normal(64).astype(np.float32) for _ in range(20)]
+    allowed = np.sort(rng.choice(3000, 600, replace=False)).astype(np.int64)
+    monkeypatch.setattr("clue2geo_sdk.reference_gallery.SUBSET_BRUTE_FORCE", 100)
+    for strand in ("index", "twin"):
+        h = PhotoGallery(out)
+        setattr(h, strand, Stranded(getattr(h, strand)))
+        found, found_allowed = [], []
+        for q in queries:
+            want, _ = brute(stored, q, np.arange(3000), 15)
+            found.append(len({hit.key for hit in h.most_similar(q, 15)} & set(want.tolist())) / 15)
+            want, _ = brute(stored, q, allowed, 15)
+            hits = h.most_similar(q, 15, allowed=allowed)
+            found_allowed.append(len({hit.key for hit in hits} & set(want.tolist())) / 15)
+        assert np.mean(found) >= 0.98 and np.mean(found_allowed) >= 0.98, (strand, found, found_allowed)
+    # A second graph that a kill left behind its rows is named by the reader and resumed by the
+    # next writer (the rows it holds are kept, the rest added).
+    partial = usearch_index().Index(ndim=64, metric="cos", dtype="i8", connectivity=32)
+    partial.add(np.arange(10, dtype=np.uint64), to_int8(x[:10], int8_scale(64)))
+    partial.save(str(out / INDEX2))
+    with pytest.raises(BundleFormatError, match=r"index2\.usearch.*10 vectors for 3000 rows"):
+        PhotoGallery(out)
+    _Writer(out, dim=64, image_sha256="test").close()
+    g = PhotoGallery(out)
+    assert len(g.twin) == 3000
+    assert [g.most_similar(x[i], 1)[0].key for i in (5, 1500, 2999)] == [5, 1500, 2999]
 
 
 def test_a_damaged_index_is_named_and_rebuilt_by_the_next_build(

@@ -43,7 +43,7 @@ def build_cmd(
     SRC is a folder (each photo's position from its EXIF / XMP GPS; photos without one are reported
     and skipped) or a CSV of path,lat,lon (relative paths from the CSV's folder). Exit 0 when every
     photo was added or already present, 3 when some could not be (listed in --out/errors.jsonl)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from .bundle import Bundle
     from .reference_gallery import Problem, build_gallery
@@ -53,9 +53,10 @@ def build_cmd(
     except Clue2GeoError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
-    columns = (TextColumn("[bold]embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("gallery", total=None)
+        task = progress.add_task("embedding", total=None)
+        indexing: dict[str, TaskID] = {}
 
         started = []  # source problems (bad CSV rows) come before the total and are not photos
 
@@ -70,6 +71,11 @@ def build_cmd(
             if started:
                 progress.advance(task)
 
+        def on_index(name: str, rows: int, total: int) -> None:
+            if name not in indexing:
+                indexing[name] = progress.add_task(f"indexing {name}", total=total)
+            progress.update(indexing[name], completed=rows, total=total)
+
         try:
             summary = build_gallery(
                 src,
@@ -80,6 +86,7 @@ def build_cmd(
                 recursive=recursive,
                 on_total=on_total,
                 on_photo=on_photo,
+                on_index=on_index,
             )
         except Clue2GeoError as exc:
             progress.stop()

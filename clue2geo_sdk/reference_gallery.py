@@ -47,6 +47,7 @@ from .retrieval import (
     PHOTO_INDEX_CONNECTIVITY,
     PHOTO_INDEX_DTYPE,
     PHOTO_INDEX_EXPANSION_ADD,
+    PHOTO_LONE_EXPANSION,
     PHOTO_RERANK,
     PHOTO_TWIN_ABOVE,
     PHOTO_TWIN_EXPANSION,
@@ -283,10 +284,14 @@ def write_manifest(out: Path, con: Any, *, dim: int, image_sha256: str) -> str:
 class _Writer:
     """The gallery folder opened for appending: reconciles a killed run, then adds batches."""
 
-    def __init__(self, out: Path, *, dim: int, image_sha256: str) -> None:
+    def __init__(
+        self, out: Path, *, dim: int, image_sha256: str, on_index: Callable[[str, int, int], None] | None = None
+    ) -> None:
+        """``on_index(file, rows, total)`` reports a graph being brought up to the rows (a new
+        second graph takes as long as the first did)."""
         import duckdb
 
-        self.out, self.dim, self.image_sha256 = out, dim, image_sha256
+        self.out, self.dim, self.image_sha256, self.on_index = out, dim, image_sha256, on_index
         out.mkdir(parents=True, exist_ok=True)
         if _manifest_path(out).is_file():
             old = read_manifest(out)
@@ -330,6 +335,8 @@ class _Writer:
 
         ui = usearch_index()
         wanted = [INDEX, INDEX2] if self.count > PHOTO_TWIN_ABOVE else [INDEX]
+        if INDEX2 not in wanted:  # one left by a build under a lower threshold would be stale
+            (self.out / INDEX2).unlink(missing_ok=True)
         for name in wanted:
             if name in self.graphs:
                 continue
@@ -362,6 +369,8 @@ class _Writer:
                 for s in range(len(index), self.count, 10_000):
                     e = min(self.count, s + 10_000)
                     self._add_to(name, np.arange(s, e, dtype=np.int64), np.asarray(mm[s:e]))
+                    if self.on_index:
+                        self.on_index(name, e, self.count)
                     if time.monotonic() - self.saved_at > SAVE_EVERY_S:  # a killed rebuild resumes from here
                         self._save_index()
                 del mm
@@ -448,12 +457,14 @@ def build_gallery(
     recursive: bool = True,
     on_total: Callable[[int], None] | None = None,
     on_photo: Callable[[str, Problem | None], None] | None = None,
+    on_index: Callable[[str, int, int], None] | None = None,
 ) -> BuildSummary:
     """Embed every photo of ``src`` (a folder or a CSV) into the photo gallery ``out``.
 
     ``bundle`` is a :class:`~clue2geo_sdk.bundle.Bundle` or its path. ``on_total(n)`` is called once
     with the number of photos to look at; ``on_photo(path, problem)`` after each photo (problem
-    None when it was added or already present). Bad photos never stop the build: they are
+    None when it was added or already present); ``on_index(file, rows, total)`` while a graph is
+    brought up to the rows in bulk. Bad photos never stop the build: they are
     returned in the summary's counts and appended to ``out/errors.jsonl``."""
     from .bundle import Bundle
     from .encoders import GpsClipEncoder, providers_for
@@ -467,7 +478,7 @@ def build_gallery(
     dim = int(params["dim"])
     image_sha = comp.files["image"].sha256
     photos, problems = read_source(Path(src), recursive=recursive)
-    writer = _Writer(out, dim=dim, image_sha256=image_sha)
+    writer = _Writer(out, dim=dim, image_sha256=image_sha, on_index=on_index)
     encoder = GpsClipEncoder({k: b.file("gpsclip", k) for k in comp.files}, params, providers_for(device))  # type: ignore[arg-type]
     counts = {"added": 0, "already": 0}
     errors_file = (out / ERRORS).open("a", encoding="utf-8")
@@ -567,9 +578,13 @@ def _open_graph(path: Path, dim: int, n: int) -> Any:
 
 
 @functools.cache
-def _second_thread() -> ThreadPoolExecutor:
-    """Where a second graph is searched while the calling thread searches the first."""
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="clue2geo-graph")
+def _graph_threads() -> ThreadPoolExecutor:
+    """Where second graphs are searched while the calling threads search the first ones (one
+    worker per core, so concurrent callers are not queued behind each other)."""
+    return ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="clue2geo-graph")
+
+
+os.register_at_fork(after_in_child=_graph_threads.cache_clear)  # a forked child has no workers
 
 
 class PhotoGallery(SearchMixin):
@@ -618,7 +633,7 @@ class PhotoGallery(SearchMixin):
         self.int8 = str(self.index.dtype).lower().endswith("i8")
         self.exact = n <= EXACT_LIMIT
         self.twin = None
-        if not self.exact and (self.root / INDEX2).is_file():
+        if not self.exact and manifest.get("index", {}).get("graphs", 1) == 2:
             self.twin = _open_graph(self.root / INDEX2, dim, n)
             if str(self.twin.dtype) != str(self.index.dtype):
                 raise BundleFormatError(
@@ -627,11 +642,12 @@ class PhotoGallery(SearchMixin):
                 )
             self.twin.expansion_search = PHOTO_TWIN_EXPANSION
         self.scale = int8_scale(dim)
-        self.exact = n <= EXACT_LIMIT
         self.rerank = PHOTO_RERANK
         self.subset_limit = n if self.exact else SUBSET_BRUTE_FORCE
-        if not self.exact:
-            self.index.expansion_search = PHOTO_TWIN_EXPANSION if self.twin is not None else PHOTO_HNSW_EXPANSION
+        if self.twin is not None:
+            self.index.expansion_search = PHOTO_TWIN_EXPANSION
+        elif not self.exact:  # a large gallery from before second graphs: one graph, searched wider
+            self.index.expansion_search = PHOTO_HNSW_EXPANSION if n <= PHOTO_TWIN_ABOVE else PHOTO_LONE_EXPANSION
         self.lat = np.asarray(rows["lat"], dtype=np.float64)
         self.lon = np.asarray(rows["lon"], dtype=np.float64)
         self.paths = rows["path"]
@@ -649,13 +665,12 @@ class PhotoGallery(SearchMixin):
         if self.twin is None or exact:
             return super()._candidates(q, count, exact)
         qi = self._query(q)
-        second = _second_thread().submit(self.twin.search, qi, count)
-        both = [self.index.search(qi, count), second.result()]
+        second = _graph_threads().submit(self.twin.search, qi, count, threads=1)
+        both = [self.index.search(qi, count, threads=1), second.result()]
         keys = np.concatenate([m.keys for m in both]).astype(np.int64)
         distances = np.concatenate([m.distances for m in both]).astype(np.float32)
-        keys, at = np.unique(keys, return_index=True)
-        order = np.argsort(distances[at], kind="stable")
-        return Matches(keys=keys[order], distances=distances[at][order])
+        keys, at = np.unique(keys, return_index=True)  # sorted by key: _rescore orders them
+        return Matches(keys=keys, distances=distances[at])
 
     def _unrestricted(self, q: np.ndarray, k: int) -> Matches:
         if self.exact:

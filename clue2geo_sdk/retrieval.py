@@ -49,6 +49,8 @@ PHOTO_INDEX_EXPANSION_ADD = 128
 PHOTO_HNSW_EXPANSION = 192
 PHOTO_TWIN_ABOVE = 1_000_000
 PHOTO_TWIN_EXPANSION = 128
+# A gallery above PHOTO_TWIN_ABOVE built before second graphs existed (until its next build).
+PHOTO_LONE_EXPANSION = 512
 PHOTO_RERANK = 64
 # Allowed subsets up to this many rows are searched by brute force over their own vectors.
 SUBSET_BRUTE_FORCE = 50_000

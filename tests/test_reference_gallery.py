@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from clue2geo_sdk.reference_gallery import (
 )
 from clue2geo_sdk.retrieval import (
     PHOTO_HNSW_EXPANSION,
+    PHOTO_LONE_EXPANSION,
     PHOTO_TWIN_EXPANSION,
     Gallery,
     SearchMixin,
@@ -443,13 +446,17 @@ def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: py
     union: a query that one graph strands is still answered by the other."""
     monkeypatch.setattr("clue2geo_sdk.reference_gallery.PHOTO_TWIN_ABOVE", 1000)
     monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 100)
-    x = clustered(3000, 64, 6)
+    x = clustered(3100, 64, 6)
     out = tmp_path / "g"
     w = _Writer(out, dim=64, image_sha256="test")
     for s in range(0, 3000, 500):
         w.add(synthetic_rows(s, s + 500), x[s : s + 500])
         assert (INDEX2 in w.graphs) == (w.count > 1000), w.count
         assert len(w.graphs.get(INDEX2, w.graphs[INDEX])) == w.count
+        if w.count == 1000:
+            w.finish()
+            assert json.loads((out / MANIFEST).read_text())["index"]["graphs"] == 1
+            assert not (out / INDEX2).exists()
     w.finish()
     w.close()
     assert json.loads((out / MANIFEST).read_text())["index"]["graphs"] == 2
@@ -457,6 +464,8 @@ def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: py
     assert g.twin is not None and len(g.twin) == len(g.index) == 3000
     assert g.index.expansion_search == g.twin.expansion_search == PHOTO_TWIN_EXPANSION
     assert [g.most_similar(x[i], 1)[0].key for i in (0, 999, 1000, 2999)] == [0, 999, 1000, 2999]
+    for i in (0, 1234, 2999):  # the second graph holds the rows as the first does, queried alike
+        assert np.abs(g._query(x[i]).astype(np.int16) - np.asarray(g.twin.get(i), dtype=np.int16)).max() <= 1
 
     class Stranded:
         """A graph whose search always ends in the wrong place (it answers for -q)."""
@@ -472,13 +481,18 @@ def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: py
     queries = [x[rng.integers(0, 3000)] + 0.3 * rng.standard_normal(64).astype(np.float32) for _ in range(20)]
     allowed = np.sort(rng.choice(3000, 600, replace=False)).astype(np.int64)
     monkeypatch.setattr("clue2geo_sdk.reference_gallery.SUBSET_BRUTE_FORCE", 100)
-    for strand in ("index", "twin"):
+    for strand in ("neither", "index", "twin"):
         h = PhotoGallery(out)
-        setattr(h, strand, Stranded(getattr(h, strand)))
+        if strand != "neither":
+            setattr(h, strand, Stranded(getattr(h, strand)))
         found, found_allowed = [], []
         for q in queries:
             want, _ = brute(stored, q, np.arange(3000), 15)
-            found.append(len({hit.key for hit in h.most_similar(q, 15)} & set(want.tolist())) / 15)
+            hits = h.most_similar(q, 15)
+            assert len({hit.key for hit in hits}) == 15  # merged candidates: each row once
+            found.append(len({hit.key for hit in hits} & set(want.tolist())) / 15)
+            want, _ = brute(stored, -q, np.arange(3000), 15)
+            found.append(len({hit.key for hit in h.least_similar(q, 15)} & set(want.tolist())) / 15)
             want, _ = brute(stored, q, allowed, 15)
             hits = h.most_similar(q, 15, allowed=allowed)
             found_allowed.append(len({hit.key for hit in hits} & set(want.tolist())) / 15)
@@ -490,10 +504,56 @@ def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: py
     partial.save(str(out / INDEX2))
     with pytest.raises(BundleFormatError, match=r"index2\.usearch.*10 vectors for 3000 rows"):
         PhotoGallery(out)
+    added: list[tuple[str, int]] = []
+    add_to = _Writer._add_to
+    monkeypatch.setattr(
+        _Writer, "_add_to", lambda w, name, k, v: added.append((name, int(k[0]))) or add_to(w, name, k, v)
+    )
     _Writer(out, dim=64, image_sha256="test").close()
+    assert added == [(INDEX2, 10)]  # resumed after the 10 rows it held, not rebuilt
     g = PhotoGallery(out)
     assert len(g.twin) == 3000
     assert [g.most_similar(x[i], 1)[0].key for i in (5, 1500, 2999)] == [5, 1500, 2999]
+    # A second graph a build under a lower threshold left behind is removed by the next build, and
+    # a large gallery with one graph (one from before second graphs) is searched wider.
+    monkeypatch.setattr("clue2geo_sdk.reference_gallery.PHOTO_TWIN_ABOVE", 5000)
+    w = _Writer(out, dim=64, image_sha256="test")
+    w.add(synthetic_rows(3000, 3100), x[3000:])
+    w.finish()
+    w.close()
+    assert not (out / INDEX2).exists() and json.loads((out / MANIFEST).read_text())["index"]["graphs"] == 1
+    assert PhotoGallery(out).index.expansion_search == PHOTO_HNSW_EXPANSION
+    monkeypatch.setattr("clue2geo_sdk.reference_gallery.PHOTO_TWIN_ABOVE", 1000)
+    g = PhotoGallery(out)
+    assert g.twin is None and g.index.expansion_search == PHOTO_LONE_EXPANSION
+    assert g.most_similar(x[3050], 1)[0].key == 3050
+
+
+def test_a_second_graph_is_searched_in_a_forked_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The threads that search second graphs do not survive a fork: a child process (a forking
+    server, multiprocessing's default on Linux) must get its own rather than wait forever."""
+    monkeypatch.setattr("clue2geo_sdk.reference_gallery.PHOTO_TWIN_ABOVE", 100)
+    monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 100)
+    x = clustered(300, 64, 8)
+    w = _Writer(tmp_path / "g", dim=64, image_sha256="test")
+    w.add(synthetic_rows(0, 300), x)
+    w.finish()
+    w.close()
+    g = PhotoGallery(tmp_path / "g")
+    assert g.twin is not None and g.most_similar(x[1], 1)[0].key == 1  # the parent's threads exist
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the search returns the right row
+        os._exit(0 if g.most_similar(x[2], 1)[0].key == 2 else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's search did not return in 60 s")
 
 
 def test_a_damaged_index_is_named_and_rebuilt_by_the_next_build(

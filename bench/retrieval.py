@@ -177,9 +177,10 @@ def _timed(fn, queries: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:  # n
 
 
 def _stats(found: list[np.ndarray], lat: np.ndarray, truth: np.ndarray) -> dict:
-    recall = np.mean([len(np.intersect1d(f, t)) / K for f, t in zip(found, truth, strict=False)])
+    hits = np.array([len(np.intersect1d(f, t)) for f, t in zip(found, truth, strict=False)])
     return {
-        "recall@15": round(float(recall), 4),
+        "recall@15": round(float(hits.mean() / K), 4),
+        "none_found": int((hits == 0).sum()),  # queries stranded in the wrong neighbourhood
         "p50_ms": round(1000 * float(np.percentile(lat, 50)), 3),
         "p99_ms": round(1000 * float(np.percentile(lat, 99)), 3),
     }

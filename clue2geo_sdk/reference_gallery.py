@@ -51,6 +51,7 @@ from .retrieval import (
     PHOTO_RERANK,
     PHOTO_TWIN_ABOVE,
     PHOTO_TWIN_EXPANSION,
+    PHOTO_TWIN_RETRY,
     SUBSET_BRUTE_FORCE,
     GalleryHit,
     Matches,
@@ -661,16 +662,29 @@ class PhotoGallery(SearchMixin):
 
     def _candidates(self, q: np.ndarray, count: int, exact: bool) -> Matches:
         """With a second graph both are searched at once (USearch releases the GIL) and their
-        candidates merged: a query that one graph's upper layers strand, the other finds."""
+        candidates merged: a query that one graph's upper layers strand, the other finds. Two
+        graphs that share almost none of their candidates means one (or both) was stranded: both
+        are searched again, wider (PHOTO_TWIN_RETRY; ~5 % of queries at 5M)."""
         if self.twin is None or exact:
             return super()._candidates(q, count, exact)
         qi = self._query(q)
-        second = _graph_threads().submit(self.twin.search, qi, count, threads=1)
-        both = [self.index.search(qi, count, threads=1), second.result()]
-        keys = np.concatenate([m.keys for m in both]).astype(np.int64)
-        distances = np.concatenate([m.distances for m in both]).astype(np.float32)
+        both = self._both(qi, count, count)
+        if len(np.intersect1d(both[0].keys, both[1].keys)) < count // 4 and count < PHOTO_TWIN_RETRY:
+            both = self._both(qi, PHOTO_TWIN_RETRY, count)
+        keys = np.concatenate([m.keys for m in both])
+        distances = np.concatenate([m.distances for m in both])
         keys, at = np.unique(keys, return_index=True)  # sorted by key: _rescore orders them
         return Matches(keys=keys, distances=distances[at])
+
+    def _both(self, qi: np.ndarray, count: int, keep: int) -> list[Matches]:
+        """The best ``keep`` of each graph's top ``count`` for the index-form query ``qi`` (the
+        second graph searched in another thread meanwhile)."""
+        second = _graph_threads().submit(self.twin.search, qi, count, threads=1)
+        found = [self.index.search(qi, count, threads=1), second.result()]
+        return [
+            Matches(keys=np.asarray(m.keys[:keep], np.int64), distances=np.asarray(m.distances[:keep], np.float32))
+            for m in found
+        ]
 
     def _unrestricted(self, q: np.ndarray, k: int) -> Matches:
         if self.exact:

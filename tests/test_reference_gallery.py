@@ -42,6 +42,7 @@ from clue2geo_sdk.retrieval import (
     PHOTO_HNSW_EXPANSION,
     PHOTO_LONE_EXPANSION,
     PHOTO_TWIN_EXPANSION,
+    PHOTO_TWIN_RETRY,
     Gallery,
     SearchMixin,
     int8_scale,
@@ -468,23 +469,28 @@ def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: py
         assert np.abs(g._query(x[i]).astype(np.int16) - np.asarray(g.twin.get(i), dtype=np.int16)).max() <= 1
 
     class Stranded:
-        """A graph whose search always ends in the wrong place (it answers for -q)."""
+        """A graph whose search ends in the wrong place (it answers for -q, or for q rolled when
+        ``roll``), always or (``narrow``) only when asked for fewer than PHOTO_TWIN_RETRY rows."""
 
-        def __init__(self, graph: object) -> None:
-            self.graph = graph
+        def __init__(self, graph: object, roll: int = 0, narrow: bool = False) -> None:
+            self.graph, self.roll, self.narrow = graph, roll, narrow
 
         def search(self, q: np.ndarray, count: int, **kw: object) -> object:
-            return self.graph.search(-q, count, **kw)
+            if self.narrow and count >= PHOTO_TWIN_RETRY:
+                return self.graph.search(q, count, **kw)
+            return self.graph.search(np.roll(q, self.roll) if self.roll else -q, count, **kw)
 
     stored = g.vectors.astype(np.float32)
     rng = np.random.default_rng(7)
     queries = [x[rng.integers(0, 3000)] + 0.3 * rng.standard_normal(64).astype(np.float32) for _ in range(20)]
     allowed = np.sort(rng.choice(3000, 600, replace=False)).astype(np.int64)
     monkeypatch.setattr("clue2geo_sdk.reference_gallery.SUBSET_BRUTE_FORCE", 100)
-    for strand in ("neither", "index", "twin"):
+    for strand in ("neither", "index", "twin", "both, apart"):
         h = PhotoGallery(out)
-        if strand != "neither":
+        if strand in ("index", "twin"):
             setattr(h, strand, Stranded(getattr(h, strand)))
+        elif strand == "both, apart":  # the graphs disagree entirely: both are searched again, wider
+            h.index, h.twin = Stranded(h.index, narrow=True), Stranded(h.twin, roll=7, narrow=True)
         found, found_allowed = [], []
         for q in queries:
             want, _ = brute(stored, q, np.arange(3000), 15)

@@ -641,12 +641,11 @@ class PhotoGallery(SearchMixin):
                     f"{self.root / INDEX2}: {self.twin.dtype} where {INDEX} is {self.index.dtype}; "
                     "run `clue2geo gallery build` on it again to rebuild the graphs"
                 )
-            self.twin.expansion_search = PHOTO_TWIN_EXPANSION
         self.scale = int8_scale(dim)
         self.rerank = PHOTO_RERANK
         self.subset_limit = n if self.exact else SUBSET_BRUTE_FORCE
         if self.twin is not None:
-            self.index.expansion_search = PHOTO_TWIN_EXPANSION
+            self.index.expansion_search = self.twin.expansion_search = PHOTO_TWIN_EXPANSION
         elif not self.exact:  # a large gallery from before second graphs: one graph, searched wider
             self.index.expansion_search = PHOTO_HNSW_EXPANSION if n <= PHOTO_TWIN_ABOVE else PHOTO_LONE_EXPANSION
         self.lat = np.asarray(rows["lat"], dtype=np.float64)

@@ -379,11 +379,10 @@ def locate(
             Bundle.open(bundle_path, verify=True, trusted_keys=trusted_keys)
         except Clue2GeoError as exc:
             _fail(exc)
-    if options.get("gallery") is not None and ray_address is not None:
-        raise click.UsageError("--gallery is not supported with --ray yet")
     gallery = options.pop("gallery", None)
     if ray_address is not None:
         ray_args = {"address": ray_address or None, "actors": actors, "batch_size": batch_size, "engine": engine}
+        ray_args |= {"gallery": gallery}
         ray_args |= {"recursive": recursive, "resume": resume, "retry_failed": retry_failed, "fmt": fmt or "jsonl"}
         ray_args |= {"in_flight": max_in_flight, "device": device, "verify": verify, "verbose": verbose}
         _locate_on_ray(paths, bundle_path, out, report, ray_args, options)

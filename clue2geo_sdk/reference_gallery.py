@@ -224,6 +224,16 @@ def read_manifest(out: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_image_tower(root: Path, manifest: dict[str, Any], image_sha256: str) -> None:
+    """A gallery's vectors mean something only to the GPSCLIP image tower that made them."""
+    built_with = str(manifest.get("image_tower_sha256"))
+    if built_with != image_sha256:
+        raise BundleFormatError(
+            f"photo gallery {root} was built with GPSCLIP image tower {built_with}, but the bundle's "
+            f"image tower is {image_sha256}; rebuild it with `clue2geo gallery build --bundle` for this bundle"
+        )
+
+
 def _incomplete(path: Path, what: str) -> str:
     return (
         f"{path}: {what}: incomplete photo gallery (a build was interrupted?); "
@@ -599,12 +609,8 @@ class PhotoGallery(SearchMixin):
 
         self.root = Path(path)
         manifest = read_manifest(self.root)
-        built_with = str(manifest.get("image_tower_sha256"))
-        if image_sha256 is not None and built_with != image_sha256:
-            raise BundleFormatError(
-                f"photo gallery {self.root} was built with GPSCLIP image tower {built_with}, but the bundle's "
-                f"image tower is {image_sha256}; rebuild it with `clue2geo gallery build --bundle` for this bundle"
-            )
+        if image_sha256 is not None:
+            check_image_tower(self.root, manifest, image_sha256)
         self.manifest = manifest
         dim = int(manifest["dim"])
         n = int(manifest["count"])

@@ -349,3 +349,55 @@ def test_manifest_and_bad_bundle_copy(
     assert res.returncode == 1, res.stdout + res.stderr
     assert name in res.stderr and "corrupt" in res.stderr, res.stderr
     assert not _shard_records(out)
+
+
+def test_photo_gallery_on_the_cluster(
+    cluster: str, images: tuple[Path, int], demo_bundle: Path, tmp_path: Path
+) -> None:
+    """`locate --ray --gallery G`: the actors take their references from the analyst's photo gallery, and
+    the records are the single-machine run's with the same gallery; a gallery made for another image
+    tower is refused by the driver before the cluster is asked for anything."""
+    from test_reference_gallery import PLACES, exif_value, geotagged_jpeg
+
+    from clue2geo_sdk import Geolocator
+    from clue2geo_sdk.reference_gallery import build_gallery, read_manifest
+
+    src = tmp_path / "refs"
+    src.mkdir()
+    for i, (lat, lon) in enumerate(PLACES):
+        geotagged_jpeg(src / f"ref{i}.jpg", lat, lon, seed=i)
+    gallery = tmp_path / "gallery"
+    build_gallery(src, demo_bundle, gallery)
+    folder, _ = images
+    inputs = [folder / "img_00.jpg", folder / "img_01.jpg"]
+    out = tmp_path / "run"
+    extra = ["--gallery", str(gallery), "--nearest-neighbour-candidate"]
+    res = _cli("locate", *map(str, inputs), "--bundle", str(demo_bundle), "--out", str(out), *FLAGS, *extra,
+               "--ray", cluster)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    merged = {r["path"]: r for r in _records(out / "results.jsonl")}
+    assert sorted(merged) == sorted(map(str, inputs))
+    digest = read_manifest(gallery)["content_sha256"]
+    places = {(exif_value(lat), exif_value(lon)) for lat, lon in PLACES}
+    for rec in merged.values():
+        assert rec["status"] == "ok" and rec["gallery_digest"] == digest, rec
+        near = [(c["lat"], c["lon"]) for c in rec["candidates"] if c["source"] == "gallery_nearest"]
+        assert len(near) == 1 and min(abs(near[0][0] - a) + abs(near[0][1] - b) for a, b in places) < 1e-4
+
+    single = tmp_path / "single.jsonl"
+    load = {"device": "cpu", "verify": False, "gallery": gallery, "nearest_neighbour_candidate": True, **GEN}
+    with Geolocator.load(demo_bundle, **load) as geo:
+        run_batch(geo, inputs, single, in_flight=2)
+    for ref in _records(single):
+        rec = merged[ref["path"]]
+        assert {k: rec[k] for k in IDENTITY_FIELDS} == {k: ref[k] for k in IDENTITY_FIELDS}
+        for k in ("lat", "lon", "candidates", "retrieval"):
+            assert rec.get(k) == ref.get(k), (ref["path"], k)
+
+    manifest = json.loads((gallery / "manifest.json").read_text())
+    manifest["image_tower_sha256"] = "0" * 64
+    (gallery / "manifest.json").write_text(json.dumps(manifest))
+    res = _cli("locate", str(inputs[0]), "--bundle", str(demo_bundle), "--out", str(tmp_path / "refused"),
+               *FLAGS, *extra, "--ray", cluster, timeout=120)  # fmt: skip
+    assert res.returncode == 1 and "image tower" in res.stderr and str(gallery) in res.stderr, res.stdout + res.stderr
+    assert not (tmp_path / "refused" / "shards").exists()

@@ -11,7 +11,9 @@ Each actor builds one :class:`~clue2geo_sdk.Geolocator` in ``__init__`` (bundle 
 :mod:`.nodecheck`) and runs each batch through ``geo.map_in_flight``, so ``in_flight`` images share the
 engine's batches. Records are made by :func:`clue2geo_sdk.batch.record_of` with the same identity,
 so they are the single-machine CLI's records. Only the driver writes, so the output folder need not
-be shared; the inputs and the bundle must be readable at the same paths on every node.
+be shared; the inputs, the bundle and a photo gallery (``gallery=``) must be readable at the same
+paths on every node. The driver reads only the gallery's manifest; each actor opens the gallery, and
+its content digest must be the one the manifest promised, as for the bundle.
 
 Exactly once: resuming sends the set of (path, sha256) whose latest record has this run's identity to
 the read tasks, which skip them after hashing; a task retried after its actor died may return a record
@@ -55,6 +57,7 @@ from ..batch import (
 from ..bundle import Bundle
 from ..errors import BundleIntegrityError, Clue2GeoError
 from ..geolocator import Failure, Options
+from ..reference_gallery import check_image_tower, read_manifest
 from . import shards
 from .nodecheck import verify_once
 
@@ -184,7 +187,7 @@ class GeolocatorActor:
         if self.ident != ident:
             differ = {k: (ident[k], self.ident[k]) for k in IDENTITY_FIELDS if ident[k] != self.ident[k]}
             raise BundleIntegrityError(
-                f"node {ctx.get_node_id()}: this actor's bundle or options differ from the driver's: {differ}"
+                f"node {ctx.get_node_id()}: this actor's bundle, gallery or options differ from the driver's: {differ}"
             )
         self.in_flight = in_flight
 
@@ -296,6 +299,14 @@ def _cause(exc: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
+def _gallery_digest(gallery: Path, bundle: Bundle) -> str:
+    """The photo gallery's content digest as its manifest states it, after the checks the driver can
+    make without the rows: each actor's :class:`PhotoGallery` recomputes it from the rows it opens."""
+    manifest = read_manifest(gallery)
+    check_image_tower(gallery, manifest, bundle.component("gpsclip").files["image"].sha256)
+    return str(manifest["content_sha256"])
+
+
 def locate_on_ray(
     sources: Sequence[str | Path],
     bundle: str | Path,
@@ -313,6 +324,7 @@ def locate_on_ray(
     records_per_shard: int = 1000,
     device: str = "auto",
     engine: str = "batched",
+    gallery: str | Path | None = None,
     n_threads: int | None = None,
     verify: bool = True,
     verbose: bool = False,
@@ -330,7 +342,9 @@ def locate_on_ray(
     ``resume`` skips inputs whose latest record has the same path, image sha256, bundle, options and
     SDK version; ``retry_failed`` also runs again those whose latest record is an error. ``actors``
     (default: one per GPU, else one per node), ``in_flight`` images per actor, ``batch_size`` images
-    per actor call (default ``2 * in_flight``). ``options`` are :class:`~clue2geo_sdk.Options` fields.
+    per actor call (default ``2 * in_flight``). ``gallery`` (a ``clue2geo gallery build`` folder, at
+    the same path on every node) replaces the bundle's coordinate gallery, as in
+    :meth:`Geolocator.load`. ``options`` are :class:`~clue2geo_sdk.Options` fields.
     Raises :class:`ClusterJobError` when the job cannot finish; records written so far stay, and
     ``resume=True`` continues."""
     t_start = time.perf_counter()
@@ -338,7 +352,8 @@ def locate_on_ray(
     sources = [Path(s) for s in sources]
     opts = Options.from_kwargs(**options)
     b = Bundle.open(bundle, verify=False)  # the manifest only: actors verify the files on their node
-    ident = identity_of(b, opts)
+    gallery = None if gallery is None else Path(gallery).resolve()
+    ident = identity_of(b, opts, gallery_digest=None if gallery is None else _gallery_digest(gallery, b))
     summary = ClusterSummary()
 
     def notice(msg: str) -> None:
@@ -434,6 +449,8 @@ def locate_on_ray(
             read_and_hash, batch_size=size, num_cpus=0.25, fn_kwargs={"done_ref": [ray.put(done)], "base": base}
         )
         load = {"device": plan.device, "engine": engine, "n_threads": plan.n_threads, "verbose": verbose, **options}
+        if gallery is not None:
+            load["gallery"] = str(gallery)
         ctor = {"bundle": str(b.root), "ident": ident, "load": load, "in_flight": in_flight, "verify": verify}
         ds = _actor_stage(ds, plan, size, ctor)
         if total:

@@ -662,38 +662,80 @@ def audit() -> None:
     """Check the chain of custody of results."""
 
 
-@audit.command("verify")
-@click.argument("results", type=click.Path(exists=True, path_type=Path))
-@click.option("--anchor", default=None, help="A record_hash noted earlier: the chain must still hold that record.")
-def audit_verify(results: Path, anchor: str | None) -> None:
-    """Check the hash chain of a JSONL results journal (for a .csv or .geojson run, its .records.jsonl;
-    for a 'locate --ray' run folder, its shards in write order): exit 0 when every record is intact and
-    in order, 1 naming the first bad line and why."""
-    from .audit import verify_journal
+def _journal_of(results: Path) -> Path:
+    """The JSONL journal behind RESULTS: itself, the .records.jsonl beside a .csv/.geojson, or a
+    'locate --ray' run folder's merged results.jsonl."""
     from .batch import journal_path
     from .cluster import is_run_dir
 
-    if results.is_dir() and is_run_dir(results):
-        from .cluster.shards import verify_run
-
-        res = verify_run(results, anchor=anchor)
-        if not res.ok:
-            click.secho(res.message(), fg="red", err=True)
-            sys.exit(1)
-        click.echo(res.message())
-        return
     if results.is_dir():
-        raise click.UsageError(f"{results} is a folder (not a 'locate --ray' run); audit verify reads a JSONL journal")
+        if not is_run_dir(results):
+            raise click.UsageError(f"{results} is a folder (not a 'locate --ray' run); pass a JSONL journal")
+        return results / "results.jsonl"
     if results.suffix.lower() in (".csv", ".geojson"):
         sidecar = journal_path(results, "csv")
         if not sidecar.is_file():
             raise click.UsageError(f"{results} has no journal beside it ({sidecar.name}); pass the JSONL journal")
-        results = sidecar
-    res = verify_journal(results, anchor=anchor)
+        return sidecar
+    return results
+
+
+@audit.command("verify")
+@click.argument("results", type=click.Path(exists=True, path_type=Path))
+@click.option("--anchor", default=None, help="A record_hash noted earlier: the chain must still hold that record.")
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    help="Examiner's Ed25519 public key (as for bundles): the results must be signed by it (audit sign), unchanged "
+    "since; repeatable.",
+)
+def audit_verify(results: Path, anchor: str | None, trusted_keys: tuple[str, ...]) -> None:
+    """Check the hash chain of a JSONL results journal (for a .csv or .geojson run, its .records.jsonl;
+    for a 'locate --ray' run folder, its shards in write order): exit 0 when every record is intact and
+    in order, 1 naming the first bad line and why. With --trusted-key, also the examiner's signature."""
+    from .attestation import check_journal_signatures, read_journal_signatures
+    from .audit import verify_journal
+
+    journal = _journal_of(results)
+    if results.is_dir():
+        from .cluster.shards import verify_run
+
+        res = verify_run(results, anchor=anchor)
+    else:
+        res = verify_journal(journal, anchor=anchor)
     if not res.ok:
         click.secho(res.message(), fg="red", err=True)
         sys.exit(1)
     click.echo(res.message())
+    try:
+        if trusted_keys:
+            for sig in check_journal_signatures(journal, trusted_keys):
+                click.echo(f"ok: {journal} signed by trusted {sig.describe()}, unchanged since")
+        elif read_journal_signatures(journal):
+            ids = ", ".join(s.describe() for s in read_journal_signatures(journal))
+            click.echo(f"signatures by {ids} not checked: pass --trusted-key")
+    except Clue2GeoError as exc:
+        _fail(exc)
+
+
+@audit.command("sign")
+@click.argument("results", type=click.Path(exists=True, path_type=Path))
+@click.option("--key", required=True, help="Ed25519 private key (PEM or 64 hex, or its file); see 'bundle keygen'.")
+@click.option("--examiner", default=None, help="Who signs (name, badge number): stored and signed with the hash.")
+@click.option("--case", "case_id", default=None, help="The case reference: stored and signed with the hash.")
+def audit_sign(results: Path, key: str, examiner: str | None, case_id: str | None) -> None:
+    """Check the results' hash chain, then sign the journal as it is now (sha256, record count, head
+    hash, examiner, case) into RESULTS.sig.json beside it; 'audit verify --trusted-key' checks it."""
+    from .attestation import sign_journal, signature_path
+
+    journal = _journal_of(results)
+    try:
+        sig = sign_journal(journal, key, examiner=examiner, case=case_id)
+    except Clue2GeoError as exc:
+        _fail(exc)
+    click.echo(f"signed {journal} ({sig.records} records, head {sig.head}) with {sig.describe()}")
+    click.echo(f"signature: {signature_path(journal)}")
 
 
 @main.command("metadata")

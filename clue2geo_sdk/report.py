@@ -15,7 +15,8 @@ as ``data:`` URIs. Per image it shows
 * a chain-of-custody block: UTC start/end, image sha256, bundle digest, SDK version, options, the
   record's hash links (recomputed here), and how to check the whole chain (``clue2geo audit verify``).
 
-Failed records appear with their error. The page prints one image per page (``@media print``).
+At the top, the results' hash chain is checked, and each examiner's signature (``audit sign``)
+with the key stored in it. Failed records appear with their error. The page prints one image per page (``@media print``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 import attrs
 
 from ._version import __version__
+from .errors import Clue2GeoError
 from .evaluate import distance_km
 
 W, H = 1440, 720  # the equirectangular world: 4 units per degree
@@ -610,7 +612,30 @@ def _audit_line(results_path: Path | None) -> str:
     except OSError as exc:
         return f'<p class="bad">The results could not be read to check their hash chain: {_e(exc)}</p>'
     cls = "good" if res.ok else "bad"
-    return f'<p>Hash chain of the results at report time: <span class="{cls}">{_e(res.message())}</span></p>'
+    line = f'<p>Hash chain of the results at report time: <span class="{cls}">{_e(res.message())}</span></p>'
+    return line + _signature_lines(path / "results.jsonl" if path.is_dir() else path)
+
+
+def _signature_lines(journal: Path) -> str:
+    """The examiners' signatures beside the journal, each checked with the key stored in it: this
+    shows the file is the one that key signed; who holds the key is for `audit verify --trusted-key`."""
+    from .attestation import fault_of, read_journal_signatures
+
+    out = []
+    try:
+        for sig in read_journal_signatures(journal):
+            fault = fault_of(journal, sig)
+            if fault is None:
+                text = f"Signed by {sig.describe()}: the signature holds for this results file"
+                out.append(
+                    f'<p>Signature: <span class="good">{_e(text)}</span> (compare the key id with the '
+                    "examiner's public key, or run <code>clue2geo audit verify --trusted-key</code>)</p>"
+                )
+            else:
+                out.append(f'<p>Signature: <span class="bad">{_e(fault)}</span></p>')
+    except (Clue2GeoError, OSError) as exc:
+        out.append(f'<p>Signature: <span class="bad">{_e(exc)}</span></p>')
+    return "".join(out)
 
 
 def _overview_points(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, float, str]]:

@@ -5,6 +5,7 @@ when unsigned, signed by another key, or changed after signing."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -132,6 +133,18 @@ def test_results_on_the_demo_bundle_edited_and_caught(geo, photo: Path, tmp_path
     Image.open(photo).save(folder / "d.webp")
     run_batch(geo, sorted(folder.iterdir()), out, resume=True, on_notice=lambda m: None)
     assert len(read_journal(out).records) == 4 and _audit(out).exit_code == 0
+    # the examiner signs the finished journal; the case report shows the signature holding
+    priv, pub, kid = generate_keypair(tmp_path / "examiner.key")
+    res = CliRunner().invoke(main, ["audit", "sign", str(out), "--key", str(priv), "--examiner", "E. Xam"])
+    assert res.exit_code == 0 and kid in res.output, res.output
+
+    def report() -> str:
+        args = ["report", str(out), "--bundle", str(geo.bundle.root), "--out", str(tmp_path / "case.html")]
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+        return (tmp_path / "case.html").read_text(encoding="utf-8")
+
+    assert f'<span class="good">Signed by key {kid} (examiner E. Xam)' in report()
     # an analyst "corrects" a coordinate in the results file
     text = out.read_text(encoding="utf-8").splitlines(keepends=True)
     rec = json.loads(text[1])
@@ -140,6 +153,7 @@ def test_results_on_the_demo_bundle_edited_and_caught(geo, photo: Path, tmp_path
     out.write_text("".join(text), encoding="utf-8")
     res = _audit(out)
     assert res.exit_code == 1 and f"{out}:2: record_hash does not match the record's content" in res.output
+    assert f'<span class="bad">key {kid} (examiner E. Xam)' in report() and "changed after signing" in report()
 
 
 # -- signed bundles ------------------------------------------------------------------------------
@@ -275,3 +289,63 @@ def _kid(keys: dict[str, Path]) -> str:
     from clue2geo_sdk.signing import key_id
 
     return key_id(load_public_key(keys["pub"]))
+
+
+# -- signed results ------------------------------------------------------------------------------
+
+
+def test_results_signed_by_the_examiner(journal: Path, keys: dict[str, Path]) -> None:
+    """`audit sign` binds the journal's bytes, record count and head to the examiner's key, name and
+    case; `audit verify --trusted-key` accepts it unchanged and names what changed otherwise."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from clue2geo_sdk.attestation import MESSAGE_PREFIX, signature_path
+
+    res = CliRunner().invoke(
+        main, ["audit", "sign", str(journal), "--key", str(keys["priv"]), "--examiner", "A. Analyst", "--case", "C-17"]
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(signature_path(journal).read_text())
+    (entry,) = doc["signatures"]
+    # an independent check of what was signed: the file's sha256, count and head, under the lab's key
+    records = read_journal(journal).records
+    assert entry["journal_sha256"] == hashlib.sha256(journal.read_bytes()).hexdigest()
+    assert (entry["records"], entry["head"]) == (5, records[-1]["record_hash"])
+    assert (entry["examiner"], entry["case"]) == ("A. Analyst", "C-17")
+    body = {k: v for k, v in entry.items() if k not in ("signature", "algorithm")}
+    message = MESSAGE_PREFIX + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    pub = Ed25519PublicKey.from_public_bytes(public_bytes(load_public_key(keys["pub"])))
+    pub.verify(bytes.fromhex(entry["signature"]), message)  # raises if it is not the lab's signature
+
+    ok = _audit(journal, "--trusted-key", str(keys["pub"]))
+    assert ok.exit_code == 0 and "signed by trusted key" in ok.output and "examiner A. Analyst, case C-17" in ok.output
+    assert "not checked: pass --trusted-key" in _audit(journal).output
+    other = _audit(journal, "--trusted-key", str(keys["other_pub"]))
+    assert other.exit_code == 1 and "none of them trusted" in other.output
+
+    original = journal.read_bytes()
+    _write(journal, [{"path": "late.jpg", "status": "ok", "lat": 1.0}])  # the chain goes on, intact
+    assert _audit(journal).exit_code == 0
+    late = _audit(journal, "--trusted-key", str(keys["pub"]))
+    assert late.exit_code == 1 and "1 record(s) were appended after signing (the first 5 are as signed)" in late.output
+
+    # a forger edits a coordinate and writes a whole new, valid chain: only the signature catches it
+    forged = [{k: v for k, v in r.items() if k not in ("prev_hash", "record_hash")} for r in records]
+    forged[2]["lat"] = 48.8584
+    journal.unlink()
+    _write(journal, forged)
+    assert _audit(journal).exit_code == 0
+    caught = _audit(journal, "--trusted-key", str(keys["pub"]))
+    assert caught.exit_code == 1 and "the journal changed after signing" in caught.output, caught.output
+
+    journal.write_bytes(original)
+    assert _audit(journal, "--trusted-key", str(keys["pub"])).exit_code == 0
+    entry["case"] = "C-18"  # the signatures file itself edited
+    signature_path(journal).write_text(json.dumps(doc))
+    edited = _audit(journal, "--trusted-key", str(keys["pub"]))
+    assert edited.exit_code == 1 and "the signature does not verify" in edited.output
+
+    lines = _lines(journal)  # a broken chain is not signed
+    _put(journal, [lines[0], *lines[2:]])
+    refused = CliRunner().invoke(main, ["audit", "sign", str(journal), "--key", str(keys["priv"])])
+    assert refused.exit_code == 1 and "not signed: FAILED" in refused.output and ":2: prev_hash" in refused.output

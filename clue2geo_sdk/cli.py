@@ -319,7 +319,8 @@ def _engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--region",
     default=None,
-    help="Where the photo is known to be: ISO codes 'FR,DE', 'bbox:WEST,SOUTH,EAST,NORTH' or 'circle:LAT,LON,KM'.",
+    help="Where the photo is known to be: ISO codes 'FR,DE', 'bbox:WEST,SOUTH,EAST,NORTH', 'circle:LAT,LON,KM' "
+    "or 'geojson:AREA.geojson' (a Polygon or MultiPolygon in WGS84 lon/lat).",
 )
 @click.option("--max-cue-tokens", default=512, show_default=True, type=click.IntRange(16))
 @click.option("--max-answer-tokens", default=128, show_default=True, type=click.IntRange(16))

@@ -66,7 +66,8 @@ class Options:
     alpha: float = attrs.field(default=0.5, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)])
     max_cue_tokens: int = 512
     max_answer_tokens: int = 128
-    # Where the photo is known to be: "FR,DE", "bbox:W,S,E,N", "circle:LAT,LON,KM", codes or a Region.
+    # Where the photo is known to be: "FR,DE", "bbox:W,S,E,N", "circle:LAT,LON,KM", "geojson:PATH",
+    # codes or a Region.
     region: Region | None = attrs.field(default=None, converter=lambda v: None if v in (None, "") else Region.parse(v))
 
     @classmethod

@@ -1,13 +1,17 @@
 """Region constraints: where the analyst already knows the photo was taken.
 
-A region is a set of countries (real Natural Earth borders), a bounding box, or a circle (centre and
-radius in km). The pipeline retrieves references only inside it, tells the model, drops candidates
-outside it (counted), and falls back to the nearest in-region reference when none remains.
+A region is a set of countries (real Natural Earth borders), a bounding box, a circle (centre and
+radius in km), or the analyst's own area: a GeoJSON polygon (e.g. drawn in a GIS). The pipeline
+retrieves references only inside it, tells the model, drops candidates outside it (counted), and
+falls back to the nearest in-region reference when none remains.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import attrs
@@ -17,7 +21,9 @@ from .countries import countries
 from .errors import RegionError
 from .geocode import haversine_km
 
-Kind = Literal["countries", "bbox", "circle"]
+Kind = Literal["countries", "bbox", "circle", "polygon"]
+#: Every record carries its region, so an area's outline is kept small: simplify larger ones first.
+MAX_POLYGON_VERTICES = 10_000
 
 
 def _lat(v: float, what: str) -> float:
@@ -42,6 +48,9 @@ class Region:
     Guiana and Réunion), plus :data:`~clue2geo_sdk.countries.BORDER_TOLERANCE_DEG` around it.
 
     A box with ``west > east`` crosses the antimeridian (e.g. west=170, east=-170 is 20° wide).
+
+    A polygon is GeoJSON (longitude, latitude in WGS84 degrees, RFC 7946), stored as its compact
+    JSON text so that the region, its records and its options digest name the exact outline.
     """
 
     kind: Kind
@@ -53,6 +62,8 @@ class Region:
     lat: float = 0.0
     lon: float = 0.0
     radius_km: float = 0.0
+    name: str = ""
+    geometry: str = ""  # polygon: the GeoJSON geometry, compact JSON
 
     @classmethod
     def of_countries(cls, codes: Iterable[str]) -> Region:
@@ -80,9 +91,28 @@ class Region:
         return cls(kind="circle", lat=_lat(lat, "circle centre"), lon=_lon(lon, "circle centre"), radius_km=r)
 
     @classmethod
+    def polygon(cls, geojson: str | Path | dict, *, name: str | None = None) -> Region:
+        """A GeoJSON Polygon or MultiPolygon: a geometry, Feature or FeatureCollection (its polygons
+        together), as a dict or the path of a ``.geojson`` file. ``name`` defaults to the file's stem."""
+        what = "polygon"
+        if not isinstance(geojson, dict):
+            path = Path(geojson)
+            what, name = str(path), name or path.stem
+            try:
+                geojson = json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise RegionError(f"region polygon {path}: no such file") from None
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise RegionError(f"region polygon {path}: not readable GeoJSON ({exc})") from None
+        geometry = _polygons_of(geojson, what)
+        _check_polygon(geometry, what)
+        text = json.dumps(geometry, separators=(",", ":"), sort_keys=True)
+        return cls(kind="polygon", name=name or "area", geometry=text)
+
+    @classmethod
     def parse(cls, spec: str | Sequence[str] | Region | dict) -> Region:
-        """``"FR,DE"`` · ``"bbox:WEST,SOUTH,EAST,NORTH"`` · ``"circle:LAT,LON,KM"`` · a list of codes ·
-        a dict from :meth:`to_dict` · a Region."""
+        """``"FR,DE"`` · ``"bbox:WEST,SOUTH,EAST,NORTH"`` · ``"circle:LAT,LON,KM"`` ·
+        ``"geojson:PATH"`` · a list of codes · a dict from :meth:`to_dict` · a Region."""
         if isinstance(spec, Region):
             return spec
         if isinstance(spec, dict):
@@ -94,15 +124,19 @@ class Region:
                     return cls.bbox(spec["west"], spec["south"], spec["east"], spec["north"])
                 if kind == "circle":
                     return cls.circle(spec["lat"], spec["lon"], spec["radius_km"])
+                if kind == "polygon":
+                    return cls.polygon(spec["geometry"], name=spec.get("name"))
             except (KeyError, TypeError, ValueError) as exc:
                 if isinstance(exc, RegionError):
                     raise
                 raise RegionError(f"region {spec!r}: missing or bad field ({exc})") from None
-            raise RegionError(f"region {spec!r}: kind must be countries, bbox or circle")
+            raise RegionError(f"region {spec!r}: kind must be countries, bbox, circle or polygon")
         if not isinstance(spec, str):
             return cls.of_countries(spec)
         text = spec.strip()
         head, _, rest = text.partition(":")
+        if head.lower() == "geojson":
+            return cls.polygon(Path(rest.strip()))
         if head.lower() in ("bbox", "circle"):
             try:
                 nums = [float(x) for x in rest.split(",")]
@@ -127,6 +161,10 @@ class Region:
             if self.west <= self.east:
                 return in_lat & (lo >= self.west) & (lo <= self.east)
             return in_lat & ((lo >= self.west) | (lo <= self.east))
+        if self.kind == "polygon":
+            import shapely
+
+            return np.asarray(shapely.intersects_xy(_shape(self.geometry), lo, la))
         return np.asarray(haversine_km(self.lat, self.lon, la, lo) <= self.radius_km)
 
     def anchor(self) -> tuple[float, float]:
@@ -139,6 +177,9 @@ class Region:
             east = self.east if self.west <= self.east else self.east + 360.0
             lon = (self.west + east) / 2.0
             return (self.south + self.north) / 2.0, lon - 360.0 if lon > 180.0 else lon
+        if self.kind == "polygon":
+            pt = _shape(self.geometry).representative_point()
+            return float(pt.y), float(pt.x)
         return self.lat, self.lon
 
     def describe(self) -> str:
@@ -152,6 +193,12 @@ class Region:
                 f"inside the box from latitude {self.south:.4f} to {self.north:.4f} and longitude "
                 f"{self.west:.4f} to {self.east:.4f}{across}"
             )
+        if self.kind == "polygon":
+            west, south, east, north = _shape(self.geometry).bounds
+            return (
+                f"inside the area {self.name!r}, which lies between latitude {south:.4f} and {north:.4f} "
+                f"and longitude {west:.4f} and {east:.4f}"
+            )
         return f"within {self.radius_km:g} km of latitude {self.lat:.4f}, longitude {self.lon:.4f}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,4 +206,66 @@ class Region:
             return {"kind": "countries", "codes": list(self.codes)}
         if self.kind == "bbox":
             return {"kind": "bbox", "west": self.west, "south": self.south, "east": self.east, "north": self.north}
+        if self.kind == "polygon":
+            return {"kind": "polygon", "name": self.name, "geometry": json.loads(self.geometry)}
         return {"kind": "circle", "lat": self.lat, "lon": self.lon, "radius_km": self.radius_km}
+
+
+def _polygons_of(doc: Any, what: str) -> dict[str, Any]:
+    """The Polygon / MultiPolygon geometry of a GeoJSON geometry, Feature or FeatureCollection."""
+    if not isinstance(doc, dict):
+        raise RegionError(f"region {what}: GeoJSON must be an object, got {type(doc).__name__}")
+    kind = doc.get("type")
+    if kind == "Feature":
+        return _polygons_of(doc.get("geometry"), what)
+    if kind == "FeatureCollection":
+        polys = []
+        for feature in doc.get("features") or []:  # points, lines and empty features are skipped
+            geom = feature.get("geometry") if isinstance(feature, dict) else None
+            if isinstance(geom, dict) and geom.get("type") in ("Polygon", "MultiPolygon"):
+                geom = _polygons_of(geom, what)
+                polys += [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
+        if not polys:
+            raise RegionError(f"region {what}: the FeatureCollection has no Polygon or MultiPolygon feature")
+        return {"type": "MultiPolygon", "coordinates": polys}
+    if kind in ("Polygon", "MultiPolygon") and isinstance(doc.get("coordinates"), list):
+        return {"type": kind, "coordinates": doc["coordinates"]}
+    raise RegionError(f"region {what}: a {kind or 'untyped'} GeoJSON object; an area needs a Polygon or MultiPolygon")
+
+
+def _check_polygon(geometry: dict[str, Any], what: str) -> None:
+    """Refuse what would silently select the wrong area: projected metres, broken or huge outlines."""
+    import shapely
+
+    try:
+        shape = shapely.geometry.shape(geometry)
+    except (ValueError, TypeError, IndexError, AttributeError, shapely.errors.ShapelyError) as exc:
+        raise RegionError(f"region {what}: malformed polygon coordinates ({exc})") from None
+    n = shapely.get_num_coordinates(shape)
+    if shape.is_empty:
+        raise RegionError(f"region {what}: the polygon is empty")
+    west, south, east, north = shape.bounds
+    if west < -180 or east > 180 or south < -90 or north > 90:
+        raise RegionError(
+            f"region {what}: coordinates span longitude {west:g}..{east:g}, latitude {south:g}..{north:g}; "
+            "GeoJSON needs WGS84 degrees in (longitude, latitude) order (reproject it, e.g. from EPSG:3857 metres)"
+        )
+    if not shape.is_valid:
+        raise RegionError(f"region {what}: not a valid polygon ({shapely.is_valid_reason(shape)}); fix it in a GIS")
+    if shape.area == 0:
+        raise RegionError(f"region {what}: the polygon encloses no area")
+    if n > MAX_POLYGON_VERTICES:
+        raise RegionError(
+            f"region {what}: {n} vertices, more than {MAX_POLYGON_VERTICES} (every record carries the region); "
+            "simplify it first"
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def _shape(geometry: str) -> Any:
+    """The polygon, prepared for fast point tests (cached: a batch tests the same area many times)."""
+    import shapely
+
+    shape = shapely.geometry.shape(json.loads(geometry))
+    shapely.prepare(shape)
+    return shape

@@ -142,3 +142,81 @@ def test_cli_region_is_recorded_and_bad_region_named(demo_bundle, photo, tmp_pat
     rec = json.loads(out.read_text().splitlines()[-1])
     assert rec["region"] == {"kind": "countries", "codes": ["IS"]}
     assert _in_region(Region.parse("IS"), rec["lat"], rec["lon"]) and rec["country_code"] == "IS"
+
+
+def _geojson(path, *features) -> str:  # noqa: ANN001
+    import json
+
+    doc = {
+        "type": "FeatureCollection",
+        "features": [{"type": "Feature", "properties": {}, "geometry": g} for g in features],
+    }
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+# An L: the box 0..10 x 0..10 less its upper-right 8 x 8, in GeoJSON's (lon, lat) order.
+ELL = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 2], [2, 2], [2, 10], [0, 10], [0, 0]]]}
+
+
+def test_a_geojson_area_is_its_polygon_not_its_box(tmp_path) -> None:  # noqa: ANN001
+    spot = {"type": "Point", "coordinates": [50, 50]}  # other features in the file are ignored
+    area = Region.parse("geojson:" + _geojson(tmp_path / "search-area.geojson", ELL, spot))
+    assert (area.kind, area.name) == ("polygon", "search-area")
+    # (lat, lon): both arms, the notch (inside the box, outside the L), an edge, and beyond the box
+    lat = np.array([1.0, 5.0, 5.0, 0.0, -1.0, 9.9])
+    lon = np.array([5.0, 1.0, 5.0, 5.0, 5.0, 1.9])
+    assert area.contains(lat, lon).tolist() == [True, True, False, True, False, True]
+    assert area.contains(*area.anchor())
+    assert Region.parse(area.to_dict()) == area and hash(Region.parse(area.to_dict())) == hash(area)
+    assert area.to_dict()["geometry"] == {"type": "MultiPolygon", "coordinates": [ELL["coordinates"]]}
+    assert "'search-area'" in area.describe() and "latitude 0.0000 and 10.0000" in area.describe()
+    far = {"type": "Polygon", "coordinates": [[[20, 20], [21, 20], [21, 21], [20, 20]]]}
+    both = Region.polygon(
+        {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": g} for g in (ELL, far)]}
+    )
+    assert both.contains(np.array([1.0, 20.2, 5.0]), np.array([5.0, 20.8, 5.0])).tolist() == [True, True, False]
+
+
+def test_a_bad_geojson_area_is_named(tmp_path) -> None:  # noqa: ANN001
+    def refused(spec: str, why: str) -> None:
+        with pytest.raises(RegionError, match=why) as err:
+            Region.parse(spec)
+        assert spec.partition(":")[2] in str(err.value)
+
+    refused(f"geojson:{tmp_path / 'nowhere.geojson'}", "no such file")
+    (tmp_path / "notes.geojson").write_text("{not json")
+    refused(f"geojson:{tmp_path / 'notes.geojson'}", "not readable GeoJSON")
+    refused("geojson:" + _geojson(tmp_path / "pt.geojson", {"type": "Point", "coordinates": [1, 2]}), "no Polygon")
+    metres = {
+        "type": "Polygon",
+        "coordinates": [[[261848, 6250566], [270000, 6250566], [270000, 6260000], [261848, 6250566]]],
+    }
+    refused("geojson:" + _geojson(tmp_path / "m.geojson", metres), "WGS84 degrees")
+    bowtie = {"type": "Polygon", "coordinates": [[[0, 0], [2, 2], [2, 0], [0, 2], [0, 0]]]}
+    refused("geojson:" + _geojson(tmp_path / "bowtie.geojson", bowtie), "Self-intersection")
+    ring = [[np.cos(t) * 10, np.sin(t) * 10] for t in np.linspace(0, 2 * np.pi, 12_000)[:-1].tolist()]
+    huge = {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}
+    refused("geojson:" + _geojson(tmp_path / "huge.geojson", huge), "simplify it")
+
+
+def test_cli_geojson_area_is_recorded_and_obeyed(demo_bundle, photo, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from click.testing import CliRunner
+
+    from clue2geo_sdk.cli import main
+
+    # south-west Iceland, drawn as a quadrilateral (not a box): the demo's answers lie elsewhere
+    sw_iceland = {"type": "Polygon", "coordinates": [[[-24, 63.3], [-19, 63.3], [-20, 65], [-24.5, 65.5], [-24, 63.3]]]}
+    path = _geojson(tmp_path / "sw-iceland.geojson", sw_iceland)
+    out = tmp_path / "r.jsonl"
+    args = ["locate", str(photo), "--bundle", str(demo_bundle), "--out", str(out), "--no-verify"]
+    args += ["--max-cue-tokens", "96", "--max-answer-tokens", "48", "--region", f"geojson:{path}"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rec = json.loads(out.read_text().splitlines()[-1])
+    area = Region.parse(f"geojson:{path}")
+    assert rec["region"] == area.to_dict() and rec["region"]["name"] == "sw-iceland"
+    assert _in_region(area, rec["lat"], rec["lon"])
+    assert all(_in_region(area, c["lat"], c["lon"]) for c in rec["candidates"])

@@ -55,4 +55,4 @@ class ImageLoadError(Clue2GeoError, ValueError):
 
 
 class RegionError(Clue2GeoError, ValueError):
-    """A region the SDK cannot use: an unknown country code, a malformed box or radius."""
+    """A region the SDK cannot use: an unknown country code, a malformed box or radius, a bad polygon."""

@@ -616,6 +616,16 @@ def _audit_line(results_path: Path | None) -> str:
     return line + _signature_lines(path / "results.jsonl" if path.is_dir() else path)
 
 
+def _region_text(region: Any) -> str:
+    """The record's region as the prompt stated it (a polygon's outline is in the record, not here)."""
+    from .region import Region
+
+    try:
+        return Region.parse(region).describe()
+    except (Clue2GeoError, TypeError, ValueError):
+        return json.dumps(region)
+
+
 def _signature_lines(journal: Path) -> str:
     """The examiners' signatures beside the journal, each checked with the key stored in it: this
     shows the file is the one that key signed; who holds the key is for `audit verify --trusted-key`."""
@@ -786,7 +796,12 @@ def _ok_section(
             ("Metadata position → prediction", _km(rec.get("metadata_distance_km"))),
             ("Cues", _e(rec.get("cues_status"))),
             *(
-                [("Region", f"{_e(json.dumps(rec['region']))} · {int(rec.get('outside_region') or 0)} outside dropped")]
+                [
+                    (
+                        "Region",
+                        f"{_e(_region_text(rec['region']))} · {int(rec.get('outside_region') or 0)} outside dropped",
+                    )
+                ]
                 if rec.get("region")
                 else []
             ),

@@ -220,3 +220,10 @@ def test_cli_geojson_area_is_recorded_and_obeyed(demo_bundle, photo, tmp_path) -
     assert rec["region"] == area.to_dict() and rec["region"]["name"] == "sw-iceland"
     assert _in_region(area, rec["lat"], rec["lon"])
     assert all(_in_region(area, c["lat"], c["lon"]) for c in rec["candidates"])
+    # the case report's Region row states the area as the prompt did (the options block keeps the outline)
+    res = CliRunner().invoke(
+        main, ["report", str(out), "--bundle", str(demo_bundle), "--out", str(tmp_path / "c.html")]
+    )
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "c.html").read_text(encoding="utf-8")
+    assert "<th>Region</th><td>inside the area &#x27;sw-iceland&#x27;, which lies between latitude 63.3000" in page

@@ -664,15 +664,15 @@ def audit() -> None:
 
 
 def _journal_of(results: Path) -> Path:
-    """The JSONL journal behind RESULTS: itself, the .records.jsonl beside a .csv/.geojson, or a
-    'locate --ray' run folder's merged results.jsonl."""
+    """What RESULTS' hash chain and signatures are over: a JSONL journal itself, the .records.jsonl
+    beside a .csv/.geojson (the table is derived from it), or a 'locate --ray' run folder (its shards)."""
     from .batch import journal_path
     from .cluster import is_run_dir
 
     if results.is_dir():
         if not is_run_dir(results):
             raise click.UsageError(f"{results} is a folder (not a 'locate --ray' run); pass a JSONL journal")
-        return results / "results.jsonl"
+        return results
     if results.suffix.lower() in (".csv", ".geojson"):
         sidecar = journal_path(results, "csv")
         if not sidecar.is_file():
@@ -699,10 +699,10 @@ def audit_verify(results: Path, anchor: str | None, trusted_keys: tuple[str, ...
     from .audit import verify_journal
 
     journal = _journal_of(results)
-    if results.is_dir():
+    if journal.is_dir():
         from .cluster.shards import verify_run
 
-        res = verify_run(results, anchor=anchor)
+        res = verify_run(journal, anchor=anchor)
     else:
         res = verify_journal(journal, anchor=anchor)
     if not res.ok:
@@ -726,8 +726,10 @@ def audit_verify(results: Path, anchor: str | None, trusted_keys: tuple[str, ...
 @click.option("--examiner", default=None, help="Who signs (name, badge number): stored and signed with the hash.")
 @click.option("--case", "case_id", default=None, help="The case reference: stored and signed with the hash.")
 def audit_sign(results: Path, key: str, examiner: str | None, case_id: str | None) -> None:
-    """Check the results' hash chain, then sign the journal as it is now (sha256, record count, head
-    hash, examiner, case) into RESULTS.sig.json beside it; 'audit verify --trusted-key' checks it."""
+    """Check the results' hash chain, then sign them as they are now (sha256, record count, head
+    hash, examiner, case) into RESULTS.sig.json beside the journal (a .csv or .geojson run: its
+    .records.jsonl; a 'locate --ray' run folder: its shards, into RUN/run.sig.json);
+    'audit verify --trusted-key' checks it."""
     from .attestation import sign_journal, signature_path
 
     journal = _journal_of(results)
@@ -735,7 +737,10 @@ def audit_sign(results: Path, key: str, examiner: str | None, case_id: str | Non
         sig = sign_journal(journal, key, examiner=examiner, case=case_id)
     except Clue2GeoError as exc:
         _fail(exc)
-    click.echo(f"signed {journal} ({sig.records} records, head {sig.head}) with {sig.describe()}")
+    what = "the shards of " if journal.is_dir() else ""
+    click.echo(f"signed {what}{journal} ({sig.records} records, head {sig.head}) with {sig.describe()}")
+    if journal != results and not journal.is_dir():
+        click.echo(f"({results.name} is written from that journal; the table file itself is not signed)")
     click.echo(f"signature: {signature_path(journal)}")
 
 

@@ -104,9 +104,7 @@ class Region:
                 raise RegionError(f"region polygon {path}: no such file") from None
             except (OSError, UnicodeDecodeError, ValueError) as exc:
                 raise RegionError(f"region polygon {path}: not readable GeoJSON ({exc})") from None
-        geometry = _polygons_of(geojson, what)
-        _check_polygon(geometry, what)
-        text = json.dumps(geometry, separators=(",", ":"), sort_keys=True)
+        text = json.dumps(_area(_polygons_of(geojson, what), what), separators=(",", ":"), sort_keys=True)
         return cls(kind="polygon", name=name or "area", geometry=text)
 
     @classmethod
@@ -125,6 +123,8 @@ class Region:
                 if kind == "circle":
                     return cls.circle(spec["lat"], spec["lon"], spec["radius_km"])
                 if kind == "polygon":
+                    if not isinstance(spec["geometry"], dict):  # a record's region never names a file
+                        raise RegionError(f"region {str(spec)[:200]!r}: polygon geometry must be a GeoJSON object")
                     return cls.polygon(spec["geometry"], name=spec.get("name"))
             except (KeyError, TypeError, ValueError) as exc:
                 if isinstance(exc, RegionError):
@@ -211,54 +211,74 @@ class Region:
         return {"kind": "circle", "lat": self.lat, "lon": self.lon, "radius_km": self.radius_km}
 
 
-def _polygons_of(doc: Any, what: str) -> dict[str, Any]:
-    """The Polygon / MultiPolygon geometry of a GeoJSON geometry, Feature or FeatureCollection."""
+def _polygons_of(doc: Any, what: str) -> list[Any]:
+    """The polygons (each a GeoJSON Polygon's coordinates) of a GeoJSON Polygon or MultiPolygon,
+    Feature or FeatureCollection; a collection's other features (points, lines) are skipped."""
     if not isinstance(doc, dict):
         raise RegionError(f"region {what}: GeoJSON must be an object, got {type(doc).__name__}")
     kind = doc.get("type")
     if kind == "Feature":
-        return _polygons_of(doc.get("geometry"), what)
+        if doc.get("geometry") is None:
+            raise RegionError(f"region {what}: the Feature has no geometry")
+        return _polygons_of(doc["geometry"], what)
     if kind == "FeatureCollection":
+        features = doc.get("features")
+        if not isinstance(features, list):
+            raise RegionError(f"region {what}: the FeatureCollection's 'features' is not a list")
         polys = []
-        for feature in doc.get("features") or []:  # points, lines and empty features are skipped
+        for feature in features:
             geom = feature.get("geometry") if isinstance(feature, dict) else None
             if isinstance(geom, dict) and geom.get("type") in ("Polygon", "MultiPolygon"):
-                geom = _polygons_of(geom, what)
-                polys += [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
+                polys += _polygons_of(geom, what)
         if not polys:
             raise RegionError(f"region {what}: the FeatureCollection has no Polygon or MultiPolygon feature")
-        return {"type": "MultiPolygon", "coordinates": polys}
+        return polys
     if kind in ("Polygon", "MultiPolygon") and isinstance(doc.get("coordinates"), list):
-        return {"type": kind, "coordinates": doc["coordinates"]}
+        return [doc["coordinates"]] if kind == "Polygon" else list(doc["coordinates"])
     raise RegionError(f"region {what}: a {kind or 'untyped'} GeoJSON object; an area needs a Polygon or MultiPolygon")
 
 
-def _check_polygon(geometry: dict[str, Any], what: str) -> None:
-    """Refuse what would silently select the wrong area: projected metres, broken or huge outlines."""
+def _area(polygons: list[Any], what: str) -> dict[str, Any]:
+    """The area the polygons cover together (adjacent or overlapping districts merge), as a GeoJSON
+    geometry, after refusing what would silently select the wrong area: projected metres, outlines
+    across the antimeridian, broken or huge outlines."""
     import shapely
+    from shapely.geometry import mapping, shape
 
-    try:
-        shape = shapely.geometry.shape(geometry)
-    except (ValueError, TypeError, IndexError, AttributeError, shapely.errors.ShapelyError) as exc:
-        raise RegionError(f"region {what}: malformed polygon coordinates ({exc})") from None
-    n = shapely.get_num_coordinates(shape)
-    if shape.is_empty:
-        raise RegionError(f"region {what}: the polygon is empty")
-    west, south, east, north = shape.bounds
-    if west < -180 or east > 180 or south < -90 or north > 90:
+    parts = []
+    for i, coords in enumerate(polygons, start=1):
+        where = f"region {what}" + (f", polygon {i}" if len(polygons) > 1 else "")
+        try:
+            part = shape({"type": "Polygon", "coordinates": coords})
+        except (ValueError, TypeError, IndexError, AttributeError, OverflowError, shapely.errors.ShapelyError) as exc:
+            raise RegionError(f"{where}: malformed polygon coordinates ({exc})") from None
+        if part.is_empty:
+            raise RegionError(f"{where}: the polygon is empty")
+        xy = shapely.get_coordinates(part)
+        if not np.isfinite(xy).all() or (np.abs(xy[:, 0]) > 180).any() or (np.abs(xy[:, 1]) > 90).any():
+            west, south, east, north = part.bounds
+            raise RegionError(
+                f"{where}: coordinates span longitude {west:g}..{east:g}, latitude {south:g}..{north:g}; GeoJSON needs "
+                "WGS84 degrees in (longitude, latitude) order (reproject it, e.g. from EPSG:3857 metres; an area "
+                "across the 180th meridian is split there, RFC 7946 3.1.9)"
+            )
+        for ring in (part.exterior, *part.interiors):
+            if (np.abs(np.diff(np.asarray(ring.coords)[:, 0])) > 180).any():
+                raise RegionError(
+                    f"{where}: an edge jumps more than 180 degrees of longitude: the area crosses the 180th "
+                    "meridian; split it there into two polygons (RFC 7946 3.1.9)"
+                )
+        if not part.is_valid:
+            raise RegionError(f"{where}: not a valid polygon ({shapely.is_valid_reason(part)}); fix it in a GIS")
+        if part.area == 0:
+            raise RegionError(f"{where}: the polygon encloses no area")
+        parts.append(part)
+    union = parts[0] if len(parts) == 1 else shapely.unary_union(parts)
+    if shapely.get_num_coordinates(union) > MAX_POLYGON_VERTICES:
         raise RegionError(
-            f"region {what}: coordinates span longitude {west:g}..{east:g}, latitude {south:g}..{north:g}; "
-            "GeoJSON needs WGS84 degrees in (longitude, latitude) order (reproject it, e.g. from EPSG:3857 metres)"
+            f"region {what}: more than {MAX_POLYGON_VERTICES} vertices (every record carries the region); simplify it"
         )
-    if not shape.is_valid:
-        raise RegionError(f"region {what}: not a valid polygon ({shapely.is_valid_reason(shape)}); fix it in a GIS")
-    if shape.area == 0:
-        raise RegionError(f"region {what}: the polygon encloses no area")
-    if n > MAX_POLYGON_VERTICES:
-        raise RegionError(
-            f"region {what}: {n} vertices, more than {MAX_POLYGON_VERTICES} (every record carries the region); "
-            "simplify it first"
-        )
+    return json.loads(json.dumps(mapping(union)))  # tuples to lists, as a record holds it
 
 
 @functools.lru_cache(maxsize=16)

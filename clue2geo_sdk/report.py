@@ -613,7 +613,7 @@ def _audit_line(results_path: Path | None) -> str:
         return f'<p class="bad">The results could not be read to check their hash chain: {_e(exc)}</p>'
     cls = "good" if res.ok else "bad"
     line = f'<p>Hash chain of the results at report time: <span class="{cls}">{_e(res.message())}</span></p>'
-    return line + _signature_lines(path / "results.jsonl" if path.is_dir() else path)
+    return line + _signature_lines(path)
 
 
 def _region_text(region: Any) -> str:
@@ -626,20 +626,20 @@ def _region_text(region: Any) -> str:
         return json.dumps(region)
 
 
-def _signature_lines(journal: Path) -> str:
-    """The examiners' signatures beside the journal, each checked with the key stored in it: this
-    shows the file is the one that key signed; who holds the key is for `audit verify --trusted-key`."""
+def _signature_lines(target: Path) -> str:
+    """The examiners' signatures of the results, each checked with the key stored in it: this shows
+    the results are what that key signed; whose key it is, is for `audit verify --trusted-key`."""
     from .attestation import fault_of, read_journal_signatures
 
     out = []
     try:
-        for sig in read_journal_signatures(journal):
-            fault = fault_of(journal, sig)
+        for sig in read_journal_signatures(target):
+            fault = fault_of(target, sig)
             if fault is None:
-                text = f"Signed by {sig.describe()}: the signature holds for this results file"
+                text = f"Signed by {sig.describe()}: these results are what that key signed"
                 out.append(
-                    f'<p>Signature: <span class="good">{_e(text)}</span> (compare the key id with the '
-                    "examiner's public key, or run <code>clue2geo audit verify --trusted-key</code>)</p>"
+                    f'<p>Signature: <span class="good">{_e(text)}</span> (whether the key is the examiner\'s: '
+                    "<code>clue2geo audit verify --trusted-key</code> with the examiner's public key)</p>"
                 )
             else:
                 out.append(f'<p>Signature: <span class="bad">{_e(fault)}</span></p>')

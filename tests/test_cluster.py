@@ -360,6 +360,7 @@ def test_photo_gallery_on_the_cluster(
     from test_reference_gallery import PLACES, exif_value, geotagged_jpeg
 
     from clue2geo_sdk import Geolocator
+    from clue2geo_sdk.geolocator import Options
     from clue2geo_sdk.reference_gallery import build_gallery, read_manifest
 
     src = tmp_path / "refs"
@@ -394,7 +395,23 @@ def test_photo_gallery_on_the_cluster(
         for k in ("lat", "lon", "candidates", "retrieval"):
             assert rec.get(k) == ref.get(k), (ref["path"], k)
 
+    # a node whose copy has the same rows but another manifest (index settings, a rebuild) is refused
+    from clue2geo_sdk.batch import identity_of
+    from clue2geo_sdk.bundle import Bundle
+    from clue2geo_sdk.cluster.job import GeolocatorActor, _gallery_digest
+    from clue2geo_sdk.errors import BundleIntegrityError
+
+    b = Bundle.open(demo_bundle, verify=False)
+    digest, driver_manifest = _gallery_digest(gallery, b)
+    ident = identity_of(b, Options.from_kwargs(**GEN, nearest_neighbour_candidate=True), gallery_digest=digest)
+    ctor = {"bundle": str(demo_bundle), "ident": ident, "in_flight": 1, "verify": False}
+    load = {"device": "cpu", "gallery": str(gallery), "nearest_neighbour_candidate": True, **GEN}
+    GeolocatorActor(**ctor, load=load, gallery_manifest=driver_manifest).geo.close()  # the same copy: accepted
     manifest = json.loads((gallery / "manifest.json").read_text())
+    (gallery / "manifest.json").write_text(json.dumps({**manifest, "index": {**manifest["index"], "graphs": 2}}))
+    with pytest.raises(BundleIntegrityError, match=f"manifest sha256 .* the driver's has {driver_manifest}"):
+        GeolocatorActor(**ctor, load=load, gallery_manifest=driver_manifest)
+
     manifest["image_tower_sha256"] = "0" * 64
     (gallery / "manifest.json").write_text(json.dumps(manifest))
     res = _cli("locate", str(inputs[0]), "--bundle", str(demo_bundle), "--out", str(tmp_path / "refused"),

@@ -144,7 +144,7 @@ def test_results_on_the_demo_bundle_edited_and_caught(geo, photo: Path, tmp_path
         assert res.exit_code == 0, res.output
         return (tmp_path / "case.html").read_text(encoding="utf-8")
 
-    assert f'<span class="good">Signed by key {kid} (examiner E. Xam)' in report()
+    assert f'<span class="good">Signed by key {kid} (examiner &#x27;E. Xam&#x27;)' in report()
     # an analyst "corrects" a coordinate in the results file
     text = out.read_text(encoding="utf-8").splitlines(keepends=True)
     rec = json.loads(text[1])
@@ -153,7 +153,9 @@ def test_results_on_the_demo_bundle_edited_and_caught(geo, photo: Path, tmp_path
     out.write_text("".join(text), encoding="utf-8")
     res = _audit(out)
     assert res.exit_code == 1 and f"{out}:2: record_hash does not match the record's content" in res.output
-    assert f'<span class="bad">key {kid} (examiner E. Xam)' in report() and "changed after signing" in report()
+    assert (
+        f'<span class="bad">key {kid} (examiner &#x27;E. Xam&#x27;)' in report() and "changed after signing" in report()
+    )
 
 
 # -- signed bundles ------------------------------------------------------------------------------
@@ -318,7 +320,9 @@ def test_results_signed_by_the_examiner(journal: Path, keys: dict[str, Path]) ->
     pub.verify(bytes.fromhex(entry["signature"]), message)  # raises if it is not the lab's signature
 
     ok = _audit(journal, "--trusted-key", str(keys["pub"]))
-    assert ok.exit_code == 0 and "signed by trusted key" in ok.output and "examiner A. Analyst, case C-17" in ok.output
+    assert (
+        ok.exit_code == 0 and "signed by trusted key" in ok.output and "examiner 'A. Analyst', case 'C-17'" in ok.output
+    )
     assert "not checked: pass --trusted-key" in _audit(journal).output
     other = _audit(journal, "--trusted-key", str(keys["other_pub"]))
     assert other.exit_code == 1 and "none of them trusted" in other.output
@@ -336,7 +340,7 @@ def test_results_signed_by_the_examiner(journal: Path, keys: dict[str, Path]) ->
     _write(journal, forged)
     assert _audit(journal).exit_code == 0
     caught = _audit(journal, "--trusted-key", str(keys["pub"]))
-    assert caught.exit_code == 1 and "the journal changed after signing" in caught.output, caught.output
+    assert caught.exit_code == 1 and "the results changed after signing" in caught.output, caught.output
 
     journal.write_bytes(original)
     assert _audit(journal, "--trusted-key", str(keys["pub"])).exit_code == 0
@@ -349,3 +353,77 @@ def test_results_signed_by_the_examiner(journal: Path, keys: dict[str, Path]) ->
     _put(journal, [lines[0], *lines[2:]])
     refused = CliRunner().invoke(main, ["audit", "sign", str(journal), "--key", str(keys["priv"])])
     assert refused.exit_code == 1 and "not signed: FAILED" in refused.output and ":2: prev_hash" in refused.output
+
+
+def test_a_signed_run_folder_covers_its_shards(keys: dict[str, Path], tmp_path: Path) -> None:
+    """A 'locate --ray' run folder is signed over its shards (what verify, report and export read):
+    shards rewritten as a new valid chain are caught; a resume's appended records are named."""
+    from clue2geo_sdk.attestation import signature_path
+    from clue2geo_sdk.cluster.shards import ShardWriter
+
+    run = tmp_path / "run"
+    w = ShardWriter(run, records_per_shard=2, parquet=False)
+    w.write([{"path": f"img{i}.jpg", "status": "ok", "lat": float(i)} for i in range(3)])
+    w.close()
+    res = CliRunner().invoke(main, ["audit", "sign", str(run), "--key", str(keys["priv"]), "--case", "C-9"])
+    assert res.exit_code == 0 and "signed the shards of" in res.output, res.output
+    assert signature_path(run) == run / "run.sig.json" and signature_path(run).is_file()
+    assert _audit(run, "--trusted-key", str(keys["pub"])).exit_code == 0
+
+    shards = sorted((run / "shards").glob("*.jsonl"))
+    original = {p: p.read_bytes() for p in shards}
+    bodies = [
+        {k: v for k, v in r.items() if k not in ("prev_hash", "record_hash")}
+        for p in shards
+        for r in read_journal(p).records
+    ]
+    bodies[0]["lat"] = -33.0
+    for p in shards:
+        p.unlink()
+    w = ShardWriter(run, records_per_shard=2, parquet=False)  # a whole new, valid chain
+    w.write(bodies)
+    w.close()
+    assert _audit(run).exit_code == 0
+    caught = _audit(run, "--trusted-key", str(keys["pub"]))
+    assert caught.exit_code == 1 and "the results changed after signing" in caught.output, caught.output
+
+    for p in (run / "shards").glob("*.jsonl"):
+        p.unlink()
+    for p, data in original.items():
+        p.write_bytes(data)
+    assert _audit(run, "--trusted-key", str(keys["pub"])).exit_code == 0
+    w = ShardWriter(run, parquet=False)  # a resume appends to the chain
+    w.write([{"path": "late.jpg", "status": "ok", "lat": 9.0}])
+    w.close()
+    late = _audit(run, "--trusted-key", str(keys["pub"]))
+    assert late.exit_code == 1 and "1 record(s) were appended after signing (the first 3 are as signed)" in late.output
+
+
+def test_a_forged_or_malformed_signature_entry_is_named(journal: Path, keys: dict[str, Path], tmp_path: Path) -> None:
+    """The signatures file is untrusted input: a key id borrowed from the examiner, a key given as a
+    path, or fields of the wrong type are named as errors (no traceback, no file read), and the
+    report says so instead of showing a signature that holds."""
+    from clue2geo_sdk.attestation import ResultsSignatureError, sign_journal, signature_path
+    from clue2geo_sdk.report import render_report
+
+    lab_id = _kid(keys)
+    sign_journal(journal, keys["other_priv"], examiner="Mallory")
+    doc = json.loads(signature_path(journal).read_text())
+    cases = {
+        "borrowed key id": {"key_id": lab_id},
+        "key as a path": {"public_key": "/etc/hostname"},
+        "wrong type": {"signature": 123},
+        "bool count": {"records": True},
+    }
+    for why, change in cases.items():
+        entry = {**doc["signatures"][0], **change}
+        signature_path(journal).write_text(json.dumps({**doc, "signatures": [entry]}))
+        for args in ([], ["--trusted-key", str(keys["pub"])]):
+            res = _audit(journal, *args)
+            assert res.exit_code == 1 and "unreadable signatures file" in res.output, (why, res.output)
+            assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+        page = render_report(read_journal(journal).records, results_path=journal)
+        assert 'Signature: <span class="bad">' in page and "Signed by" not in page, why
+    with pytest.raises(ResultsSignatureError, match="control or invisible"):
+        sign_journal(journal, keys["priv"], examiner="x\nok: signed by trusted key deadbeef")
+    assert not list(tmp_path.glob("*.tmp"))

@@ -169,13 +169,26 @@ def test_a_geojson_area_is_its_polygon_not_its_box(tmp_path) -> None:  # noqa: A
     assert area.contains(lat, lon).tolist() == [True, True, False, True, False, True]
     assert area.contains(*area.anchor())
     assert Region.parse(area.to_dict()) == area and hash(Region.parse(area.to_dict())) == hash(area)
-    assert area.to_dict()["geometry"] == {"type": "MultiPolygon", "coordinates": [ELL["coordinates"]]}
+    assert area.to_dict()["geometry"] == ELL
     assert "'search-area'" in area.describe() and "latitude 0.0000 and 10.0000" in area.describe()
     far = {"type": "Polygon", "coordinates": [[[20, 20], [21, 20], [21, 21], [20, 20]]]}
     both = Region.polygon(
         {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": g} for g in (ELL, far)]}
     )
     assert both.contains(np.array([1.0, 20.2, 5.0]), np.array([5.0, 20.8, 5.0])).tolist() == [True, True, False]
+
+
+def test_adjacent_districts_make_one_area(tmp_path) -> None:  # noqa: ANN001
+    """Two unit squares sharing an edge, and a third overlapping the second, as a GIS exports
+    neighbouring districts: one area, the union (an invalid MultiPolygon if simply concatenated)."""
+    squares = [
+        {"type": "Polygon", "coordinates": [[[x, 0], [x + 1, 0], [x + 1, 1], [x, 1], [x, 0]]]} for x in (0, 1, 1.5)
+    ]
+    area = Region.parse("geojson:" + _geojson(tmp_path / "districts.geojson", *squares))
+    lat = np.array([0.5, 0.5, 0.5, 0.5, 1.5])
+    lon = np.array([0.5, 1.0, 2.2, 2.6, 0.5])
+    assert area.contains(lat, lon).tolist() == [True, True, True, False, False]
+    assert Region.parse(area.to_dict()) == area
 
 
 def test_a_bad_geojson_area_is_named(tmp_path) -> None:  # noqa: ANN001
@@ -198,6 +211,16 @@ def test_a_bad_geojson_area_is_named(tmp_path) -> None:  # noqa: ANN001
     ring = [[np.cos(t) * 10, np.sin(t) * 10] for t in np.linspace(0, 2 * np.pi, 12_000)[:-1].tolist()]
     huge = {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}
     refused("geojson:" + _geojson(tmp_path / "huge.geojson", huge), "simplify it")
+    # Fiji's box drawn straight across the 180th meridian: refused, not read as the rest of the world
+    fiji = {"type": "Polygon", "coordinates": [[[170, -10], [-170, -10], [-170, 10], [170, 10], [170, -10]]]}
+    refused("geojson:" + _geojson(tmp_path / "fiji.geojson", fiji), "crosses the 180th meridian")
+    wrapped = {"type": "Polygon", "coordinates": [[[170, -10], [190, -10], [190, 10], [170, 10], [170, -10]]]}
+    refused("geojson:" + _geojson(tmp_path / "wrapped.geojson", wrapped), "split there")
+    (tmp_path / "odd.geojson").write_text('{"type": "FeatureCollection", "features": 5}')
+    refused(f"geojson:{tmp_path / 'odd.geojson'}", "not a list")
+    # a record's region is data: a string geometry is refused, never read as a path
+    with pytest.raises(RegionError, match="must be a GeoJSON object"):
+        Region.parse({"kind": "polygon", "name": "x", "geometry": str(tmp_path / "fiji.geojson")})
 
 
 def test_cli_geojson_area_is_recorded_and_obeyed(demo_bundle, photo, tmp_path) -> None:  # noqa: ANN001

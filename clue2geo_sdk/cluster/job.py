@@ -12,8 +12,8 @@ Each actor builds one :class:`~clue2geo_sdk.Geolocator` in ``__init__`` (bundle 
 engine's batches. Records are made by :func:`clue2geo_sdk.batch.record_of` with the same identity,
 so they are the single-machine CLI's records. Only the driver writes, so the output folder need not
 be shared; the inputs, the bundle and a photo gallery (``gallery=``) must be readable at the same
-paths on every node. The driver reads only the gallery's manifest; each actor opens the gallery, and
-its content digest must be the one the manifest promised, as for the bundle.
+paths on every node. The driver reads only the gallery's manifest; each actor opens the gallery, whose
+manifest must be the driver's byte for byte and whose rows must have the digest it promises.
 
 Exactly once: resuming sends the set of (path, sha256) whose latest record has this run's identity to
 the read tasks, which skip them after hashing; a task retried after its actor died may return a record
@@ -23,6 +23,7 @@ the merge takes one record per path. A bad image is an error record, as on one m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -55,8 +56,9 @@ from ..batch import (
     write_geojson,
 )
 from ..bundle import Bundle
-from ..errors import BundleIntegrityError, Clue2GeoError
+from ..errors import BundleFormatError, BundleIntegrityError, Clue2GeoError
 from ..geolocator import Failure, Options
+from ..reference_gallery import MANIFEST as GALLERY_MANIFEST
 from ..reference_gallery import check_image_tower, read_manifest
 from . import shards
 from .nodecheck import verify_once
@@ -176,13 +178,30 @@ def read_and_hash(batch: dict[str, np.ndarray], *, done_ref: list[Any], base: st
 class GeolocatorActor:
     """One :class:`~clue2geo_sdk.Geolocator` per actor, built once; each batch runs ``in_flight`` at a time."""
 
-    def __init__(self, bundle: str, ident: dict[str, Any], load: dict[str, Any], in_flight: int, verify: bool) -> None:
+    def __init__(
+        self,
+        bundle: str,
+        ident: dict[str, Any],
+        load: dict[str, Any],
+        in_flight: int,
+        verify: bool,
+        gallery_manifest: str | None = None,
+    ) -> None:
         from ..geolocator import Geolocator
 
         ctx = ray.get_runtime_context()
         if verify:
             verify_once(bundle, ident["bundle_digest"], node=ctx.get_node_id(), job=ctx.get_job_id())
         self.geo = Geolocator.load(bundle, verify=False, max_in_flight=in_flight, **load)
+        if gallery_manifest is not None:  # same rows (the identity) is not enough: same index settings too
+            mine = _manifest_sha256(Path(load["gallery"]))
+            if mine != gallery_manifest:
+                self.geo.close()
+                raise BundleIntegrityError(
+                    f"node {ctx.get_node_id()}: the photo gallery at {load['gallery']} has manifest sha256 {mine}, "
+                    f"the driver's has {gallery_manifest}; every node needs the same gallery (shared storage or "
+                    "an identical copy)"
+                )
         self.ident = identity(self.geo)
         if self.ident != ident:
             differ = {k: (ident[k], self.ident[k]) for k in IDENTITY_FIELDS if ident[k] != self.ident[k]}
@@ -299,12 +318,21 @@ def _cause(exc: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-def _gallery_digest(gallery: Path, bundle: Bundle) -> str:
-    """The photo gallery's content digest as its manifest states it, after the checks the driver can
-    make without the rows: each actor's :class:`PhotoGallery` recomputes it from the rows it opens."""
+def _manifest_sha256(gallery: Path) -> str:
+    return hashlib.sha256((gallery / GALLERY_MANIFEST).read_bytes()).hexdigest()
+
+
+def _gallery_digest(gallery: Path, bundle: Bundle) -> tuple[str, str]:
+    """The photo gallery's content digest as its manifest states it, and the manifest's sha256, after
+    the checks the driver can make without the rows. Each actor's :class:`PhotoGallery` recomputes
+    the content digest from the rows it opens, and its manifest must be the driver's byte for byte."""
     manifest = read_manifest(gallery)
     check_image_tower(gallery, manifest, bundle.component("gpsclip").files["image"].sha256)
-    return str(manifest["content_sha256"])
+    if not isinstance(manifest.get("content_sha256"), str):
+        raise BundleFormatError(
+            f"{gallery / GALLERY_MANIFEST}: no content_sha256; rebuild with `clue2geo gallery build`"
+        )
+    return manifest["content_sha256"], _manifest_sha256(gallery)
 
 
 def locate_on_ray(
@@ -352,8 +380,9 @@ def locate_on_ray(
     sources = [Path(s) for s in sources]
     opts = Options.from_kwargs(**options)
     b = Bundle.open(bundle, verify=False)  # the manifest only: actors verify the files on their node
-    gallery = None if gallery is None else Path(gallery).resolve()
-    ident = identity_of(b, opts, gallery_digest=None if gallery is None else _gallery_digest(gallery, b))
+    gallery = None if gallery is None else Path(gallery).absolute()  # symlinks are each node's own
+    gallery_digest, gallery_manifest = (None, None) if gallery is None else _gallery_digest(gallery, b)
+    ident = identity_of(b, opts, gallery_digest=gallery_digest)
     summary = ClusterSummary()
 
     def notice(msg: str) -> None:
@@ -452,6 +481,7 @@ def locate_on_ray(
         if gallery is not None:
             load["gallery"] = str(gallery)
         ctor = {"bundle": str(b.root), "ident": ident, "load": load, "in_flight": in_flight, "verify": verify}
+        ctor["gallery_manifest"] = gallery_manifest
         ds = _actor_stage(ds, plan, size, ctor)
         if total:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

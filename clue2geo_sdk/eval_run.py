@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 
 from ._version import __version__
 from .answers import rank_answers
@@ -59,6 +60,8 @@ PER_IMAGE_FIELDS = (
     "geoscore",
     "country_true",
     "country_pred",
+    "border_true",
+    "border_pred",
     "source",
     "confidence",
     "answers",
@@ -81,15 +84,16 @@ def markdown_table(rows: Sequence[tuple[str, Metrics]], dataset: str) -> str:
         "Median km",
         "GeoScore",
         "Country acc.",
+        "Country acc. (borders)",
         "Failed",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, m in rows:
         acc = [f"{100 * m.accuracy[f'{t:g}']:.2f}" for t in THRESHOLDS_KM]
         med = f"{m.median_km:.1f}" if m.median_km is not None else "—"
-        country = f"{100 * m.country_accuracy:.2f}" if m.country_accuracy is not None else "—"
+        country = [f"{100 * c:.2f}" if c is not None else "—" for c in (m.country_accuracy, m.country_accuracy_borders)]
         lines.append(
-            "| " + " | ".join([dataset, label, *acc, med, f"{m.geoscore:.0f}", country, f"{m.n_failed}/{m.n}"]) + " |"
+            "| " + " | ".join([dataset, label, *acc, med, f"{m.geoscore:.0f}", *country, f"{m.n_failed}/{m.n}"]) + " |"
         )
     return "\n".join(lines) + "\n\nAccuracy in % within each distance (d < t); see metrics.json for the conventions.\n"
 
@@ -138,6 +142,8 @@ def run_eval(
     }
     paths = [images / s.img_id for s in samples]
     c_true = [geo.geocoder.lookup(s.lat, s.lon).country_code for s in samples]  # same for every variant
+    lat, lon = np.array([s.lat for s in samples]), np.array([s.lon for s in samples])
+    b_true = [c or None for c in geo.countries.codes_at(lat, lon)] if samples else []
     for slug, label, overrides in variants(ablate):
         opts = attrs.evolve(base, **overrides)
         pred_path = out / f"predictions-{slug}.jsonl"
@@ -146,10 +152,10 @@ def run_eval(
         )
         # records are read back (latest per image) so a resumed run gives the same numbers
         recs = latest(read_journal(journal_path(pred_path, "jsonl")).records)
-        rows, dists, c_pred = [], [], []
+        rows, dists, c_pred, b_pred = [], [], [], []
         confs: list[tuple[float, ...]] = []
         cand_sets: list[list[Candidate]] = []
-        for s, p, ct in zip(samples, paths, c_true, strict=True):
+        for s, p, ct, bt in zip(samples, paths, c_true, b_true, strict=True):
             rec = recs.get(str(p), {"status": "error", "error": "NotRun"})
             row: dict[str, Any] = {
                 "img_id": s.img_id,
@@ -157,21 +163,25 @@ def run_eval(
                 "true_lon": s.lon,
                 "status": rec["status"],
                 "country_true": ct,
+                "border_true": bt,
                 "error": rec.get("error") or "",
             }
             if rec["status"] == "ok":
                 d = distance_km(s.lat, s.lon, rec["lat"], rec["lon"])
                 cp = geo.geocoder.lookup(rec["lat"], rec["lon"]).country_code
+                bp = geo.countries.code_at(rec["lat"], rec["lon"])
                 row.update(
                     pred_lat=rec["lat"],
                     pred_lon=rec["lon"],
                     distance_km=round(d, 4),
                     geoscore=round(float(geoscore(d)), 2),
                     country_pred=cp,
+                    border_pred=bp,
                     source=rec.get("source"),
                 )
                 dists.append(d)
                 c_pred.append(cp)
+                b_pred.append(bp)
                 try:
                     conf = answer_confidences(rec)
                     cands = record_candidates(rec)
@@ -187,12 +197,13 @@ def run_eval(
             else:
                 dists.append(None)
                 c_pred.append(None)
+                b_pred.append(None)
             rows.append(row)
         with open(out / f"per-image-{slug}.csv", "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=PER_IMAGE_FIELDS)
             w.writeheader()
             w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
-        m = compute_metrics(dists, country_true=c_true, country_pred=c_pred)
+        m = compute_metrics(dists, country_true=c_true, country_pred=c_pred, border_true=b_true, border_pred=b_pred)
         table_rows.append((label, m))
         report["variants"][slug] = {
             "label": label,

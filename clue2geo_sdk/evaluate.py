@@ -3,7 +3,8 @@
 - distance: great-circle (haversine) on a sphere of radius 6371.0088 km, (lat, lon) order;
 - "within t km" is ``d < t`` for t in 1, 25, 200, 750, 2500;
 - GeoScore = 5000 * exp(-d / 1492.7);
-- country accuracy: the offline reverse geocoder's country code of truth vs prediction;
+- country accuracy: the offline reverse geocoder's country code of truth vs prediction (the published
+  convention: the nearest GeoNames place's country), and beside it by real borders (Natural Earth);
 - an image that fails counts as a miss at every threshold, scores GeoScore 0, and is listed;
   median / mean km are over the images that produced a prediction.
 """
@@ -32,6 +33,8 @@ CONVENTIONS = {
     "thresholds_km": list(THRESHOLDS_KM),
     "geoscore": f"5000 * exp(-d / {GEOSCORE_SCALE_KM})",
     "country": "country code of the nearest GeoNames place (offline) for truth and prediction",
+    "country_borders": "ISO code of the Natural Earth 1:10m admin-0 polygon containing the point (or within "
+    "0.05 deg of it) for truth and prediction; a point with none (at sea) is a miss",
     "failures": "count as misses at every threshold and GeoScore 0; median/mean km over predictions only",
 }
 
@@ -49,6 +52,7 @@ class Metrics:
     mean_km: float | None
     geoscore: float
     country_accuracy: float | None
+    country_accuracy_borders: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -59,17 +63,16 @@ def compute_metrics(
     *,
     country_true: Sequence[str | None] | None = None,
     country_pred: Sequence[str | None] | None = None,
+    border_true: Sequence[str | None] | None = None,
+    border_pred: Sequence[str | None] | None = None,
     thresholds: Sequence[float] = THRESHOLDS_KM,
 ) -> Metrics:
-    """Metrics over n images; ``None`` distances are failures (misses)."""
+    """Metrics over n images; ``None`` distances are failures (misses). ``country_*`` are the
+    nearest GeoNames place's codes, ``border_*`` the Natural Earth polygon's (None: none)."""
     n = len(distances_km)
     ok = np.array([d for d in distances_km if d is not None and math.isfinite(d)], dtype=np.float64)
     failed = n - len(ok)
     acc = {f"{t:g}": (float(np.sum(ok < t)) / n if n else 0.0) for t in thresholds}
-    country = None
-    if country_true is not None and country_pred is not None and n:
-        hits = sum(1 for t, p in zip(country_true, country_pred, strict=True) if t and p and t == p)
-        country = hits / n
     return Metrics(
         n=n,
         n_failed=failed,
@@ -77,8 +80,16 @@ def compute_metrics(
         median_km=float(np.median(ok)) if len(ok) else None,
         mean_km=float(np.mean(ok)) if len(ok) else None,
         geoscore=float(np.sum(geoscore(ok)) / n) if n else 0.0,
-        country_accuracy=country,
+        country_accuracy=_agreement(country_true, country_pred, n),
+        country_accuracy_borders=_agreement(border_true, border_pred, n),
     )
+
+
+def _agreement(true: Sequence[str | None] | None, pred: Sequence[str | None] | None, n: int) -> float | None:
+    """The fraction of all n images whose predicted code is their true one (no code is a miss)."""
+    if true is None or pred is None or not n:
+        return None
+    return sum(1 for t, p in zip(true, pred, strict=True) if t and p and t == p) / n
 
 
 @attrs.frozen(kw_only=True)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clue2geo_sdk.cli import EXIT_SOME_FAILED, main
+from clue2geo_sdk.countries import countries
 from clue2geo_sdk.evaluate import compute_metrics, distance_km, geoscore, read_dataset
 
 R = 6371.0088
@@ -52,7 +53,9 @@ def test_failures_are_misses_and_geoscore() -> None:
     assert m.accuracy["1"] == 0.25 and m.accuracy["2500"] == 0.25
     assert m.median_km == pytest.approx(1500.25) and m.mean_km == pytest.approx(1500.25)
     assert m.geoscore == pytest.approx((5000 * math.exp(-0.5 / 1492.7) + 5000 * math.exp(-3000 / 1492.7)) / 4)
-    assert m.country_accuracy == 0.25
+    assert m.country_accuracy == 0.25 and m.country_accuracy_borders is None
+    borders = compute_metrics([1.0, 2.0, 3.0], border_true=["CA", None, "FR"], border_pred=["CA", None, "BE"])
+    assert borders.country_accuracy_borders == pytest.approx(1 / 3)  # at sea is a miss, not a match
     assert geoscore(0.0) == 5000.0
     empty = compute_metrics([])
     assert empty.n == 0 and empty.median_km is None
@@ -75,7 +78,8 @@ def test_eval_command_end_to_end(demo_bundle: Path, photo: Path, tmp_path: Path)
     images = tmp_path / "imgs"
     images.mkdir()
     img = Image.open(photo).convert("RGB")
-    rows = [("0.jpg", 39.9999, 116.2755), ("1.jpg", 48.85, 2.35)]
+    # 1.jpg: Windsor City Hall, Ontario, 2 km across the river from Detroit's GeoNames point, the nearest
+    rows = [("0.jpg", 39.9999, 116.2755), ("1.jpg", 42.3163, -83.0372)]
     for name, _, _ in rows:
         img.resize((200 + len(name), 150)).save(images / name)
     meta = tmp_path / "im2gps_small.csv"
@@ -120,8 +124,17 @@ def test_eval_command_end_to_end(demo_bundle: Path, photo: Path, tmp_path: Path)
             (float(r["true_lat"]), float(r["true_lon"])), (float(r["pred_lat"]), float(r["pred_lon"])), radius=R
         ).km
         assert float(r["distance_km"]) == pytest.approx(ref, abs=1e-3)
+    by_id = {r["img_id"]: r for r in per}
+    assert (by_id["1.jpg"]["country_true"], by_id["1.jpg"]["border_true"]) == ("US", "CA")
+    assert (by_id["0.jpg"]["country_true"], by_id["0.jpg"]["border_true"]) == ("CN", "CN")
+    for r in ok:
+        assert r["border_pred"] == (countries().code_at(float(r["pred_lat"]), float(r["pred_lon"])) or "")
+    full = report["variants"]["full"]["metrics"]
+    hits = sum(1 for r in ok if r["border_pred"] and r["border_pred"] == r["border_true"])
+    assert full["country_accuracy_borders"] == pytest.approx(hits / 3)
     table = (out / "table.md").read_text()
     assert "Street(1km)" in table and "Clue2Geo w/o CM" in table and "Clue2Geo w/o CR" in table
+    assert "| Country acc. | Country acc. (borders) |" in table
     # resuming does not redo anything and yields the same metrics
     lines = (out / "predictions-full.jsonl").read_bytes().count(b"\n")
     res2 = CliRunner().invoke(main, args)

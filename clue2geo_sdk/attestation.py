@@ -58,6 +58,8 @@ class JournalSignature:
     signed_utc: str
     examiner: str | None = None
     case: str | None = None
+    table: str | None = None  # a .csv/.geojson written from the journal, signed with it
+    table_sha256: str | None = None
     signature: str = ""  # hex
 
     def message(self) -> bytes:
@@ -121,7 +123,9 @@ def _entry(e: Any) -> JournalSignature:
     fields = {f.name: e.get(f.name) for f in attrs.fields(JournalSignature)}
     text = ("key_id", "public_key", "journal", "journal_sha256", "head", "signed_utc", "signature")
     bad = [k for k in text if not isinstance(fields[k], str)]
-    bad += [k for k in ("examiner", "case") if fields[k] is not None and not isinstance(fields[k], str)]
+    bad += [k for k in ("examiner", "case", "table") if fields[k] is not None and not isinstance(fields[k], str)]
+    if fields["table_sha256"] is not None and not _HEX64.match(str(fields["table_sha256"])):
+        bad.append("table_sha256")
     if not isinstance(fields["records"], int) or isinstance(fields["records"], bool):
         bad.append("records")
     if bad:
@@ -149,7 +153,10 @@ def read_journal_signatures(target: Path) -> list[JournalSignature]:
             raise ValueError(f"expected format {SIGNATURE_FORMAT!r} with a 'signatures' list")
         return [_entry(e) for e in raw["signatures"]]
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ResultsSignatureError(f"{path}: unreadable signatures file ({exc})") from None
+        raise ResultsSignatureError(
+            f"{path}: unreadable signatures file ({exc}); nothing in it is trusted: repair it from a copy, or "
+            "remove it and sign again"
+        ) from None
 
 
 def _label(value: str | None, option: str) -> str | None:
@@ -162,28 +169,39 @@ def _label(value: str | None, option: str) -> str | None:
 
 
 def sign_journal(
-    target: Path, key: KeyInput, *, examiner: str | None = None, case: str | None = None
+    target: Path,
+    key: KeyInput,
+    *,
+    examiner: str | None = None,
+    case: str | None = None,
+    table: Path | None = None,
 ) -> JournalSignature:
     """Check the hash chain of ``target`` (a JSONL journal, or a run folder's shards), then sign its
-    current state with ``key`` (an earlier signature by the same key is replaced, others are kept).
-    A broken chain is refused: a signature must not vouch for an edited file."""
+    current state with ``key`` (an earlier signature by the same key is replaced, others are kept),
+    and ``table`` (the .csv/.geojson written from the journal) with it. A broken chain is refused:
+    a signature must not vouch for an edited file."""
     target = Path(target)
     examiner, case = _label(examiner, "--examiner"), _label(case, "--case")
+    digest = content_digest(target)
     res = _check(target)
     if not res.ok:
         raise ResultsSignatureError(f"not signed: {res.message()}")
+    if content_digest(target) != digest:
+        raise ResultsSignatureError(f"not signed: {target} changed while it was being checked (a run still writing?)")
     private = load_private_key(key)
     pub = private.public_key()
     unsigned = JournalSignature(
         key_id=key_id(pub),
         public_key=public_bytes(pub).hex(),
         journal=target.name,
-        journal_sha256=content_digest(target),
+        journal_sha256=digest,
         records=res.records,
         head=res.head,
         signed_utc=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         examiner=examiner,
         case=case,
+        table=None if table is None else Path(table).name,
+        table_sha256=None if table is None else _file_sha256(Path(table)),
     )
     sig = attrs.evolve(unsigned, signature=private.sign(unsigned.message()).hex())
     kept = [s for s in read_journal_signatures(target) if s.key_id != sig.key_id]
@@ -198,10 +216,10 @@ def sign_journal(
     return sig
 
 
-def fault_of(target: Path, sig: JournalSignature, pub: Any | None = None) -> str | None:
-    """Why ``sig`` does not vouch for ``target`` as it is now (None: it does). ``pub`` is the trusted
-    key to check with; without it, the key stored in the entry is used, which shows the content is
-    what that key signed, not whose key it is."""
+def fault_of(target: Path, sig: JournalSignature, pub: Any | None = None, table: Path | None = None) -> str | None:
+    """Why ``sig`` does not vouch for ``target`` (and ``table``, the .csv/.geojson written from it)
+    as they are now (None: it does). ``pub`` is the trusted key to check with; without it, the key
+    stored in the entry is used, which shows the content is what that key signed, not whose key it is."""
     from cryptography.exceptions import InvalidSignature
 
     if pub is not None and public_bytes(pub).hex() != sig.public_key:
@@ -210,6 +228,10 @@ def fault_of(target: Path, sig: JournalSignature, pub: Any | None = None) -> str
         (pub or _stored_key(sig.public_key)).verify(bytes.fromhex(sig.signature), sig.message())
     except (InvalidSignature, ValueError):
         return f"key {sig.key_id}: the signature does not verify (the signatures file was edited)"
+    if table is not None and sig.table_sha256 is None:
+        return f"{sig.describe()}: the table {table.name} is not covered (the journal was signed alone); sign {table}"
+    if table is not None and _file_sha256(table) != sig.table_sha256:
+        return f"{sig.describe()}: the table {table} changed after signing (it is not the one written then)"
     if content_digest(target) == sig.journal_sha256:
         return None
     now = _check(target, anchor=sig.head)
@@ -221,9 +243,11 @@ def fault_of(target: Path, sig: JournalSignature, pub: Any | None = None) -> str
     return f"{sig.describe()}: the results changed after signing ({now.message()})"
 
 
-def check_journal_signatures(target: Path, trusted_keys: Iterable[KeyInput]) -> list[JournalSignature]:
-    """The signatures by trusted keys that vouch for ``target`` as it is now; raise
-    :class:`ResultsSignatureError` when there is none, saying why."""
+def check_journal_signatures(
+    target: Path, trusted_keys: Iterable[KeyInput], *, table: Path | None = None
+) -> list[JournalSignature]:
+    """The signatures by trusted keys that vouch for ``target`` (and ``table``) as they are now;
+    raise :class:`ResultsSignatureError` when there is none, saying why."""
     target = Path(target)
     trusted = {key_id(k): k for k in map(load_public_key, trusted_keys)}
     if not trusted:
@@ -238,7 +262,7 @@ def check_journal_signatures(target: Path, trusted_keys: Iterable[KeyInput]) -> 
     for sig in sigs:
         if sig.key_id not in trusted:
             continue
-        fault = fault_of(target, sig, trusted[sig.key_id])
+        fault = fault_of(target, sig, trusted[sig.key_id], table)
         if fault:
             faults.append(fault)
         else:

@@ -709,9 +709,10 @@ def audit_verify(results: Path, anchor: str | None, trusted_keys: tuple[str, ...
         click.secho(res.message(), fg="red", err=True)
         sys.exit(1)
     click.echo(res.message())
+    table = results if results != journal and not journal.is_dir() else None
     try:
         if trusted_keys:
-            for sig in check_journal_signatures(journal, trusted_keys):
+            for sig in check_journal_signatures(journal, trusted_keys, table=table):
                 click.echo(f"ok: {journal} signed by trusted {sig.describe()}, unchanged since")
         elif read_journal_signatures(journal):
             ids = ", ".join(s.describe() for s in read_journal_signatures(journal))
@@ -733,14 +734,15 @@ def audit_sign(results: Path, key: str, examiner: str | None, case_id: str | Non
     from .attestation import sign_journal, signature_path
 
     journal = _journal_of(results)
+    table = results if results != journal and not journal.is_dir() else None
     try:
-        sig = sign_journal(journal, key, examiner=examiner, case=case_id)
+        sig = sign_journal(journal, key, examiner=examiner, case=case_id, table=table)
     except Clue2GeoError as exc:
         _fail(exc)
     what = "the shards of " if journal.is_dir() else ""
     click.echo(f"signed {what}{journal} ({sig.records} records, head {sig.head}) with {sig.describe()}")
-    if journal != results and not journal.is_dir():
-        click.echo(f"({results.name} is written from that journal; the table file itself is not signed)")
+    if table is not None:
+        click.echo(f"with the table {table} written from it (sha256 {sig.table_sha256})")
     click.echo(f"signature: {signature_path(journal)}")
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from .countries import BORDER_TOLERANCE_DEG
 from .geocode import EARTH_RADIUS_KM, haversine_km
 
 THRESHOLDS_KM: tuple[float, ...] = (1.0, 25.0, 200.0, 750.0, 2500.0)
@@ -34,7 +35,7 @@ CONVENTIONS = {
     "geoscore": f"5000 * exp(-d / {GEOSCORE_SCALE_KM})",
     "country": "country code of the nearest GeoNames place (offline) for truth and prediction",
     "country_borders": "ISO code of the Natural Earth 1:10m admin-0 polygon containing the point (or within "
-    "0.05 deg of it) for truth and prediction; a point with none (at sea) is a miss",
+    f"{BORDER_TOLERANCE_DEG} deg of it) for truth and prediction; a point with none (at sea) is a miss",
     "failures": "count as misses at every threshold and GeoScore 0; median/mean km over predictions only",
 }
 

@@ -245,15 +245,21 @@ def _area(polygons: list[Any], what: str) -> dict[str, Any]:
     import shapely
     from shapely.geometry import mapping, shape
 
-    parts = []
+    parts, vertices = [], 0
     for i, coords in enumerate(polygons, start=1):
         where = f"region {what}" + (f", polygon {i}" if len(polygons) > 1 else "")
         try:
-            part = shape({"type": "Polygon", "coordinates": coords})
+            part = shapely.force_2d(shape({"type": "Polygon", "coordinates": coords}))  # altitudes dropped
         except (ValueError, TypeError, IndexError, AttributeError, OverflowError, shapely.errors.ShapelyError) as exc:
             raise RegionError(f"{where}: malformed polygon coordinates ({exc})") from None
         if part.is_empty:
             raise RegionError(f"{where}: the polygon is empty")
+        vertices += shapely.get_num_coordinates(part)
+        if vertices > MAX_POLYGON_VERTICES:
+            raise RegionError(
+                f"region {what}: more than {MAX_POLYGON_VERTICES} vertices (every record carries the region); "
+                "simplify it first"
+            )
         xy = shapely.get_coordinates(part)
         if not np.isfinite(xy).all() or (np.abs(xy[:, 0]) > 180).any() or (np.abs(xy[:, 1]) > 90).any():
             west, south, east, north = part.bounds
@@ -263,7 +269,9 @@ def _area(polygons: list[Any], what: str) -> dict[str, Any]:
                 "across the 180th meridian is split there, RFC 7946 3.1.9)"
             )
         for ring in (part.exterior, *part.interiors):
-            if (np.abs(np.diff(np.asarray(ring.coords)[:, 0])) > 180).any():
+            lon = np.asarray(ring.coords)[:, 0]
+            on_edge = (np.abs(lon[:-1]) == 180) & (np.abs(lon[1:]) == 180)  # along the map's edge, not across
+            if ((np.abs(np.diff(lon)) > 180) & ~on_edge).any():
                 raise RegionError(
                     f"{where}: an edge jumps more than 180 degrees of longitude: the area crosses the 180th "
                     "meridian; split it there into two polygons (RFC 7946 3.1.9)"
@@ -273,11 +281,8 @@ def _area(polygons: list[Any], what: str) -> dict[str, Any]:
         if part.area == 0:
             raise RegionError(f"{where}: the polygon encloses no area")
         parts.append(part)
-    union = parts[0] if len(parts) == 1 else shapely.unary_union(parts)
-    if shapely.get_num_coordinates(union) > MAX_POLYGON_VERTICES:
-        raise RegionError(
-            f"region {what}: more than {MAX_POLYGON_VERTICES} vertices (every record carries the region); simplify it"
-        )
+    # Normalised (ring starts and orientation fixed), so a record's outline parses back to the same text.
+    union = shapely.normalize(parts[0] if len(parts) == 1 else shapely.unary_union(parts))
     return json.loads(json.dumps(mapping(union)))  # tuples to lists, as a record holds it
 
 

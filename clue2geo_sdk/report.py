@@ -620,6 +620,8 @@ def _region_text(region: Any) -> str:
     """The record's region as the prompt stated it (a polygon's outline is in the record, not here)."""
     from .region import Region
 
+    if not isinstance(region, dict):  # a record's region is a dict; a string could name a file
+        return json.dumps(region)
     try:
         return Region.parse(region).describe()
     except (Clue2GeoError, TypeError, ValueError):

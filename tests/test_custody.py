@@ -427,3 +427,27 @@ def test_a_forged_or_malformed_signature_entry_is_named(journal: Path, keys: dic
     with pytest.raises(ResultsSignatureError, match="control or invisible"):
         sign_journal(journal, keys["priv"], examiner="x\nok: signed by trusted key deadbeef")
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_signed_csv_run_covers_its_table(keys: dict[str, Path], tmp_path: Path) -> None:
+    """`audit sign results.csv` signs the journal beside it and the table written from it: an edited
+    table is caught even though the journal is intact; a journal signed alone does not vouch for it."""
+    table = tmp_path / "results.csv"
+    w = RecordWriter(table, "csv")
+    for i in range(3):
+        w.write({"path": f"img{i}.jpg", "status": "ok", "lat": float(i), "lon": 2.0})
+    w.close()
+    journal = tmp_path / "results.csv.records.jsonl"
+    assert journal.is_file() and table.is_file()
+    res = CliRunner().invoke(main, ["audit", "sign", str(table), "--key", str(keys["priv"])])
+    assert res.exit_code == 0 and "with the table" in res.output, res.output
+    assert _audit(table, "--trusted-key", str(keys["pub"])).exit_code == 0
+    original = table.read_bytes()
+    table.write_bytes(original.replace(b"1.0", b"48.85", 1))
+    assert _audit(journal, "--trusted-key", str(keys["pub"])).exit_code == 0  # the journal is as signed
+    edited = _audit(table, "--trusted-key", str(keys["pub"]))
+    assert edited.exit_code == 1 and "the table" in edited.output and "changed after signing" in edited.output
+    table.write_bytes(original)
+    CliRunner().invoke(main, ["audit", "sign", str(journal), "--key", str(keys["priv"])])  # the journal alone
+    alone = _audit(table, "--trusted-key", str(keys["pub"]))
+    assert alone.exit_code == 1 and "is not covered" in alone.output, alone.output

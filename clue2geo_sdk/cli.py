@@ -714,9 +714,8 @@ def audit_verify(results: Path, anchor: str | None, trusted_keys: tuple[str, ...
         if trusted_keys:
             for sig in check_journal_signatures(journal, trusted_keys, table=table):
                 click.echo(f"ok: {journal} signed by trusted {sig.describe()}, unchanged since")
-        elif read_journal_signatures(journal):
-            ids = ", ".join(s.describe() for s in read_journal_signatures(journal))
-            click.echo(f"signatures by {ids} not checked: pass --trusted-key")
+        elif sigs := read_journal_signatures(journal):
+            click.echo(f"signatures by {', '.join(s.describe() for s in sigs)} not checked: pass --trusted-key")
     except Clue2GeoError as exc:
         _fail(exc)
 

@@ -125,7 +125,7 @@ class Region:
                 if kind == "polygon":
                     if not isinstance(spec["geometry"], dict):  # a record's region never names a file
                         raise RegionError(f"region {str(spec)[:200]!r}: polygon geometry must be a GeoJSON object")
-                    return cls.polygon(spec["geometry"], name=spec.get("name"))
+                    return cls.polygon(spec["geometry"], name=str(spec.get("name") or "") or None)
             except (KeyError, TypeError, ValueError) as exc:
                 if isinstance(exc, RegionError):
                     raise

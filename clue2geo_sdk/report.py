@@ -16,7 +16,8 @@ as ``data:`` URIs. Per image it shows
   record's hash links (recomputed here), and how to check the whole chain (``clue2geo audit verify``).
 
 At the top, the results' hash chain is checked, and each examiner's signature (``audit sign``)
-with the key stored in it. Failed records appear with their error. The page prints one image per page (``@media print``).
+with the key stored in it. Failed records appear with their error. The page prints one image per
+page (``@media print``).
 """
 
 from __future__ import annotations

@@ -481,7 +481,7 @@ def locate_on_ray(
         if gallery is not None:
             load["gallery"] = str(gallery)
         ctor = {"bundle": str(b.root), "ident": ident, "load": load, "in_flight": in_flight, "verify": verify}
-        ctor["gallery_manifest"] = gallery_manifest
+        ctor |= {"gallery_manifest": gallery_manifest}
         ds = _actor_stage(ds, plan, size, ctor)
         if total:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

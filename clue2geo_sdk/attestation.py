@@ -29,7 +29,7 @@ import attrs
 
 from .audit import AuditResult, verify_journal
 from .errors import Clue2GeoError
-from .signing import KeyInput, key_id, load_private_key, load_public_key, public_bytes
+from .signing import KeyInput, key_id, load_private_key, public_bytes, split_by_trust, trusted_by_id
 
 SIGNATURE_SUFFIX = ".sig.json"
 RUN_SIGNATURES = "run.sig.json"
@@ -249,7 +249,7 @@ def check_journal_signatures(
     """The signatures by trusted keys that vouch for ``target`` (and ``table``) as they are now;
     raise :class:`ResultsSignatureError` when there is none, saying why."""
     target = Path(target)
-    trusted = {key_id(k): k for k in map(load_public_key, trusted_keys)}
+    trusted = trusted_by_id(trusted_keys)
     if not trusted:
         raise ResultsSignatureError(f"{target}: no trusted keys given; give at least one public key")
     sigs = read_journal_signatures(target)
@@ -258,15 +258,7 @@ def check_journal_signatures(
             f"{target} is not signed (no {signature_path(target)}); "
             f"sign it with 'clue2geo audit sign {target} --key PRIVATE_KEY'"
         )
-    good, faults = [], []
-    for sig in sigs:
-        if sig.key_id not in trusted:
-            continue
-        fault = fault_of(target, sig, trusted[sig.key_id], table)
-        if fault:
-            faults.append(fault)
-        else:
-            good.append(sig)
+    good, faults = split_by_trust(sigs, trusted, lambda sig, pub: fault_of(target, sig, pub, table))
     if good:
         return good
     if not faults:

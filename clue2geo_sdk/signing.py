@@ -18,9 +18,9 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
@@ -34,6 +34,7 @@ SIGNATURE_FORMAT = "clue2geo-bundle-signatures/1"
 MESSAGE_PREFIX = b"clue2geo bundle manifest sha256 v1\n"
 _HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 
+S = TypeVar("S")
 KeyInput = Any  # Ed25519 key object, PEM / OpenSSH / hex text or bytes, or a path to a file of one
 
 
@@ -224,6 +225,29 @@ def sign_bundle(root: Path, key: KeyInput, digest: str) -> Signature:
     return sig
 
 
+def trusted_by_id(trusted_keys: Iterable[KeyInput]) -> dict[str, Ed25519PublicKey]:
+    """The trusted public keys, by key id."""
+    return {key_id(k): k for k in map(load_public_key, trusted_keys)}
+
+
+def split_by_trust(
+    sigs: Iterable[S], trusted: dict[str, Ed25519PublicKey], fault: Callable[[S, Ed25519PublicKey], str | None]
+) -> tuple[list[S], list[str]]:
+    """The signatures by trusted keys that hold, and why the others by trusted keys do not
+    (``fault`` says, for a signature and its trusted key; None when it holds)."""
+    good, faults = [], []
+    for sig in sigs:
+        key = trusted.get(sig.key_id)  # type: ignore[attr-defined]
+        if key is None:
+            continue
+        why = fault(sig, key)
+        if why is None:
+            good.append(sig)
+        else:
+            faults.append(why)
+    return good, faults
+
+
 def check_signatures(root: Path, digest: str, trusted_keys: Iterable[KeyInput], *, name: str) -> list[str]:
     """The ids of the trusted keys whose signature in ``signatures.json`` verifies over ``digest``;
     raise :class:`BundleSignatureError` when there is none (unsigned, signed by other keys only, or a
@@ -231,7 +255,7 @@ def check_signatures(root: Path, digest: str, trusted_keys: Iterable[KeyInput], 
     _ed25519()
     from cryptography.exceptions import InvalidSignature
 
-    trusted = {key_id(k): k for k in map(load_public_key, trusted_keys)}
+    trusted = trusted_by_id(trusted_keys)
     if not trusted:
         raise BundleSignatureError(f"bundle {name!r}: trusted_keys is empty; give at least one public key")
     sigs = read_signatures(root)
@@ -240,28 +264,24 @@ def check_signatures(root: Path, digest: str, trusted_keys: Iterable[KeyInput], 
             f"bundle {name!r} is not signed (no {SIGNATURES} beside its manifest) and trusted keys were given "
             f"({', '.join(trusted)}); refused. Sign it with 'clue2geo bundle sign {root} --key PRIVATE_KEY'"
         )
-    good, faults = [], []
-    for sig in sigs:
-        if sig.key_id not in trusted:
-            continue
-        pub = trusted[sig.key_id]
+
+    def fault(sig: Signature, pub: Ed25519PublicKey) -> str | None:
         if public_bytes(pub).hex() != sig.public_key:
-            faults.append(f"key {sig.key_id}: the stored public key is not the trusted one")
-            continue
+            return f"key {sig.key_id}: the stored public key is not the trusted one"
         try:
             pub.verify(bytes.fromhex(sig.signature), _message(digest, sig.signed_utc))
         except (InvalidSignature, ValueError):
             if sig.manifest_sha256 != digest:
-                faults.append(
+                return (
                     f"key {sig.key_id} signed manifest sha256 {sig.manifest_sha256} on {sig.signed_utc}, "
                     f"but the manifest is now {digest}: it changed after signing"
                 )
-            else:
-                faults.append(f"key {sig.key_id}: the signature does not verify (the signatures file was edited)")
-            continue
-        good.append(sig.key_id)
+            return f"key {sig.key_id}: the signature does not verify (the signatures file was edited)"
+        return None
+
+    good, faults = split_by_trust(sigs, trusted, fault)
     if good:
-        return good
+        return [sig.key_id for sig in good]
     if not faults:
         others = ", ".join(s.key_id for s in sigs)
         raise BundleSignatureError(
@@ -282,4 +302,6 @@ __all__ = [
     "load_public_key",
     "read_signatures",
     "sign_bundle",
+    "split_by_trust",
+    "trusted_by_id",
 ]

@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 
 from .audit import AuditResult, verify_journal
+from .bundle import sha256_file
 from .errors import Clue2GeoError
 from .signing import KeyInput, key_id, load_private_key, public_bytes, split_by_trust, trusted_by_id
 
@@ -80,14 +81,6 @@ def signature_path(target: Path) -> Path:
     return target / RUN_SIGNATURES if target.is_dir() else target.with_name(target.name + SIGNATURE_SUFFIX)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check(target: Path, anchor: str | None = None) -> AuditResult:
     """The hash chain of a journal, or of a run folder's shards in write order."""
     if target.is_dir():
@@ -100,12 +93,12 @@ def _check(target: Path, anchor: str | None = None) -> AuditResult:
 def content_digest(target: Path) -> str:
     """A journal's sha256; for a run folder, the sha256 over its shards' names and sha256s in order."""
     if not target.is_dir():
-        return _file_sha256(target)
+        return sha256_file(target)
     from .cluster.shards import shard_files
 
     h = hashlib.sha256(b"clue2geo run shards v1\n")
     for shard in shard_files(target):
-        h.update(f"{shard.name}\0{_file_sha256(shard)}\n".encode())
+        h.update(f"{shard.name}\0{sha256_file(shard)}\n".encode())
     return h.hexdigest()
 
 
@@ -201,7 +194,7 @@ def sign_journal(
         examiner=examiner,
         case=case,
         table=None if table is None else Path(table).name,
-        table_sha256=None if table is None else _file_sha256(Path(table)),
+        table_sha256=None if table is None else sha256_file(Path(table)),
     )
     sig = attrs.evolve(unsigned, signature=private.sign(unsigned.message()).hex())
     kept = [s for s in read_journal_signatures(target) if s.key_id != sig.key_id]
@@ -230,7 +223,7 @@ def fault_of(target: Path, sig: JournalSignature, pub: Any | None = None, table:
         return f"key {sig.key_id}: the signature does not verify (the signatures file was edited)"
     if table is not None and sig.table_sha256 is None:
         return f"{sig.describe()}: the table {table.name} is not covered (the journal was signed alone); sign {table}"
-    if table is not None and _file_sha256(table) != sig.table_sha256:
+    if table is not None and sha256_file(table) != sig.table_sha256:
         return f"{sig.describe()}: the table {table} changed after signing (it is not the one written then)"
     if content_digest(target) == sig.journal_sha256:
         return None

@@ -14,6 +14,7 @@ import click
 
 from ._version import __version__
 from .bundle import Bundle
+from .doctor import doctor_cmd
 from .errors import Clue2GeoError, MissingExtraError, install_hint
 
 # Commands that need the heavy export/train stacks are found by entry point at call time,
@@ -63,6 +64,7 @@ def main() -> None:
     """clue2geo: offline photo geolocation (Clue2Geo method)."""
 
 
+main.add_command(doctor_cmd)
 main.add_command(
     _LazyPluginGroup(
         "train",

@@ -18,9 +18,10 @@ from .engines.base import Generation, ImageSession, VisionLanguageModel, silence
 
 Constrain = Literal["fallback", "always", "never"]
 
-# Decimal degrees as strings (the paper's format), at least four decimals, range-limited by pattern.
-_LAT = {"type": "string", "pattern": "^-?(90|[0-8]?[0-9])[.][0-9]{4,6}$"}
-_LON = {"type": "string", "pattern": "^-?(180|1[0-7][0-9]|[0-9]?[0-9])[.][0-9]{4,6}$"}
+# Decimal degrees as strings (the paper's format), four to six decimals, range-limited by pattern:
+# |lat| <= 90 and |lon| <= 180 exactly (90 and 180 only with zero decimals).
+_LAT = {"type": "string", "pattern": "^-?(90[.]0{4,6}|[0-8]?[0-9][.][0-9]{4,6})$"}
+_LON = {"type": "string", "pattern": "^-?(180[.]0{4,6}|(1[0-7][0-9]|[0-9]?[0-9])[.][0-9]{4,6})$"}
 _NAME = {"type": "string", "maxLength": 64}
 LOCATION_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -61,10 +62,11 @@ class PendingAnswer:
     future: Future[Generation]
     _done: tuple[Any, list[Generation]] | None = None
 
-    def result(self) -> tuple[Any, list[Generation]]:
-        """The parsed value (None or invalid when unusable) and every generation it took."""
+    def result(self, timeout: float | None = None) -> tuple[Any, list[Generation]]:
+        """The parsed value (None or invalid when unusable) and every generation it took.
+        ``timeout`` bounds each wait (``TimeoutError`` past it); the engine never leaves one pending."""
         if self._done is None:
-            gens = [self.future.result()]
+            gens = [self.future.result(timeout)]
             value = self.parse(gens[0].text)
             if not usable(value) and self.constrain == "fallback" and not gens[0].constrained:
                 gens.append(
@@ -74,7 +76,7 @@ class PendingAnswer:
                         max_tokens=self.max_tokens,
                         seed=self.seed,
                         temperature=self.temperature,
-                    ).result()
+                    ).result(timeout)
                 )
                 value = self.parse(gens[-1].text)
             self._done = (value, gens)

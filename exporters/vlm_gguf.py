@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from clue2geo_sdk.engines.base import portable_model_defaults, silence_native_logs
 from clue2geo_sdk.errors import ExportValidationError, MissingExtraError
-from clue2geo_sdk.vlm import silence_native_logs
 
 CACHE = Path(os.environ.get("CLUE2GEO_CACHE", Path.home() / ".cache" / "clue2geo"))
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
@@ -251,7 +251,8 @@ def check_gguf_pair(model: Path, mmproj: Path, *, max_tokens: int = 48) -> dict[
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     silence_native_logs()
     handler = Qwen25VLChatHandler(clip_model_path=str(mmproj), verbose=False)
-    llm = Llama(str(model), chat_handler=handler, n_ctx=1024, seed=0, verbose=False)
+    with portable_model_defaults():
+        llm = Llama(str(model), chat_handler=handler, n_ctx=1024, seed=0, verbose=False)
     try:
         out = llm.create_chat_completion(
             messages=[

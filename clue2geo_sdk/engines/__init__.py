@@ -21,17 +21,26 @@ def make_engine(
     *,
     max_images: int = 4,
     ctx_per_image: int = 4096,
+    samples_per_prompt: int = 1,
     **kwargs: Any,
 ) -> VisionLanguageModel:
     """Build the named engine; ``kwargs`` are the settings both share (threads, GPU layers, seed...).
     CPU threads default to half the logical CPUs, as llama-cpp-python's ``Llama`` does, so both
-    engines compute with the same threads (llama.cpp's own default, 4, oversubscribes small machines)."""
+    engines compute with the same threads (llama.cpp's own default, 4, oversubscribes small machines).
+    ``samples_per_prompt`` sizes the batched engine's per-image sequence reservation."""
     if not kwargs.get("n_threads"):
         kwargs["n_threads"] = max(1, (os.cpu_count() or 2) // 2)
     if name == "batched":
         from .batched import LlamaBatchEngine
 
-        return LlamaBatchEngine(model_path, mmproj_path, max_images=max_images, ctx_per_image=ctx_per_image, **kwargs)
+        return LlamaBatchEngine(
+            model_path,
+            mmproj_path,
+            max_images=max_images,
+            ctx_per_image=ctx_per_image,
+            samples_per_prompt=samples_per_prompt,
+            **kwargs,
+        )
     if name == "chat":
         from .chat import LlamaChatVLM
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import ctypes
 import os
+import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +49,7 @@ class EngineStats:
     suffix_tokens: int = 0
     generated_tokens: int = 0
     decode_calls: int = 0
+    faults: int = 0  # steps that raised or failed; their prompts failed, the engine went on
     grammar_checks: int = 0
     grammar_full_masks: int = 0
 
@@ -72,8 +75,9 @@ class ImageSession(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
-    def ask(self, prompt: str, **kwargs: Any) -> Generation:
-        return self.submit(prompt, **kwargs).result()
+    def ask(self, prompt: str, *, timeout: float | None = None, **kwargs: Any) -> Generation:
+        """Submit and wait; ``timeout`` seconds at most (``TimeoutError`` past it, the prompt goes on)."""
+        return self.submit(prompt, **kwargs).result(timeout=timeout)
 
     def __enter__(self) -> ImageSession:
         return self
@@ -138,6 +142,47 @@ def load_llama_cpp(verbose: bool) -> tuple[Any, Any]:
             llama_cpp.llama_backend_init()
             _BACKEND_READY = True
     return llama_cpp, mtmd
+
+
+# Why: llama.cpp's "extra buffer types" repack weights for special CPU kernels. On CPUs with AMX
+# (Intel Sapphire Rapids and later) a native build of llama-cpp-python 0.3.36 routes matrix products
+# to ggml's AMX kernels through them and segfaults at the first image prefill (ggml_backend_amx_mul_mat).
+# Every model this package loads therefore loads with them off, whatever the host: a CPU without AMX
+# never shows the crash, so the setting is asserted by the tests, not left to the host.
+USE_EXTRA_BUFTS = False
+_DEFAULTS_LOCK = threading.Lock()
+
+
+def model_params(lib: Any, *, n_gpu_layers: int = 0) -> Any:
+    """``llama_model_params`` for every load in this package: extra buffer types off (see above)."""
+    params = lib.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    params.use_extra_bufts = USE_EXTRA_BUFTS
+    return params
+
+
+@contextlib.contextmanager
+def portable_model_defaults() -> Iterator[None]:
+    """While held, llama-cpp-python's ``llama_model_default_params`` gives :data:`USE_EXTRA_BUFTS`.
+
+    For loads through the high-level ``Llama`` class, which builds its own params from that function
+    and offers no argument for the setting. Restored on exit; a lock keeps concurrent loads apart."""
+    mod = sys.modules.get("llama_cpp.llama_cpp")
+    if mod is None:
+        import llama_cpp.llama_cpp as mod
+    with _DEFAULTS_LOCK:
+        original = mod.llama_model_default_params
+
+        def defaults() -> Any:
+            params = original()
+            params.use_extra_bufts = USE_EXTRA_BUFTS
+            return params
+
+        mod.llama_model_default_params = defaults
+        try:
+            yield
+        finally:
+            mod.llama_model_default_params = original
 
 
 def available_memory_bytes() -> int | None:

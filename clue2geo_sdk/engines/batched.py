@@ -20,8 +20,18 @@ One thread owns the llama and mtmd contexts (neither is thread-safe); callers ha
 queue and wait on futures, so any number of threads may use the engine at once.
 
 KV budget: every sequence's stream holds ``ctx_per_image`` cells: the image prefix, a prompt's
-suffix and its ``max_tokens``. A prompt that cannot fit fails alone (that prompt, not the batch);
-prompts wait for a free sequence (``max_images`` x 6: the prefix and 5 prompts per image).
+suffix and its ``max_tokens``. A prompt that cannot fit fails alone (that prompt, not the batch).
+
+Sequences: each image in flight reserves ``seqs_per_image`` of them when it is admitted (its prefix
+and the prompts that may be live at once: 1 + 5 prompts x samples), and its prompts use only those,
+waiting for one of them when all are busy. So an image's admission can never find the pool empty,
+whatever the other images' prompts hold.
+
+Faults: any exception in a step fails the prompts that step touched with a :class:`VLMError` naming
+the cause, and the engine goes on serving; a failed ``llama_decode`` fails every prompt it fed,
+prompts whose suffix spans several steps included. Non-finite logits fail their prompt. Should the
+engine thread itself die, everything pending and everything submitted later fails at once: no
+caller waits for ever.
 """
 
 from __future__ import annotations
@@ -41,11 +51,28 @@ import numpy as np
 
 from ..image import LoadedImage
 from ..image_tokens import IMAGE_MAX_TOKENS, fit_image
-from .base import SYSTEM_PROMPT, EngineStats, Generation, ImageSession, VLMError, load_failure, load_llama_cpp
+from .base import (
+    SYSTEM_PROMPT,
+    EngineStats,
+    Generation,
+    ImageSession,
+    VLMError,
+    load_failure,
+    load_llama_cpp,
+    model_params,
+)
 from .grammar import CheckFirstGrammar, GrammarError, GrammarFactory, build_tokenizer
 
-SEQS_PER_IMAGE = 6  # the prefix + cues and 3 RAG at once, then direct / re-asks / samples as they free up
+SEQS_PER_IMAGE = 6  # the prefix + the paper's 5 prompts, one sample each
 MAX_SEQUENCES = 256  # llama.cpp's limit on n_seq_max
+PROMPTS_PER_IMAGE = 5  # cues, 3 RAG, direct
+
+
+def seqs_per_image(samples_per_prompt: int = 1) -> int:
+    """Sequences one image reserves for its whole need: its prefix + 5 prompts x samples."""
+    return 1 + PROMPTS_PER_IMAGE * max(1, int(samples_per_prompt))
+
+
 _PREFIX = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{marker}"
 _SUFFIX = "{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -55,6 +82,8 @@ class _Image:
     rgb: bytes
     size: tuple[int, int]
     seq: int = -1
+    owned: list[int] = attrs.field(factory=list)  # every sequence reserved for this image
+    free: list[int] = attrs.field(factory=list)  # those its prompts may take now
     n_past: int = 0  # next position after the prefix (M-RoPE: not the token count)
     prefix_tokens: int = 0
     error: BaseException | None = None
@@ -83,11 +112,18 @@ class _Ask:
 
     def sample(self, logits: np.ndarray) -> int:
         """Greedy at temperature 0 (ties to the lowest id, as llama.cpp's greedy sampler), else a
-        draw from the softmax at the temperature with this prompt's own seeded generator."""
+        draw from the softmax at the temperature with this prompt's own seeded generator.
+        NaN logits (numpy's argmax picks a NaN) or no finite logit raise a :class:`VLMError`."""
         if self.temperature <= 0:
-            return int(np.argmax(logits))
+            tok = int(np.argmax(logits))
+            if not np.isfinite(logits[tok]):
+                raise VLMError("the model produced non-finite logits (NaN); the answer was stopped")
+            return tok
         z = logits.astype(np.float64) / self.temperature
-        p = np.exp(z - z[np.isfinite(z)].max())
+        finite = np.isfinite(z)
+        if np.isnan(z).any() or not finite.any():
+            raise VLMError("the model produced non-finite logits (NaN or all -inf); the answer was stopped")
+        p = np.exp(z - z[finite].max())
         return int(self.rng.choice(len(p), p=p / p.sum()))
 
 
@@ -130,6 +166,7 @@ class LlamaBatchEngine:
         *,
         max_images: int = 4,
         ctx_per_image: int = 4096,
+        samples_per_prompt: int = 1,
         n_batch: int = 2048,
         n_gpu_layers: int = 0,
         n_threads: int | None = None,
@@ -147,16 +184,17 @@ class LlamaBatchEngine:
         self.temperature, self.seed = temperature, seed
         self.stats = EngineStats()
         self._n_batch = int(n_batch)
-        n_seq = self.max_images * SEQS_PER_IMAGE
+        self.seqs_per_image = seqs_per_image(samples_per_prompt)
+        n_seq = self.max_images * self.seqs_per_image
         if n_seq > MAX_SEQUENCES:
-            raise ValueError(
-                f"max_images={self.max_images} needs {n_seq} sequences; llama.cpp allows {MAX_SEQUENCES} "
-                f"({MAX_SEQUENCES // SEQS_PER_IMAGE} images in flight at most)"
+            raise VLMError(
+                f"max_in_flight={self.max_images} with samples_per_prompt={samples_per_prompt} needs {n_seq} "
+                f"sequences ({self.seqs_per_image} per image); llama.cpp allows {MAX_SEQUENCES}: at most "
+                f"{MAX_SEQUENCES // self.seqs_per_image} images in flight at these samples"
             )
 
-        mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
-        self._model = lib.llama_model_load_from_file(str(model_path).encode(), mparams)
+        self.model_params = model_params(lib, n_gpu_layers=n_gpu_layers)
+        self._model = lib.llama_model_load_from_file(str(model_path).encode(), self.model_params)
         if not self._model:
             raise load_failure("model", model_path, Path(model_path).stat().st_size)
         self._vocab = lib.llama_model_get_vocab(self._model)
@@ -172,12 +210,13 @@ class LlamaBatchEngine:
             cparams.n_threads = cparams.n_threads_batch = n_threads
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
-            lib.llama_model_free(self._model)
-            m = self._model
+            m = self._model  # read its shape before it is freed
             kv_dim = lib.llama_model_n_embd(m) // lib.llama_model_n_head(m) * lib.llama_model_n_head_kv(m)
             kv = cparams.n_ctx * lib.llama_model_n_layer(m) * kv_dim * 2 * 2  # K and V, f16
+            lib.llama_model_free(m)
+            self._model = None
             raise load_failure(
-                f"KV cache ({cparams.n_ctx} cells: {self.max_images} images in flight x {SEQS_PER_IMAGE} "
+                f"KV cache ({cparams.n_ctx} cells: {self.max_images} images in flight x {self.seqs_per_image} "
                 f"sequences x {self.ctx_per_image}) for",
                 model_path,
                 kv,
@@ -205,20 +244,32 @@ class LlamaBatchEngine:
         self._slots = threading.BoundedSemaphore(self.max_images)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="clue2geo-vlm", daemon=True)
+        self._dead: BaseException | None = None  # set when the engine thread has ended for good
+        self._door = threading.Lock()  # orders "check dead, then enqueue" against the thread's last drain
+        self._thread = threading.Thread(target=self._run, name="clue2geo-vlm", daemon=True)
         self._thread.start()
 
     # -- callers' side (any thread) ----------------------------------------------------------------
 
     def open(self, image: LoadedImage) -> BatchSession:
         """A session for one image; blocks while ``max_images`` sessions are open."""
-        if self._closed:
-            raise VLMError("the VLM engine is closed")
+        if self._closed or self._dead is not None:
+            raise VLMError(f"the VLM engine is {'closed' if self._closed else f'stopped ({self._dead})'}")
         img = fit_image(image.image, self.image_max_tokens)
         self._slots.acquire()
         state = _Image(rgb=img.tobytes(), size=img.size)
-        self._inbox.put(("open", state))
+        if not self._post("open", state):
+            self._slots.release()
+            raise VLMError(f"the VLM engine stopped ({self._dead})")
         return BatchSession(self, state)
+
+    def _post(self, cmd: str, obj: Any) -> bool:
+        """Hand work to the engine thread; False when it has stopped for good (nothing was queued)."""
+        with self._door:
+            if self._dead is not None:
+                return False
+            self._inbox.put((cmd, obj))
+            return True
 
     def _submit(
         self,
@@ -233,31 +284,43 @@ class LlamaBatchEngine:
         if self._closed or image.closed:
             fut.set_exception(VLMError("the session or engine is closed"))
             return fut
-        temp = self.temperature if temperature is None else float(temperature)
-        ask = _Ask(
-            image=image,
-            suffix=self._tokenize(_SUFFIX.format(prompt=prompt)),
-            max_tokens=int(max_tokens),
-            temperature=temp,
-            rng=np.random.default_rng(self.seed if seed is None else seed),
-            grammar=self._grammar(schema).new() if schema is not None else None,
-            future=fut,
-        )
-        self._inbox.put(("ask", ask))
+        try:
+            temp = self.temperature if temperature is None else float(temperature)
+            ask = _Ask(
+                image=image,
+                suffix=self._tokenize(_SUFFIX.format(prompt=prompt)),
+                max_tokens=int(max_tokens),
+                temperature=temp,
+                rng=np.random.default_rng(self.seed if seed is None else seed),
+                grammar=self._grammar(schema).new() if schema is not None else None,
+                future=fut,
+            )
+        except Exception as exc:  # a bad schema or prompt fails this answer, not the caller's thread
+            fut.set_exception(exc if isinstance(exc, VLMError) else VLMError(f"the prompt was refused: {exc}"))
+            return fut
+        if not self._post("ask", ask):
+            fut.set_exception(VLMError(f"the VLM engine stopped ({self._dead})"))
         return fut
 
     def _close_image(self, image: _Image) -> None:
+        """Cancel the image's pending prompts (they fail with a VLMError) and free its sequences."""
         if not image.closed:
             image.closed = True
-            self._inbox.put(("close", image))
+            if not self._post("close", image):
+                self._slots.release()  # the engine thread is gone: nobody else will
 
-    def close(self) -> None:
-        """Finish: fail what is still queued, stop the engine thread, free the native contexts."""
+    def close(self, timeout: float | None = None) -> None:
+        """Finish: fail what is still queued, stop the engine thread, free the native contexts.
+
+        With ``timeout``, a :class:`VLMError` is raised when the thread has not stopped in time (a
+        native call still running); the native contexts are then left alone rather than freed in use."""
         if self._closed:
             return
         self._closed = True
-        self._inbox.put(("stop", None))
-        self._thread.join()
+        self._post("stop", None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise VLMError(f"the VLM engine did not stop within {timeout} s (a native call is still running)")
         self._lib.llama_batch_free(self._batch)
         self._mtmd.mtmd_free(self._mctx)
         self._lib.llama_free(self._ctx)
@@ -282,45 +345,97 @@ class LlamaBatchEngine:
 
     # -- the engine thread ----------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _run(self) -> None:
+        """The thread's body: serve until "stop"; should serving itself break, fail everything
+        pending and refuse later work (see :meth:`_post`), so no caller waits for ever."""
         waiting: list[_Ask] = []
         live: list[_Ask] = []
+        try:
+            while self._serve(waiting, live):
+                pass
+        except BaseException as exc:  # given to every caller below and later; not re-raised in this thread
+            self._dead = exc
+        finally:
+            with self._door:
+                if self._dead is None:
+                    self._dead = VLMError("the VLM engine was closed")
+            dead = self._dead
+            err = dead if isinstance(dead, VLMError) else VLMError(f"the VLM engine stopped: {dead!r}")
+            for a in waiting + live:
+                self._fail(a, err)
+            self._drain(err)
+
+    def _drain(self, err: VLMError) -> None:
+        """Fail the prompts queued before the door closed, release the slots of queued closes."""
         while True:
-            idle = not waiting and not live
             try:
-                cmd, obj = self._inbox.get() if idle else self._inbox.get_nowait()
+                cmd, obj = self._inbox.get_nowait()
             except queue.Empty:
-                cmd, obj = "", None
-            while cmd:
-                if cmd == "stop":
-                    err = VLMError("the VLM engine was closed")
-                    for a in waiting + live:
-                        self._fail(a, err)
-                    return
-                if cmd == "open":
-                    self._eval_prefix(obj)
-                elif cmd == "ask":
-                    waiting.append(obj)
-                elif cmd == "close":
-                    for a in [a for a in waiting + live if a.image is obj]:
-                        self._fail(a, VLMError("the image's session was closed before the answer"))
-                    waiting = [a for a in waiting if a.image is not obj]
-                    live = [a for a in live if a.image is not obj]
-                    self._release_image(obj)
-                try:
-                    cmd, obj = self._inbox.get_nowait()
-                except queue.Empty:
-                    cmd = ""
-            waiting = self._admit(waiting, live)
+                return
+            if cmd == "ask":
+                self._fail(obj, err)
+            elif cmd == "close":
+                self._slots.release()
+
+    def _serve(self, waiting: list[_Ask], live: list[_Ask]) -> bool:
+        """Take commands, admit prompts, run one step. False on "stop". A fault anywhere fails the
+        prompts it touched (all in flight, if it cannot be narrowed) and serving goes on."""
+        try:
+            if not self._take_commands(waiting, live):
+                err = VLMError("the VLM engine was closed")
+                for a in waiting + live:
+                    self._fail(a, err)
+                waiting.clear()
+                live.clear()
+                return False
+            waiting[:] = self._admit(waiting, live)
             if live:
                 self._step(live)
                 live[:] = [a for a in live if not a.future.done()]
+        except Exception as exc:
+            self.stats.faults += 1
+            err = _fault(exc)
+            for a in waiting + live:
+                self._fail(a, err)
+            waiting.clear()
+            live.clear()
+        return True
+
+    def _take_commands(self, waiting: list[_Ask], live: list[_Ask]) -> bool:
+        """Apply every queued command (blocking for one when idle); False on "stop"."""
+        idle = not waiting and not live
+        try:
+            cmd, obj = self._inbox.get() if idle else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if cmd == "stop":
+                return False
+            if cmd == "open":
+                self._eval_prefix(obj)
+            elif cmd == "ask":
+                waiting.append(obj)
+            elif cmd == "close":
+                err = VLMError("the image's session was closed before the answer")
+                for a in [a for a in waiting + live if a.image is obj]:
+                    self._fail(a, err)
+                waiting[:] = [a for a in waiting if a.image is not obj]
+                live[:] = [a for a in live if a.image is not obj]
+                self._release_image(obj)
+            try:
+                cmd, obj = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
 
     def _eval_prefix(self, img: _Image) -> None:
-        """Encode the image once and evaluate system + user turn + image into the image's sequence."""
+        """Reserve the image's sequences, encode it once and evaluate system + user turn + image
+        into the first of them."""
         lib, mtmd = self._lib, self._mtmd
         try:
-            img.seq = self._free_seqs.pop()
+            if len(self._free_seqs) < self.seqs_per_image:  # cannot happen: open images are capped
+                raise VLMError(f"no {self.seqs_per_image} free sequences for the image ({len(self._free_seqs)})")
+            img.owned = [self._free_seqs.pop() for _ in range(self.seqs_per_image)]
+            img.seq, img.free = img.owned[0], img.owned[1:]
             rgb = (ctypes.c_uint8 * len(img.rgb)).from_buffer_copy(img.rgb)
             bitmap = mtmd.mtmd_bitmap_init(img.size[0], img.size[1], rgb)
             text = _PREFIX.format(system=SYSTEM_PROMPT, marker=self._marker).encode()
@@ -350,25 +465,28 @@ class LlamaBatchEngine:
             img.n_past, img.prefix_tokens = int(new_n_past.value), int(n_tokens)
             self.stats.image_encodes += 1
             self.stats.prefix_tokens += int(n_tokens)
-        except BaseException as exc:  # this image fails; the engine and other images go on
-            img.error = exc if isinstance(exc, VLMError) else VLMError(f"image prefix failed: {exc}")
+        except Exception as exc:  # this image fails; the engine and other images go on
+            img.error = exc if isinstance(exc, VLMError) else VLMError(f"image prefix failed: {exc!r}")
             if img.seq >= 0:
                 lib.llama_memory_seq_rm(self._mem, img.seq, -1, -1)
         finally:
             img.rgb = b""
 
     def _release_image(self, img: _Image) -> None:
-        if img.seq >= 0:
-            self._lib.llama_memory_seq_rm(self._mem, img.seq, -1, -1)
-            self._free_seqs.append(img.seq)
-            img.seq = -1
+        for seq in img.owned:
+            self._lib.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._free_seqs.extend(img.owned)
+        img.owned, img.free, img.seq = [], [], -1
         self._slots.release()
 
     def _admit(self, waiting: list[_Ask], live: list[_Ask]) -> list[_Ask]:
-        """Start waiting prompts while sequences are free (FIFO); fail those that can never fit."""
+        """Start waiting prompts while their image has a free sequence (FIFO); fail those that can
+        never fit; drop those the caller cancelled."""
         rest = []
         for a in waiting:
             img = a.image
+            if a.future.done():  # cancelled by the caller
+                continue
             if img.error is not None:
                 self._fail(a, VLMError(f"the image could not be processed: {img.error}"))
             elif img.prefix_tokens + a.cost > self.ctx_per_image:
@@ -379,8 +497,10 @@ class LlamaBatchEngine:
                         f"{img.prefix_tokens}, more than the {self.ctx_per_image} per image (ctx_per_image)"
                     ),
                 )
-            elif self._free_seqs:
-                a.seq = self._free_seqs.pop()
+            elif img.free:
+                if not a.future.set_running_or_notify_cancel():
+                    continue
+                a.seq = img.free.pop()
                 self._lib.llama_memory_seq_cp(self._mem, img.seq, a.seq, -1, -1)
                 a.pos, a.feed = img.n_past, list(a.suffix)
                 self.stats.suffix_tokens += len(a.suffix)
@@ -390,13 +510,15 @@ class LlamaBatchEngine:
         return rest
 
     def _step(self, live: list[_Ask]) -> None:
-        """One ``llama_decode`` over every live sequence: pending prompt tokens and one new token each."""
+        """One ``llama_decode`` over every live sequence: pending prompt tokens and one new token each.
+        A failed or raising decode fails every prompt it fed; a fault in one prompt's sampling fails it alone."""
         lib, b = self._lib, self._batch
-        n, outputs = 0, []
+        n, outputs, fed = 0, [], []
         for a in live:
             take = a.feed[: self._n_batch - n]
             if not take:
                 continue
+            fed.append(a)
             for i, tok in enumerate(take):
                 b.token[n], b.pos[n], b.n_seq_id[n] = tok, a.pos + i, 1
                 b.seq_id[n][0] = a.seq
@@ -410,30 +532,45 @@ class LlamaBatchEngine:
             if n >= self._n_batch:
                 break
         b.n_tokens = n
-        rc = lib.llama_decode(self._ctx, b)
         self.stats.decode_calls += 1
-        if rc != 0:
-            err = VLMError(f"llama_decode failed (code {rc}): the KV cache may be full")
-            for a in {id(a): a for a, _ in outputs}.values():
+        try:
+            rc = lib.llama_decode(self._ctx, b)
+            if rc != 0:
+                raise VLMError(f"llama_decode failed (code {rc}): the KV cache may be full")
+        except Exception as exc:
+            self.stats.faults += 1
+            err = _fault(exc)
+            for a in fed:
                 self._fail(a, err)
             return
         for a, idx in outputs:
             try:
-                logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx, idx), shape=(self.n_vocab,))
-                tok = a.grammar.choose(logits, a.sample) if a.grammar else a.sample(logits)
-            except GrammarError as exc:
-                self._fail(a, VLMError(str(exc)))
-                continue
-            if lib.llama_vocab_is_eog(self._vocab, tok):
-                self._finish(a, truncated=False)
-                continue
-            a.out.append(tok)
-            a.text += self._piece(tok)
-            self.stats.generated_tokens += 1
-            if len(a.out) >= a.max_tokens:
-                self._finish(a, truncated=True)
-            else:
-                a.feed = [tok]
+                self._advance(a, idx)
+            except Exception as exc:
+                self.stats.faults += 1
+                self._fail(a, _fault(exc))
+
+    def _advance(self, a: _Ask, idx: int) -> None:
+        """Sample ``a``'s next token from batch row ``idx``; finish it at end of generation or budget."""
+        lib = self._lib
+        ptr = lib.llama_get_logits_ith(self._ctx, idx)
+        if not ptr:
+            raise VLMError(f"llama.cpp returned no logits for batch row {idx}")
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        try:
+            tok = a.grammar.choose(logits, a.sample) if a.grammar else a.sample(logits)
+        except GrammarError as exc:
+            raise VLMError(str(exc)) from exc
+        if lib.llama_vocab_is_eog(self._vocab, tok):
+            self._finish(a, truncated=False)
+            return
+        a.out.append(tok)
+        a.text += self._piece(tok)
+        self.stats.generated_tokens += 1
+        if len(a.out) >= a.max_tokens:
+            self._finish(a, truncated=True)
+        else:
+            a.feed = [tok]
 
     def _piece(self, tok: int) -> bytes:
         buf = ctypes.create_string_buffer(64)
@@ -446,7 +583,8 @@ class LlamaBatchEngine:
     def _drop_seq(self, a: _Ask) -> None:
         if a.seq >= 0:
             self._lib.llama_memory_seq_rm(self._mem, a.seq, -1, -1)
-            self._free_seqs.append(a.seq)
+            if a.image.owned:  # back to its image's reservation (gone with the image once released)
+                a.image.free.append(a.seq)
             a.seq = -1
         if a.grammar is not None:
             self.stats.grammar_checks += a.grammar.checks
@@ -457,18 +595,26 @@ class LlamaBatchEngine:
     def _finish(self, a: _Ask, *, truncated: bool) -> None:
         constrained = a.grammar is not None
         self._drop_seq(a)
-        a.future.set_result(
-            Generation(
-                text=a.text.decode("utf-8", errors="replace"),
-                constrained=constrained,
-                tokens=len(a.out),
-                seconds=time.perf_counter() - a.t0,
-                truncated=truncated,
-                prompt_tokens=len(a.suffix),
+        if not a.future.done():
+            a.future.set_result(
+                Generation(
+                    text=a.text.decode("utf-8", errors="replace"),
+                    constrained=constrained,
+                    tokens=len(a.out),
+                    seconds=time.perf_counter() - a.t0,
+                    truncated=truncated,
+                    prompt_tokens=len(a.suffix),
+                )
             )
-        )
 
     def _fail(self, a: _Ask, exc: BaseException) -> None:
         self._drop_seq(a)
         if not a.future.done():
             a.future.set_exception(exc)
+
+
+def _fault(exc: BaseException) -> VLMError:
+    """The error a prompt fails with when a step broke: the cause named, a VLMError kept as it is."""
+    if isinstance(exc, VLMError):
+        return exc
+    return VLMError(f"the VLM engine failed while answering ({type(exc).__name__}: {exc}); the engine goes on")

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..image import LoadedImage
 from ..image_tokens import IMAGE_MAX_TOKENS, fit_image
-from .base import EngineStats, Generation, ImageSession, VLMError, load_llama_cpp
+from .base import EngineStats, Generation, ImageSession, VLMError, load_llama_cpp, portable_model_defaults
 
 
 class ChatSession(ImageSession):
@@ -78,16 +78,17 @@ class LlamaChatVLM:
         self._handler = _capped_handler(Qwen25VLChatHandler, self.image_max_tokens)(
             clip_model_path=str(mmproj_path), verbose=verbose
         )
-        self._llm: Any = Llama(
-            str(model_path),
-            chat_handler=self._handler,
-            n_ctx=n_ctx,
-            n_gpu_layers=n_gpu_layers,
-            n_threads=n_threads,
-            seed=seed,
-            flash_attn=flash_attn,
-            verbose=verbose,
-        )
+        with portable_model_defaults():
+            self._llm: Any = Llama(
+                str(model_path),
+                chat_handler=self._handler,
+                n_ctx=n_ctx,
+                n_gpu_layers=n_gpu_layers,
+                n_threads=n_threads,
+                seed=seed,
+                flash_attn=flash_attn,
+                verbose=verbose,
+            )
 
     def open(self, image: LoadedImage) -> ChatSession:
         buf = io.BytesIO()

@@ -1,8 +1,8 @@
 """What llama.cpp's extra buffer types cost or give on this CPU, and whether they crash it.
 
-The runtime loads every GGUF with them off (clue2geo_sdk.engines.base.USE_EXTRA_BUFTS): on AMX
-CPUs a native llama-cpp-python build segfaults in ggml_backend_amx_mul_mat with them on. Elsewhere
-they carry the CPU "repack" kernels, so turning them off may cost speed. Each setting runs in its
+The runtime loads GGUFs with them off wherever AMX could run (clue2geo_sdk.engines.base.use_extra_bufts):
+on AMX CPUs a native llama-cpp-python build segfaults in ggml_backend_amx_mul_mat with them on.
+Elsewhere they stay on: they carry the CPU "repack" kernels, and this measures what those give. Each setting runs in its
 own process (a segfault ends only that process and is reported as such):
 
     python bench/extra_bufts.py --bundle artifacts/demo [--runs 3] [--tokens 64]
@@ -30,7 +30,7 @@ def child(bundle: Path, on: bool, tokens: int, threads: int | None) -> dict:
     from clue2geo_sdk.engines import base, make_engine
     from clue2geo_sdk.image import load_image
 
-    base.USE_EXTRA_BUFTS = on  # read at each model load
+    base.use_extra_bufts = lambda: on  # read at each model load
     b = Bundle.open(bundle, verify=False)
     photo = Path(__file__).resolve().parents[1] / "examples" / "images" / "summer_palace_beijing.jpg"
     eng = make_engine(
@@ -93,9 +93,9 @@ def main() -> None:
         out["settings"][setting] = summary
     off, on = out["settings"]["off"], out["settings"]["on"]
     if "decode_tok_s" in off and "decode_tok_s" in on:
-        out["off_vs_on"] = {
-            k: round(off[k] / on[k], 3) for k in ("prefill_tok_s", "decode_tok_s") if on.get(k)
-        } | {"prefix_s": round(off["prefix_s"] / on["prefix_s"], 3)}
+        out["off_vs_on"] = {k: round(off[k] / on[k], 3) for k in ("prefill_tok_s", "decode_tok_s") if on.get(k)} | {
+            "prefix_s": round(off["prefix_s"] / on["prefix_s"], 3)
+        }
     print(json.dumps(out, indent=2))
 
 

@@ -1,9 +1,12 @@
 """Native-library load order.
 
 usearch's extension links libstdc++ statically; once it is loaded first, importing onnxruntime
-segfaults (seen with usearch 2.26 + onnxruntime 1.32 on Linux). Loading the system libstdc++ with
-RTLD_GLOBAL before usearch is first imported avoids it. Done lazily, at first use; a program that
-imports usearch itself before clue2geo should import onnxruntime first.
+segfaults (seen with usearch 2.26 + onnxruntime 1.32 on Linux). And on an Ubuntu 24.04 host (Intel
+Xeon with AMX, Python 3.12) every llama.cpp model load of a llama-cpp-python 0.3.36 built there
+segfaulted, text or image, whatever the build flags, until the system libstdc++ was loaded first
+(measured: 8 of 8 loads crashed without it, 0 of 6 with it). Loading the system libstdc++ with
+RTLD_GLOBAL before either library is first imported avoids both. Done lazily, at first use; a
+program that imports usearch or llama_cpp itself before clue2geo should preload libstdc++ too.
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ def _preload_libstdcxx() -> None:
             ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
         except OSError:
             pass
+
+
+def llama_cpp_module() -> Any:
+    """The ``llama_cpp`` package, imported safely (see above)."""
+    _preload_libstdcxx()
+    import llama_cpp
+
+    return llama_cpp
 
 
 def usearch_index() -> Any:

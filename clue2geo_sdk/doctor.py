@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from ._version import __version__
-from .engines.base import USE_EXTRA_BUFTS, available_memory_bytes, load_llama_cpp
+from .engines.base import available_memory_bytes, load_llama_cpp, use_extra_bufts
 
 # CPU flags that decide which ggml kernels a native build compiles and runs.
 CPU_FLAGS = (
@@ -62,7 +62,10 @@ def llama_info() -> dict[str, Any]:
         "compiled_features": compiled,
         "amx_kernels_built": any(f.startswith("AMX") for f in compiled),
         "gpu_offload": bool(lib.llama_supports_gpu_offload()),
-        "extra_buffer_types": "on" if USE_EXTRA_BUFTS else "off on every model load (AMX kernels never run)",
+        "amx_possible": not use_extra_bufts(),  # the engines' own decision (engines.base)
+        "extra_buffer_types": "on (no AMX in this CPU or build: the repack kernels run)"
+        if use_extra_bufts()
+        else "off on every model load (AMX kernels never run)",
     }
 
 
@@ -109,8 +112,8 @@ def diagnose(bundle: Path | None = None) -> dict[str, Any]:
     llama = report.get("llama_cpp", {})
     if llama.get("llama_cpp_python") not in (None, KNOWN_GOOD_LLAMA):
         problems.append(f"llama-cpp-python {llama['llama_cpp_python']} is not the tested {KNOWN_GOOD_LLAMA}")
-    if llama.get("amx_kernels_built") and USE_EXTRA_BUFTS:
-        problems.append("llama.cpp has AMX kernels and extra buffer types are on: it crashes on AMX CPUs")
+    if llama.get("amx_possible") and llama.get("extra_buffer_types", "").startswith("on"):
+        problems.append("AMX kernels could run and extra buffer types are on: llama.cpp 0.3.36 crashes there")
     if bundle is not None:
         try:
             report["bundle"] = bundle_info(bundle)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from clue2geo_sdk._native import llama_cpp_module
 from clue2geo_sdk.engines.base import portable_model_defaults, silence_native_logs
 from clue2geo_sdk.errors import ExportValidationError, MissingExtraError
 
@@ -220,7 +221,7 @@ QUANT_TYPES = {
 
 def quantize(src: Path, dst: Path, quant: str) -> Path:
     """Quantize a GGUF with llama.cpp (the library llama-cpp-python ships)."""
-    import llama_cpp
+    llama_cpp = llama_cpp_module()
 
     if quant not in QUANT_TYPES:
         raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
@@ -242,6 +243,7 @@ CHECK_SCHEMA: dict[str, Any] = {
 
 def check_gguf_pair(model: Path, mmproj: Path, *, max_tokens: int = 48) -> dict[str, Any]:
     """Load the pair in llama-cpp-python and answer one image prompt under a JSON schema."""
+    llama_cpp_module()  # the safe first import (clue2geo_sdk._native)
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Qwen25VLChatHandler
     from PIL import Image

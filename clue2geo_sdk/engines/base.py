@@ -5,16 +5,17 @@ from __future__ import annotations
 import abc
 import contextlib
 import ctypes
+import functools
 import os
-import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
 
+from .._native import llama_cpp_module
 from ..errors import Clue2GeoError, MissingExtraError
 from ..image import LoadedImage
 
@@ -109,7 +110,7 @@ def silence_native_logs() -> None:
     global _SILENT_CALLBACK
     if _SILENT_CALLBACK is not None:
         return
-    import llama_cpp
+    llama_cpp = llama_cpp_module()
     import llama_cpp.mtmd_cpp as mtmd
 
     @llama_cpp.llama_log_callback
@@ -126,7 +127,7 @@ def load_llama_cpp(verbose: bool) -> tuple[Any, Any]:
     """llama-cpp-python's low-level bindings and mtmd, the backend initialised once per process."""
     global _BACKEND_READY
     try:
-        import llama_cpp
+        llama_cpp = llama_cpp_module()
         import llama_cpp.mtmd_cpp as mtmd
     except ImportError as exc:  # a core dependency, so no extra brings it: name the reinstall
         raise MissingExtraError(
@@ -147,35 +148,61 @@ def load_llama_cpp(verbose: bool) -> tuple[Any, Any]:
 # Why: llama.cpp's "extra buffer types" repack weights for special CPU kernels. On CPUs with AMX
 # (Intel Sapphire Rapids and later) a native build of llama-cpp-python 0.3.36 routes matrix products
 # to ggml's AMX kernels through them and segfaults at the first image prefill (ggml_backend_amx_mul_mat).
-# Every model this package loads therefore loads with them off, whatever the host: a CPU without AMX
-# never shows the crash, so the setting is asserted by the tests, not left to the host.
-USE_EXTRA_BUFTS = False
+# So wherever AMX could run — the CPU reports it, or the llama.cpp build has AMX kernels — every
+# model this package loads, loads with them off. Elsewhere they stay on: they carry the AVX2/AVX-512
+# "repack" kernels (measured on this project's AVX-512 CI host: ~25 % faster prefill and decode).
+# A CPU without AMX never shows the crash, so the tests assert the decision, not the host's luck.
 _DEFAULTS_LOCK = threading.Lock()
+_AMX_CPU_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
+
+
+def amx_possible(system_info: str, cpu_flags: Iterable[str]) -> bool:
+    """True when AMX kernels could run: llama.cpp was built with them (``AMX_INT8 = 1`` in its
+    system info) or the CPU reports any AMX flag."""
+    return "AMX_INT8 = 1" in system_info or "AMX_BF16 = 1" in system_info or bool(set(cpu_flags) & set(_AMX_CPU_FLAGS))
+
+
+def cpu_flags() -> set[str]:
+    """The first CPU's flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def use_extra_bufts() -> bool:
+    """Whether models load with llama.cpp's extra buffer types: off wherever AMX could run."""
+    info = llama_cpp_module().llama_print_system_info().decode(errors="replace")
+    return not amx_possible(info, cpu_flags())
 
 
 def model_params(lib: Any, *, n_gpu_layers: int = 0) -> Any:
     """``llama_model_params`` for every load in this package: extra buffer types off (see above)."""
     params = lib.llama_model_default_params()
     params.n_gpu_layers = n_gpu_layers
-    params.use_extra_bufts = USE_EXTRA_BUFTS
+    params.use_extra_bufts = use_extra_bufts()
     return params
 
 
 @contextlib.contextmanager
 def portable_model_defaults() -> Iterator[None]:
-    """While held, llama-cpp-python's ``llama_model_default_params`` gives :data:`USE_EXTRA_BUFTS`.
+    """While held, llama-cpp-python's ``llama_model_default_params`` follows :func:`use_extra_bufts`.
 
     For loads through the high-level ``Llama`` class, which builds its own params from that function
     and offers no argument for the setting. Restored on exit; a lock keeps concurrent loads apart."""
-    mod = sys.modules.get("llama_cpp.llama_cpp")
-    if mod is None:
-        import llama_cpp.llama_cpp as mod
+    mod = llama_cpp_module().llama_cpp
+    setting = use_extra_bufts()
     with _DEFAULTS_LOCK:
         original = mod.llama_model_default_params
 
         def defaults() -> Any:
             params = original()
-            params.use_extra_bufts = USE_EXTRA_BUFTS
+            params.use_extra_bufts = setting
             return params
 
         mod.llama_model_default_params = defaults

@@ -15,9 +15,12 @@ as ``data:`` URIs. Per image it shows
 * a chain-of-custody block: UTC start/end, image sha256, bundle digest, SDK version, options, the
   record's hash links (recomputed here), and how to check the whole chain (``clue2geo audit verify``).
 
-At the top, the results' hash chain is checked, and each examiner's signature (``audit sign``)
-with the key stored in it. Failed records appear with their error. The page prints one image per
-page (``@media print``).
+At the top, the results' hash chain is checked, and each examiner's signature (``audit sign``): shown
+as holding (green) only when made by a key the user trusts (``trusted_keys``, ``report --trusted-key``);
+one that verifies only with the public key stored in the signatures file is said to be *not checked
+against a key you trust*. Failed records appear with their error; a record with fields of the wrong
+type is shown as far as it can be, each part that cannot be drawn named (never failing the report).
+The page prints one image per page (``@media print``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import html
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +82,49 @@ def patch_box(size: tuple[int, int], grid: tuple[int, int], index: int) -> tuple
 
 def _finite(*values: Any) -> bool:
     return all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def _items(rec: Mapping[str, Any], key: str) -> list[Any]:
+    """The record's list ``key`` ([] when absent or null); another type is named as an error."""
+    value = rec.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise TypeError(f"the record's {key!r} is a JSON {_kind(value)}, not a list")
+    return value
+
+
+def _mapping(rec: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """The record's object ``key`` ({} when absent or null); another type is named as an error."""
+    value = rec.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"the record's {key!r} is a JSON {_kind(value)}, not an object")
+    return value
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a value's type, for messages."""
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float written as its name ("NaN", "Infinity"): JSON shown on
+    the page stays JSON (the standard has no NaN), whatever a record holds."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _json(value: Any, **kw: Any) -> str:
+    """Strict JSON text of ``value`` (never NaN or Infinity) for the page."""
+    return json.dumps(_json_safe(value), ensure_ascii=False, allow_nan=False, default=str, **kw)
 
 
 @functools.cache
@@ -180,17 +226,18 @@ def _rows(pairs: Sequence[tuple[str, str]]) -> str:
 
 
 def _position(rec: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    pos = (rec.get("metadata") or {}).get("position")
+    meta = rec.get("metadata")
+    pos = meta.get("position") if isinstance(meta, Mapping) else None
     return pos if isinstance(pos, Mapping) and _finite(pos.get("lat"), pos.get("lon")) else None
 
 
 def _primaries(rec: Mapping[str, Any]) -> list[tuple[int, int]]:
     """(clue set number, cue index) of each primary cue, from the record's cluemap."""
-    cues = rec.get("cues") or []
+    cues = _items(rec, "cues")
     out = []
-    for n, s in enumerate((rec.get("cluemap") or {}).get("sets") or [], start=1):
+    for n, s in enumerate(_items(_mapping(rec, "cluemap"), "sets"), start=1):
         i = s.get("primary") if isinstance(s, Mapping) else None
-        if isinstance(i, int) and 0 <= i < len(cues):
+        if isinstance(i, int) and 0 <= i < len(cues) and isinstance(cues[i], Mapping):
             out.append((n, i))
     return out
 
@@ -214,7 +261,7 @@ def _photo_svg(rec: Mapping[str, Any], thumb: Thumbnail, grid: tuple[int, int]) 
         f'<line x1="0" y1="{r * h // rows * sy:.1f}" x2="{tw}" y2="{r * h // rows * sy:.1f}"/>' for r in range(1, rows)
     )
     outlines, notes = [], []
-    cues = rec.get("cues") or []
+    cues = _items(rec, "cues")
     for n, i in _primaries(rec):
         patch = cues[i].get("patch", -1)
         if not isinstance(patch, int) or patch < 0:
@@ -322,7 +369,7 @@ def _record_points(rec: Mapping[str, Any]) -> list[tuple[str, float, float, str]
     pts: list[tuple[str, float, float, str]] = []
     if rec.get("status") != "ok" or not _finite(rec.get("lat"), rec.get("lon")):
         return pts
-    for c in rec.get("candidates") or []:
+    for c in _items(rec, "candidates"):
         if isinstance(c, Mapping) and _finite(c.get("lat"), c.get("lon")):
             tip = f"{c.get('source')} score {_num(c.get('score'), '.3f')} ({c['lat']:.4f}, {c['lon']:.4f})"
             pts.append((str(c.get("source")), float(c["lat"]), float(c["lon"]), tip))
@@ -334,8 +381,8 @@ def _record_points(rec: Mapping[str, Any]) -> list[tuple[str, float, float, str]
 
 
 def _cluemap_html(rec: Mapping[str, Any], grid: tuple[int, int]) -> str:
-    cues = rec.get("cues") or []
-    sets = (rec.get("cluemap") or {}).get("sets") or []
+    cues = _items(rec, "cues")
+    sets = _items(_mapping(rec, "cluemap"), "sets")
     if not sets:
         why = {"skipped": "the cluemap was switched off (use_cluemap=False)", "failed": "no usable cue list"}
         return f"<p>No clue sets: {_e(why.get(str(rec.get('cues_status')), rec.get('cues_status')))}.</p>"
@@ -349,6 +396,9 @@ def _cluemap_html(rec: Mapping[str, Any], grid: tuple[int, int]) -> str:
                 items.append(f"<li>cue #{_e(i)} is not in the record's cue list</li>")
                 continue
             c = cues[i]
+            if not isinstance(c, Mapping):
+                items.append(f"<li>cue #{i} is a JSON {_kind(c)}, not an object</li>")
+                continue
             patch = c.get("patch", -1)
             where = (
                 f"patch {patch} (row {patch // cols + 1}, col {patch % cols + 1})"
@@ -374,11 +424,12 @@ def _cluemap_html(rec: Mapping[str, Any], grid: tuple[int, int]) -> str:
 def _candidates_html(rec: Mapping[str, Any]) -> str:
     pos = _position(rec)
     rows = []
-    for c in rec.get("candidates") or []:
+    predicted = _finite(rec.get("lat"), rec.get("lon"))
+    for c in _items(rec, "candidates"):
         if not isinstance(c, Mapping):
             continue
         ok = _finite(c.get("lat"), c.get("lon"))
-        to_pred = distance_km(rec["lat"], rec["lon"], c["lat"], c["lon"]) if ok else None
+        to_pred = distance_km(rec["lat"], rec["lon"], c["lat"], c["lon"]) if ok and predicted else None
         to_meta = distance_km(pos["lat"], pos["lon"], c["lat"], c["lon"]) if ok and pos else None
         color = _COLORS.get(str(c.get("source")), "#444")
         rows.append(
@@ -403,19 +454,20 @@ def _answers_html(rec: Mapping[str, Any]) -> str:
         f"<tr><td>{_e(a.get('rank'))}</td><td>{_num(a.get('lat'))}, {_num(a.get('lon'))}</td>"
         f"<td>{_num(a.get('confidence'), '.3f')}</td><td>{_num(a.get('score'), '.3f')}</td>"
         f'<td class="text">{_e(", ".join(map(str, a.get("sources") or [])))}</td><td>{_km(a.get("extent_km"))}</td></tr>'
-        for a in rec.get("answers") or []
+        for a in _items(rec, "answers")
         if isinstance(a, Mapping)
     ]
     if not rows:
         return "<p>No ranked answers in this record.</p>"
-    photos = (rec.get("references") or {}).get("gallery") == "photos"
+    refs = rec.get("references")
+    photos = isinstance(refs, Mapping) and refs.get("gallery") == "photos"
     over = "candidates'" if photos else "candidates' and the nearest gallery points'"
     note = (
         "There was nothing to weigh the winner against (a lone fallback point): the prediction has no confidence. "
         if rec.get("confidence") is None
         else ""
     )
-    if any(str(c.get("source")) == "region_anchor" for c in rec.get("candidates") or [] if isinstance(c, Mapping)):
+    if any(str(c.get("source")) == "region_anchor" for c in _items(rec, "candidates") if isinstance(c, Mapping)):
         note += "region_anchor is a point inside the region chosen because nothing else was in it, not a model answer. "
     return (
         '<table class="answers"><thead><tr><th>#</th><th>lat, lon</th><th>confidence</th><th>best score</th>'
@@ -428,8 +480,10 @@ def _answers_html(rec: Mapping[str, Any]) -> str:
 
 def _metadata_html(rec: Mapping[str, Any]) -> str:
     meta = rec.get("metadata")
-    if not isinstance(meta, Mapping):
+    if meta is None:
         return "<p>No metadata was read for this record.</p>"
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"the record's 'metadata' is a JSON {_kind(meta)}, not an object")
     pos = _position(rec)
     where = (
         f"{pos['lat']:.6f}, {pos['lon']:.6f} ({_e(pos.get('source'))}"
@@ -438,7 +492,7 @@ def _metadata_html(rec: Mapping[str, Any]) -> str:
         else "none"
     )
     camera = " ".join(str(v) for v in (meta.get("make"), meta.get("model")) if v) or None
-    problems = "".join(f"<li>{_e(p)}</li>" for p in meta.get("problems") or [])
+    problems = "".join(f"<li>{_e(p)}</li>" for p in _items(meta, "problems"))
     return (
         '<table class="kv">'
         + _rows(
@@ -471,9 +525,9 @@ def _raw_html(rec: Mapping[str, Any]) -> str:
                 info = ", ".join(f"{key} {_e(v)}" for key, v in g.items() if key != "text")
                 parts.append(f"<h4>{_e(prompt)} #{k + 1} <small>({info})</small></h4><pre>{_e(g['text'])}</pre>")
             else:
-                parts.append(f"<h4>{_e(prompt)} #{k + 1}</h4><pre>{_e(json.dumps(g, ensure_ascii=False))}</pre>")
+                parts.append(f"<h4>{_e(prompt)} #{k + 1}</h4><pre>{_e(_json(g))}</pre>")
     if not parts:
-        parts.append(f"<pre>{_e(json.dumps(raw, ensure_ascii=False, default=str))}</pre>")
+        parts.append(f"<pre>{_e(_json(raw))}</pre>")
     return f'<details class="raw"><summary>The model\'s raw answers</summary>{"".join(parts)}</details>'
 
 
@@ -509,7 +563,7 @@ def _custody_html(
     options = rec.get("options")
     opts = (
         f"<details><summary>{_code(rec.get('options_digest'))}</summary><pre>"
-        f"{html.escape(json.dumps(options, ensure_ascii=False, sort_keys=True))}</pre></details>"
+        f"{html.escape(_json(options, sort_keys=True))}</pre></details>"
         if isinstance(options, Mapping)
         else _code(rec.get("options_digest"))
     )
@@ -591,8 +645,9 @@ def _resolve(image: str, image_root: Path | None) -> Path:
     return image_root / p if image_root is not None and not p.is_absolute() else p
 
 
-def _audit_line(results_path: Path | None) -> str:
-    """The hash chain of the results (a journal, or a 'locate --ray' run folder) checked now."""
+def _audit_line(results_path: Path | None, trusted: Mapping[str, Any]) -> str:
+    """The hash chain of the results (a journal, or a 'locate --ray' run folder) checked now, and
+    their signatures (checked with the ``trusted`` keys)."""
     if results_path is None:
         return ""
     path = Path(results_path)
@@ -614,7 +669,7 @@ def _audit_line(results_path: Path | None) -> str:
         return f'<p class="bad">The results could not be read to check their hash chain: {_e(exc)}</p>'
     cls = "good" if res.ok else "bad"
     line = f'<p>Hash chain of the results at report time: <span class="{cls}">{_e(res.message())}</span></p>'
-    return line + _signature_lines(path)
+    return line + _signature_lines(path, trusted)
 
 
 def _region_text(region: Any) -> str:
@@ -622,42 +677,93 @@ def _region_text(region: Any) -> str:
     from .region import Region
 
     if not isinstance(region, dict):  # a record's region is a dict; a string could name a file
-        return json.dumps(region)
+        return _json(region)
     try:
         return Region.parse(region).describe()
-    except (Clue2GeoError, TypeError, ValueError):
-        return json.dumps(region)
+    except (Clue2GeoError, TypeError, ValueError, RecursionError):
+        return _json(region)
 
 
-def _signature_lines(target: Path) -> str:
-    """The examiners' signatures of the results, each checked with the key stored in it: this shows
-    the results are what that key signed; whose key it is, is for `audit verify --trusted-key`."""
-    from .attestation import fault_of, read_journal_signatures
+def load_trusted_keys(trusted_keys: Iterable[Any] | None) -> dict[str, Any]:
+    """The user's trusted public keys by key id, given as ``--trusted-key`` takes them (a key file's path
+    or the key's text): a key file that is a FIFO or device is refused before it is opened (it would
+    block for ever), and a key that cannot be read raises a :class:`~clue2geo_sdk.errors.Clue2GeoError`."""
+    from .files import regular_file
+    from .signing import trusted_by_id
 
-    out = []
+    keys = list(trusted_keys or [])
+    for k in keys:
+        if isinstance(k, str | Path):
+            try:
+                path = Path(k).expanduser()
+                named = path.exists() or path.is_symlink()
+            except (OSError, ValueError):  # key text too long, or with a NUL, for a path: not a file
+                named = False
+            if named:
+                regular_file(path, "--trusted-key")
+    return trusted_by_id(keys)
+
+
+def _signature_line(trust: str, cls: str, text: str, note: str = "") -> str:
+    return f'<p class="signature" data-trust="{trust}">Signature: <span class="{cls}">{_e(text)}</span>{note}</p>'
+
+
+def _signature_lines(target: Path, trusted: Mapping[str, Any]) -> str:
+    """The examiners' signatures of the results. Green only for a signature that verifies with a key
+    the user named as trusted (``trusted``, by key id); one that verifies only with the public key
+    stored beside it in the signatures file is said to be unchecked (amber): whoever can write that
+    file can re-sign rewritten results with a key of their own, under any examiner's name."""
+    from .attestation import fault_of, read_journal_signatures, signature_path
+
     try:
-        for sig in read_journal_signatures(target):
-            fault = fault_of(target, sig)
-            if fault is None:
-                text = f"Signed by {sig.describe()}: these results are what that key signed"
-                out.append(
-                    f'<p>Signature: <span class="good">{_e(text)}</span> (whether the key is the examiner\'s: '
-                    "<code>clue2geo audit verify --trusted-key</code> with the examiner's public key)</p>"
-                )
-            else:
-                out.append(f'<p>Signature: <span class="bad">{_e(fault)}</span></p>')
+        sigs = read_journal_signatures(target)
     except (Clue2GeoError, OSError) as exc:
-        out.append(f'<p>Signature: <span class="bad">{_e(exc)}</span></p>')
+        return _signature_line("bad", "bad", str(exc))
+    out: list[str] = []
+    for sig in sigs:
+        pub = trusted.get(sig.key_id)
+        try:
+            fault = fault_of(target, sig, pub)
+        except (Clue2GeoError, OSError) as exc:
+            fault = f"key {sig.key_id}: cannot be checked ({exc})"
+        if fault is not None:
+            out.append(_signature_line("bad", "bad", fault))
+        elif pub is not None:
+            text = f"Signed by {sig.describe()}: checked against your trusted key {sig.key_id}"
+            out.append(_signature_line("trusted", "good", text, "; these results are what that key signed"))
+        else:
+            text = f"not checked against a key you trust: {sig.describe()}"
+            note = (
+                " (it verifies only against the public key stored in the signatures file itself, which shows "
+                "these results are what that key signed, not whose key it is: anyone who can write the file can "
+                "sign with a key of their own under any name. Check it with the examiner's public key: "
+                "<code>clue2geo report --trusted-key</code> or <code>clue2geo audit verify --trusted-key</code>)"
+            )
+            out.append(_signature_line("untrusted", "warn", text, note))
+    if trusted and not any(s.key_id in trusted for s in sigs):  # (one by a trusted key that fails said why)
+        given = ", ".join(trusted)
+        why = (
+            f"no signature by a key you trust ({given}): the results are signed only by key(s) "
+            f"{', '.join(s.key_id for s in sigs)}"
+            if sigs
+            else f"not signed (no {signature_path(target).name}), and trusted key(s) {given} were given"
+        )
+        out.append(_signature_line("bad", "bad", why))
     return "".join(out)
 
 
-def _overview_points(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, float, str]]:
+def _overview_points(records: Sequence[Any]) -> list[tuple[str, float, float, str]]:
     """Every prediction (numbered; images predicted at the same place share one marker, "1, 3") and
-    every metadata position, for the overview map."""
+    every metadata position, for the overview map. A record whose points cannot be read is left off
+    (its own section says why)."""
     at: dict[tuple[float, float], list[str]] = {}
     metadata = []
     for n, r in enumerate(records, start=1):
-        for kind, lat, lon, tip in _record_points(r):
+        try:
+            points = _record_points(r) if isinstance(r, Mapping) else []
+        except Exception:  # noqa: BLE001 - a malformed record: its section names the fault
+            continue
+        for kind, lat, lon, tip in points:
             if kind == "prediction":
                 at.setdefault((round(lat, 4), round(lon, 4)), []).append(str(n))
             elif kind == "metadata":
@@ -669,6 +775,90 @@ def _overview_points(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, fl
     return metadata + preds
 
 
+def _why(exc: BaseException) -> str:
+    """An exception as one short line for the page."""
+    text = " ".join(str(exc).split()) or "no detail"
+    return f"{type(exc).__name__}: {text[:300]}{'…' if len(text) > 300 else ''}"
+
+
+def _guarded(part: str, render: Callable[[], str]) -> str:
+    """One part of a record's section; a part that cannot be drawn from this record's fields (a
+    results file is untrusted input: hand-edited, or written by another tool) is named instead, and
+    the rest of the record and of the report is still shown."""
+    try:
+        return render()
+    except Exception as exc:  # noqa: BLE001 - any fault in one part must not lose the report
+        return f'<p class="bad part-failed" data-part="{_e(part)}">{_e(part)} could not be shown: {_e(_why(exc))}</p>'
+
+
+def _unshown(n: int, rec: Any, exc: BaseException) -> tuple[str, str]:
+    """The index row and section of a record that cannot be shown at all."""
+    path = rec.get("path") or rec.get("image") if isinstance(rec, Mapping) else None
+    try:
+        name = _e(path)
+    except Exception:  # noqa: BLE001 - a path whose str() fails
+        name = "—"
+    why = f"record {n} could not be shown: {_why(exc)}"
+    row = (
+        f'<tr><td>{n}</td><td><a href="#image-{n}">{name}</a></td><td class="bad">not shown</td>'
+        f'<td colspan="3">{_e(why)}</td></tr>'
+    )
+    section = (
+        f'<section class="image unshown" id="image-{n}" data-status="unshown"><h2>#{n} {name}: not shown</h2>'
+        f'<p class="notice">{_e(why)}</p><p>The record is in the results file as written; '
+        "<code>clue2geo audit verify</code> checks whether it was edited.</p></section>"
+    )
+    return row, section
+
+
+def _entry(
+    n: int, r: Any, grid: tuple[int, int], bundle_digest: str | None, results_label: str, image_root: Path | None
+) -> tuple[str, str, str]:
+    """A record's kind ("ok" or "failed"), index row and section."""
+    if not isinstance(r, Mapping):
+        raise TypeError(f"a {type(r).__name__}, not a record (a JSON object)")
+    path = r.get("path") or r.get("image")
+    if r.get("status") == "ok":
+        place = ", ".join(str(v) for v in (r.get("city"), r.get("admin1"), r.get("country")) if v) or None
+        row = (
+            f'<tr><td>{n}</td><td><a href="#image-{n}">{_e(path)}</a></td><td>ok</td>'
+            f"<td>{_num(r.get('lat'))}, {_num(r.get('lon'))}<br>{_e(place)}</td>"
+            f"<td>{_num(r.get('confidence'), '.3f')}</td><td>{_km(r.get('metadata_distance_km'))}</td></tr>"
+        )
+        return "ok", row, _ok_section(n, r, grid, bundle_digest, results_label, image_root)
+    row = (
+        f'<tr><td>{n}</td><td><a href="#image-{n}">{_e(path)}</a></td><td class="bad">failed</td>'
+        f'<td colspan="3">{_e(r.get("error"))}: {_e(r.get("message"))}</td></tr>'
+    )
+    return "failed", row, _failed_section(n, r, bundle_digest, results_label)
+
+
+def _problems_html(problems: Sequence[str] | None) -> str:
+    """The problems met reading the results, as a notice (nothing when there were none)."""
+    lines = [str(p) for p in problems or ()]
+    if not lines:
+        return ""
+    items = "".join(f"<li>{_e(p)}</li>" for p in lines)
+    return (
+        f'<div class="notice" id="results-problems"><p>{len(lines)} problem(s) reading the results: what they '
+        f"name is not in this report.</p><ul>{items}</ul></div>"
+    )
+
+
+def _grid(b: Any) -> tuple[tuple[int, int], str]:
+    """The bundle's CLIP patch grid (rows, cols), and a note when its value is unusable (3x3 then)."""
+    if b is None:
+        return (3, 3), ""
+    raw = b.params("clip").get("patch_grid", [3, 3])
+    if (
+        isinstance(raw, list | tuple)
+        and len(raw) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 64 for v in raw)
+    ):
+        return (raw[0], raw[1]), ""
+    return (3, 3), f" (its clip.patch_grid {_json(raw)[:80]} is not two small positive integers)"
+
+
 def render_report(
     records: Iterable[Mapping[str, Any]],
     bundle: Any = None,
@@ -676,42 +866,40 @@ def render_report(
     title: str = "clue2geo case report",
     image_root: Path | None = None,
     results_path: Path | None = None,
+    trusted_keys: Sequence[str] | None = None,
+    problems: Sequence[str] | None = None,
 ) -> str:
     """The case report of ``records`` (latest record per image) as one HTML string.
 
     ``bundle`` (a :class:`~clue2geo_sdk.bundle.Bundle` or its folder) gives the CLIP patch grid the
     outlines are drawn on (3x3 without one). Relative image paths are read from ``image_root`` (else
     the current folder). ``results_path``, the journal the records came from, is hashed, checked with
-    :func:`clue2geo_sdk.audit.verify_journal` and named in the custody blocks.
+    :func:`clue2geo_sdk.audit.verify_journal` and named in the custody blocks; its signatures are shown
+    as holding (green) only when made by one of ``trusted_keys`` (public key files or key text, as
+    ``--trusted-key`` takes them). A record with fields of the wrong type is shown as far as it can be,
+    and a part (or a record) that cannot be drawn is named, never failing the whole report.
+    ``problems``: what was wrong reading the results (records left out, unreadable or torn lines), one
+    line each, listed at the top so that a reader of the report knows what it does not show.
     """
     records = list(records)
+    trusted = load_trusted_keys(trusted_keys)
     b = _open_bundle(bundle)
-    grid_raw = b.params("clip").get("patch_grid", [3, 3]) if b is not None else [3, 3]
-    grid = (int(grid_raw[0]), int(grid_raw[1]))
+    grid, grid_fault = _grid(b)
     bundle_digest = b.digest if b is not None else None
-    ok = [r for r in records if r.get("status") == "ok"]
-    failed = [r for r in records if r.get("status") != "ok"]
-    demo = any(r.get("demo") for r in records)
+    demo = any(isinstance(r, Mapping) and r.get("demo") for r in records)
     results_label = str(results_path) if results_path is not None else "RESULTS"
 
     overview = _overview_points(records)
     index_rows, sections = [], []
+    counts = {"ok": 0, "failed": 0, "unshown": 0}
     for n, r in enumerate(records, start=1):
-        path = r.get("path") or r.get("image")
-        if r.get("status") == "ok":
-            place = ", ".join(str(v) for v in (r.get("city"), r.get("admin1"), r.get("country")) if v) or None
-            index_rows.append(
-                f'<tr><td>{n}</td><td><a href="#image-{n}">{_e(path)}</a></td><td>ok</td>'
-                f"<td>{_num(r.get('lat'))}, {_num(r.get('lon'))}<br>{_e(place)}</td>"
-                f"<td>{_num(r.get('confidence'), '.3f')}</td><td>{_km(r.get('metadata_distance_km'))}</td></tr>"
-            )
-            sections.append(_ok_section(n, r, grid, bundle_digest, results_label, image_root))
-        else:
-            index_rows.append(
-                f'<tr><td>{n}</td><td><a href="#image-{n}">{_e(path)}</a></td><td class="bad">failed</td>'
-                f'<td colspan="3">{_e(r.get("error"))}: {_e(r.get("message"))}</td></tr>'
-            )
-            sections.append(_failed_section(n, r, bundle_digest, results_label))
+        try:
+            kind, row, section = _entry(n, r, grid, bundle_digest, results_label, image_root)
+        except Exception as exc:  # noqa: BLE001 - one malformed record must not lose the report
+            kind, (row, section) = "unshown", _unshown(n, r, exc)
+        counts[kind] += 1
+        index_rows.append(row)
+        sections.append(section)
 
     banner = (
         '<p id="demo-warning" class="banner" role="alert">'
@@ -727,12 +915,13 @@ def render_report(
     elif results_path is not None:
         source = f"<br>Results: {_code(results_path)}"
     grid_note = (
-        f"{grid[0]}x{grid[1]} from bundle {_e(b.name)} ({_code(bundle_digest)})"
+        f"{grid[0]}x{grid[1]} from bundle {_e(b.name)} ({_code(bundle_digest)}){_e(grid_fault)}"
         if b is not None
         else "3x3 assumed (no bundle given)"
     )
     legend = "".join(f'<span><span style="color:{c}">●</span> {s}</span>' for s, c in _COLORS.items())
-    data = html.escape(json.dumps({"ok": len(ok), "failed": len(failed), "demo": demo}))
+    data = html.escape(json.dumps({**counts, "demo": demo}, allow_nan=False))
+    unshown = f", {counts['unshown']} could not be shown" if counts["unshown"] else ""
     generated = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -745,9 +934,10 @@ def render_report(
  vector-effect="non-scaling-stroke" stroke-linejoin="round"/></defs></svg>
 <header><h1>{_e(title)}</h1>
 {banner}
-<p>{len(ok)} located, {len(failed)} failed. Generated {generated} by clue2geo SDK {_e(__version__)}.{source}
+<p>{counts["ok"]} located, {counts["failed"]} failed{unshown}. Generated {generated} by clue2geo SDK {_e(__version__)}.{source}
 <br>CLIP patch grid: {grid_note}.</p>
-{_audit_line(results_path)}
+{_problems_html(problems)}
+{_audit_line(results_path, trusted)}
 {_map_svg(overview, zoom=False, css_class="world", label="all predictions")}
 <p class="legend"><span><span style="color:{PREDICTION_COLOR}">●</span> prediction (numbered)</span>
 <span>◇ position in the photo's metadata</span>{legend}</p>
@@ -761,34 +951,46 @@ def render_report(
 """
 
 
-def _ok_section(
-    n: int,
-    rec: Mapping[str, Any],
-    grid: tuple[int, int],
-    bundle_digest: str | None,
-    results_label: str,
-    image_root: Path | None,
-) -> str:
+def _thumb_of(rec: Mapping[str, Any], image_root: Path | None) -> Thumbnail:
+    """The record's photo as found now; a path that cannot even be looked up is said, not raised."""
     image = rec.get("image") or rec.get("path")
-    thumb = (
-        load_thumbnail(_resolve(str(image), image_root), rec.get("image_sha256"))
-        if image
-        else Thumbnail(status="unknown", path="", note="the record names no image file")
+    if not image:
+        return Thumbnail(status="unknown", path="", note="the record names no image file")
+    sha = rec.get("image_sha256")
+    try:
+        return load_thumbnail(_resolve(str(image), image_root), sha if isinstance(sha, str) else None)
+    except (OSError, ValueError) as exc:  # a NUL in the path, a name too long, a permission refused
+        return Thumbnail(status="unreadable", path=str(image), note=f"the image cannot be read at report time: {exc}")
+
+
+def _figure(rec: Mapping[str, Any], thumb: Thumbnail, grid: tuple[int, int]) -> str:
+    if thumb.status != "ok":
+        return f'<div class="notice thumb-{thumb.status}" data-thumb="{thumb.status}">{_e(thumb.note)}</div>'
+    photo, notes = _photo_svg(rec, thumb, grid)
+    notes_html = "".join(f'<p class="warn">{_e(x)}</p>' for x in notes)
+    return (
+        f'<figure class="thumb">{photo}<figcaption>The photo as read at report time (sha256 matches). '
+        f"Dashed: the {grid[0]}x{grid[1]} CLIP patch grid; outlined: the patch that matched each clue "
+        f"set's primary cue best (S_l).</figcaption>{notes_html}</figure>"
     )
-    if thumb.status == "ok":
-        photo, notes = _photo_svg(rec, thumb, grid)
-        notes_html = "".join(f'<p class="warn">{_e(x)}</p>' for x in notes)
-        figure = (
-            f'<figure class="thumb">{photo}<figcaption>The photo as read at report time (sha256 matches). '
-            f"Dashed: the {grid[0]}x{grid[1]} CLIP patch grid; outlined: the patch that matched each clue "
-            f"set's primary cue best (S_l).</figcaption>{notes_html}</figure>"
-        )
-    else:
-        figure = f'<div class="notice thumb-{thumb.status}" data-thumb="{thumb.status}">{_e(thumb.note)}</div>'
+
+
+def _summary(rec: Mapping[str, Any]) -> str:
     place = ", ".join(str(v) for v in (rec.get("city"), rec.get("admin1"), rec.get("country")) if v) or None
-    summary = _rows(
+    where = f"<b>{_num(rec.get('lat'))}, {_num(rec.get('lon'))}</b> · {_e(place)}"
+    if not _finite(rec.get("lat"), rec.get("lon")):
+        where += (
+            f' <span class="bad">the record\'s lat/lon ({_e(_json(rec.get("lat")))}, {_e(_json(rec.get("lon")))}) '
+            "are not finite numbers</span>"
+        )
+    region = []
+    if rec.get("region"):
+        dropped = rec.get("outside_region") or 0
+        dropped_text = str(dropped) if isinstance(dropped, int) else _e(_json(dropped))
+        region = [("Region", f"{_e(_region_text(rec['region']))} · {dropped_text} outside dropped")]
+    return _rows(
         [
-            ("Prediction", f"<b>{_num(rec.get('lat'))}, {_num(rec.get('lon'))}</b> · {_e(place)}"),
+            ("Prediction", where),
             (
                 "Model's answer",
                 f"{_e(rec.get('model_country'))} / {_e(rec.get('model_city'))} / {_e(rec.get('landmark'))}",
@@ -798,36 +1000,43 @@ def _ok_section(
             ("Candidate spread", _km(rec.get("spread_km"))),
             ("Metadata position → prediction", _km(rec.get("metadata_distance_km"))),
             ("Cues", _e(rec.get("cues_status"))),
-            *(
-                [
-                    (
-                        "Region",
-                        f"{_e(_region_text(rec['region']))} · {int(rec.get('outside_region') or 0)} outside dropped",
-                    )
-                ]
-                if rec.get("region")
-                else []
-            ),
+            *region,
         ]
     )
-    local = _map_svg(_record_points(rec), zoom=True, css_class="local", label=f"map of image {n}")
+
+
+def _ok_section(
+    n: int,
+    rec: Mapping[str, Any],
+    grid: tuple[int, int],
+    bundle_digest: str | None,
+    results_label: str,
+    image_root: Path | None,
+) -> str:
+    thumb = _thumb_of(rec, image_root)
+    figure = _guarded("The photo", lambda: _figure(rec, thumb, grid))
+    summary = _guarded("The summary", lambda: f'<table class="kv">{_summary(rec)}</table>')
+    local = _guarded(
+        "The map", lambda: _map_svg(_record_points(rec), zoom=True, css_class="local", label=f"map of image {n}")
+    )
     return f"""<section class="image ok" id="image-{n}" data-status="ok" data-thumb="{thumb.status}">
 <h2>#{n} {_e(rec.get("path"))}</h2>
-<div class="top">{figure}<div><table class="kv">{summary}</table>{local}</div></div>
-<h3>Cluemap</h3>{_cluemap_html(rec, grid)}
-<h3>Answers</h3>{_answers_html(rec)}
-<h3>Candidates</h3>{_candidates_html(rec)}
-<h3>Photo metadata</h3>{_metadata_html(rec)}
-{_raw_html(rec)}
-{_custody_html(rec, thumb, bundle_digest, results_label)}
+<div class="top">{figure}<div>{summary}{local}</div></div>
+<h3>Cluemap</h3>{_guarded("The cluemap", lambda: _cluemap_html(rec, grid))}
+<h3>Answers</h3>{_guarded("The answers", lambda: _answers_html(rec))}
+<h3>Candidates</h3>{_guarded("The candidates", lambda: _candidates_html(rec))}
+<h3>Photo metadata</h3>{_guarded("The photo metadata", lambda: _metadata_html(rec))}
+{_guarded("The raw answers", lambda: _raw_html(rec))}
+{_guarded("The chain of custody", lambda: _custody_html(rec, thumb, bundle_digest, results_label))}
 </section>"""
 
 
 def _failed_section(n: int, rec: Mapping[str, Any], bundle_digest: str | None, results_label: str) -> str:
+    custody = _guarded("The chain of custody", lambda: _custody_html(rec, None, bundle_digest, results_label))
     return f"""<section class="image failed" id="image-{n}" data-status="error">
 <h2>#{n} {_e(rec.get("path") or rec.get("image"))}: failed</h2>
 <p class="notice">{_e(rec.get("error"))}: {_e(rec.get("message"))}</p>
-{_custody_html(rec, None, bundle_digest, results_label)}
+{custody}
 </section>"""
 
 
@@ -839,9 +1048,21 @@ def write_report(
     title: str = "clue2geo case report",
     image_root: Path | None = None,
     results_path: Path | None = None,
+    trusted_keys: Sequence[str] | None = None,
+    problems: Sequence[str] | None = None,
 ) -> Path:
-    """Write :func:`render_report` to ``path`` (UTF-8); returns ``path``."""
-    text = render_report(records, bundle, title=title, image_root=image_root, results_path=results_path)
+    """Write :func:`render_report` to ``path`` (UTF-8); returns ``path``. ``trusted_keys``: the public
+    keys (files or key text, as ``report --trusted-key`` takes them) a signature must be made with to
+    be shown as holding; a key that cannot be read raises before anything is written."""
+    text = render_report(
+        records,
+        bundle,
+        title=title,
+        image_root=image_root,
+        results_path=results_path,
+        trusted_keys=trusted_keys,
+        problems=problems,
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

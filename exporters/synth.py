@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from clue2geo_sdk.bundle import Bundle, BundleWriter
+from clue2geo_sdk.bundle import Bundle, check_target
 
 from . import clip_onnx, qwen_vl
 from ._onnx import EXTERNAL_DATA_ABOVE
@@ -123,8 +123,9 @@ def build_synth(
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
     out = Path(out)
-    # the folder rules (new/empty, or --overwrite of a bundle) are checked before hours of work
-    BundleWriter(out, name=f"synth-{shape}", demo=True, overwrite=overwrite)
+    # the folder rules (new/empty, or --overwrite of a bundle) are checked before hours of work; nothing
+    # is deleted: build_bundle replaces an old bundle only once the new one is complete
+    check_target(out, overwrite=overwrite)
     scratch = Path(workdir) if workdir is not None else out.resolve().parent
     scratch.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -144,7 +145,7 @@ def build_synth(
             clip_vision_dir=vit_dir,
             quant=quant,
             seed=seed,
-            overwrite=True,  # only the empty folder checked above (or the bundle it held) is there
+            overwrite=overwrite,
             fp16=True,
             external_data_above=external_data_above,
             random_components=("vlm", "clip", "gpsclip"),

@@ -14,19 +14,45 @@ from clue2geo_sdk import Bundle, BundleExistsError
 from clue2geo_sdk.bundle import MANIFEST, ROLES, BundleWriter
 from clue2geo_sdk.cli import main
 
+# the smallest parameters the manifest schema accepts for each role, and the files the runtime opens
+_MEAN_STD = {"image_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+FAKE_PARAMS = {
+    "vlm": {},
+    "clip": {**_MEAN_STD, "embed_dim": 8},
+    "gpsclip": {**_MEAN_STD, "dim": 8},
+    "sbert": {"dim": 8},
+    "gallery": {"dim": 8, "encoder_sha256": "0" * 64},
+    "metadata": {},
+}
+FAKE_FILES = {
+    "vlm": ("model", "mmproj"),
+    "clip": ("image", "text", "tokenizer"),
+    "gpsclip": ("image", "location"),
+    "sbert": ("model", "tokenizer"),
+    "gallery": ("index",),
+    "metadata": ("db",),
+}
 
-def _fake_bundle(root: Path) -> list[Path]:
-    """A small bundle of every role (nested folders included), written by the real writer."""
-    w = BundleWriter(root, name="old", demo=True)
-    files = []
+
+def fake_bundle(root: Path, *, name: str = "old", overwrite: bool = False) -> list[Path]:
+    """A small bundle of every role (nested folders included), written by the real writer; returns
+    where its files are once it is in place."""
+    w = BundleWriter(root, name=name, demo=True, overwrite=overwrite)
+    rels = []
     for role in ROLES:
-        f = root / role / "deep" / f"{role}.bin"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(role.encode())
-        w.add(role, {"f": f})
-        files.append(f)
+        files = {}
+        for key in FAKE_FILES[role]:
+            f = w.root / role / "deep" / f"{key}.bin"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(f"{name} {role} {key}".encode())
+            files[key] = f
+            rels.append(f.relative_to(w.root))
+        w.add(role, files, params=FAKE_PARAMS[role])
     w.write()
-    return files
+    return [root / rel for rel in rels]
+
+
+_fake_bundle = fake_bundle
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"], ["--no-overwrite"]])
@@ -63,11 +89,18 @@ def test_without_overwrite_a_bundle_is_kept_and_the_flag_named(tmp_path: Path) -
     assert Bundle.open(target, verify=True).name == "old"
 
 
-def test_overwrite_removes_only_the_listed_files_then_empty_folders(tmp_path: Path) -> None:
+def test_overwrite_replaces_the_old_bundle_only_once_the_new_one_is_written(tmp_path: Path) -> None:
     target = tmp_path / "b"
-    _fake_bundle(target)
-    BundleWriter(target, name="new", demo=True, overwrite=True)
-    assert target.is_dir() and list(target.iterdir()) == []
+    old_files = _fake_bundle(target)
+    w = BundleWriter(target, name="new", demo=True, overwrite=True)
+    assert Bundle.open(target, verify=True).name == "old"  # nothing is deleted before the new bundle is complete
+    w.abort()
+    assert Bundle.open(target, verify=True).name == "old" and all(f.is_file() for f in old_files)
+    new_files = _fake_bundle(target, name="new", overwrite=True)
+    assert Bundle.open(target, verify=True).name == "new"
+    on_disk = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert on_disk == sorted([MANIFEST] + [f.relative_to(target).as_posix() for f in new_files])
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no build or old-bundle folder left beside it
 
 
 def test_a_manifest_pointing_outside_is_refused_and_nothing_deleted(tmp_path: Path) -> None:
@@ -76,7 +109,7 @@ def test_a_manifest_pointing_outside_is_refused_and_nothing_deleted(tmp_path: Pa
     outside = tmp_path / "precious.txt"
     outside.write_text("outside")
     manifest = json.loads((target / MANIFEST).read_text())
-    manifest["components"][0]["files"]["f"]["path"] = "../precious.txt"
+    manifest["components"][0]["files"]["model"]["path"] = "../precious.txt"
     (target / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleExistsError, match="nothing deleted"):
         BundleWriter(target, name="new", demo=True, overwrite=True)

@@ -41,8 +41,11 @@ def build_cmd(
     by sha256, are skipped, so an interrupted build is finished by running it again).
 
     SRC is a folder (each photo's position from its EXIF / XMP GPS; photos without one are reported
-    and skipped) or a CSV of path,lat,lon (relative paths from the CSV's folder). Exit 0 when every
-    photo was added or already present, 3 when some could not be (listed in --out/errors.jsonl)."""
+    and skipped) or a CSV of path,lat,lon (relative paths from the CSV's folder). A photo given a
+    second, different position (another CSV row, or a later build) keeps its first one; the row is
+    reported as a conflict. Exit 0 when every photo was added or already present, 3 when some could
+    not be or had conflicting positions (listed in --out/errors.jsonl), 1 when no photo at all could
+    be added (no gallery is written)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from .bundle import Bundle
@@ -66,7 +69,7 @@ def build_cmd(
 
         def on_photo(name: str, problem: Problem | None) -> None:
             if problem is not None:
-                colour = "yellow" if problem.failed else "dim"
+                colour = "dim" if problem.kind == "no_position" else "yellow"
                 progress.console.print(f"[{colour}]{problem.kind}[/{colour}] {problem.message}")
             if started:
                 progress.advance(task)
@@ -98,9 +101,18 @@ def build_cmd(
         click.echo(
             f"{summary.added} added, {summary.already} already in the gallery, {summary.skipped} without a position, "
             f"{summary.failed} failed; {summary.count} photos in {out}"
+            + (f"; {summary.conflicts} conflicting positions (first kept)" if summary.conflicts else "")
+        )
+    if summary.conflicts:
+        click.secho(
+            f"{summary.conflicts} row(s) gave a photo already in the gallery another position; each photo keeps its "
+            f"first position (listed in {out / 'errors.jsonl'})",
+            fg="yellow",
+            err=True,
         )
     if summary.failed:
         click.secho(f"failures are listed in {out / 'errors.jsonl'}", fg="yellow", err=True)
+    if summary.failed or summary.conflicts:
         sys.exit(EXIT_SOME_FAILED)
 
 

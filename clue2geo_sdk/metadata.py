@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
+import math
 import re
 import struct
 import zlib
@@ -415,12 +416,14 @@ def _xmp_coordinate(text: str, axis: str, problems: list[str]) -> float | None:
 
 
 def _xmp_number(text: str) -> float | None:
+    """A decimal or rational; None when it is not a number (NaN and infinities are returned as such,
+    for the caller to name and drop)."""
     try:
         if "/" in text:
             num, den = text.split("/", 1)
             return float(num) / float(den)
         return float(text)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):
         return None
 
 
@@ -470,7 +473,13 @@ def _read_xmp(packet: bytes, problems: list[str]) -> Position | None:
     alt = None
     if "GPSAltitude" in fields:
         alt = _xmp_number(fields["GPSAltitude"])
-        if alt is None or alt < 0:
+        if alt is not None and not math.isfinite(alt):
+            problems.append(
+                f"XMP exif:GPSAltitude {clean_text(fields['GPSAltitude'], 40)!r} is not a finite number; "
+                "altitude not used"
+            )
+            alt = None
+        elif alt is None or alt < 0:
             problems.append(f"XMP exif:GPSAltitude {clean_text(fields['GPSAltitude'], 40)!r} is not a rational")
             alt = None
         elif fields.get("GPSAltitudeRef", "0").strip() == "1":
@@ -534,6 +543,20 @@ def _blocks(data: bytes, fmt: str, problems: list[str]) -> tuple[bytes | None, b
     return exif, xmp
 
 
+def _finite_position(pos: Position | None, problems: list[str]) -> Position | None:
+    """The position with no NaN or infinity left in it (results are JSON, which has neither): a
+    non-finite altitude is dropped, a non-finite coordinate drops the position; each is named."""
+    if pos is None:
+        return None
+    if not (math.isfinite(pos.lat) and math.isfinite(pos.lon)):
+        problems.append(f"{pos.source.upper()} position {pos.lat}, {pos.lon} is not finite; not used")
+        return None
+    if pos.altitude_m is not None and not math.isfinite(pos.altitude_m):
+        problems.append(f"{pos.source.upper()} altitude {pos.altitude_m} is not finite; altitude not used")
+        return attrs.evolve(pos, altitude_m=None)
+    return pos
+
+
 def read_metadata(source: Any) -> PhotoMetadata:
     """The metadata of a :class:`~clue2geo_sdk.image.LoadedImage` (from the bytes it was decoded from)
     or of raw file bytes. Never raises: what cannot be read is named in ``problems``."""
@@ -558,7 +581,9 @@ def read_metadata(source: Any) -> PhotoMetadata:
             fields = _read_exif(block, problems, "TIFF" if fmt == "TIFF" else "EXIF")
             xmp_packet = fields.pop("_xmp", None) or xmp_packet
         xmp_position = _read_xmp(bytes(xmp_packet), problems) if xmp_packet else None
-        exif_position = fields.get("exif_position")
+        exif_position = _finite_position(fields.get("exif_position"), problems)
+        xmp_position = _finite_position(xmp_position, problems)
+        fields["exif_position"] = exif_position
         if exif_position is not None and xmp_position is not None:
             apart = float(haversine_km(exif_position.lat, exif_position.lon, xmp_position.lat, xmp_position.lon))
             if apart > POSITIONS_AGREE_KM:

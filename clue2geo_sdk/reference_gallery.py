@@ -17,8 +17,15 @@ one DuckDB transaction; the indexes are derived (saved every minute and at the e
 up to date from ``vectors.f16`` on the next run. Killing a build loses at most the batch in flight,
 and re-running it adds only photos whose sha256 is not yet in the gallery.
 
+A photo is known by its sha256: one given again (another path, another run) is not added twice.
+When a CSV row (or a photo's own GPS) gives a photo already added a position more than
+:data:`POSITION_CONFLICT_KM` away from the first, the first position is kept and the row is
+reported as a ``conflict`` (in ``errors.jsonl``, counted in the summary). A build that adds no
+photo at all (say, a folder of photos without GPS) is refused: no empty gallery is written.
+
 ``PhotoGallery`` opens a finished gallery with the search interface of
-:class:`clue2geo_sdk.retrieval.Gallery`; it refuses a gallery built with another image tower.
+:class:`clue2geo_sdk.retrieval.Gallery`; it refuses a gallery built with another image tower, or
+one holding no photos.
 """
 
 from __future__ import annotations
@@ -69,6 +76,9 @@ INDEX = "index.usearch"
 INDEX2 = "index2.usearch"
 ERRORS = "errors.jsonl"
 SAVE_EVERY_S = 60.0
+#: Two positions given to the same photo closer than this are the same place (a CSV's decimals and
+#: the EXIF's degrees-minutes-seconds round differently); farther apart, the second is a conflict.
+POSITION_CONFLICT_KM = 0.01
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS photos (
     key BIGINT PRIMARY KEY,
@@ -99,8 +109,9 @@ class SourcePhoto:
 
 @attrs.frozen(kw_only=True)
 class Problem:
-    """A photo or CSV row that was not added, and why. ``kind``: "unreadable" (a failure) or
-    "no_position" (a photo without GPS in a folder source: skipped, not a failure)."""
+    """A photo or CSV row that was not added, and why. ``kind``: "unreadable" or "bad_row" (a
+    failure), "no_position" (a photo without GPS in a folder source: skipped, not a failure) or
+    "conflict" (a second, different position for a photo already added: the first is kept)."""
 
     source: str
     kind: str
@@ -109,7 +120,7 @@ class Problem:
 
     @property
     def failed(self) -> bool:
-        return self.kind != "no_position"
+        return self.kind not in ("no_position", "conflict")
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -124,6 +135,7 @@ class BuildSummary:
     failed: int  # unreadable photos and bad CSV rows
     count: int  # rows in the gallery now
     digest: str
+    conflicts: int = 0  # rows giving a photo already added another position (the first one is kept)
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -330,7 +342,11 @@ class _Writer:
             f.truncate(n * row_bytes)
         self.vectors = vec_path.open("ab")
         self.count = n
-        self.known = {s for (s,) in self.con.execute("SELECT sha256 FROM photos").fetchall()}
+        # sha256 -> (lat, lon, who gave that position): a photo is added once, at its first position
+        self.known: dict[str, tuple[float, float, str]] = {
+            s: (float(a), float(o), f"the gallery's row for {p}")
+            for s, a, o, p in self.con.execute("SELECT sha256, lat, lon, path FROM photos").fetchall()
+        }
         self.scale = int8_scale(dim)
         self.graphs: dict[str, Any] = {}
         self.dirty: set[str] = set()
@@ -425,7 +441,7 @@ class _Writer:
             self.con.execute("ROLLBACK")
             raise
         self.count += len(rows)
-        self.known.update(r["sha256"] for r in rows)
+        self.known.update((r["sha256"], (r["lat"], r["lon"], r.get("origin", r["path"]))) for r in rows)
         for name in self.graphs:
             self._add_to(name, keys, np.asarray(vectors))
         if len(self.graphs) < 2 and self.count > PHOTO_TWIN_ABOVE:
@@ -476,7 +492,10 @@ def build_gallery(
     with the number of photos to look at; ``on_photo(path, problem)`` after each photo (problem
     None when it was added or already present); ``on_index(file, rows, total)`` while a graph is
     brought up to the rows in bulk. Bad photos never stop the build: they are
-    returned in the summary's counts and appended to ``out/errors.jsonl``."""
+    returned in the summary's counts and appended to ``out/errors.jsonl``, as are rows that give a
+    photo already added a conflicting position (the first is kept). A build that leaves the gallery
+    empty raises :class:`GalleryBuildError` (the files it created are removed; ``errors.jsonl``
+    says why each photo was not added)."""
     from .bundle import Bundle
     from .encoders import GpsClipEncoder, providers_for
     from .image import load_image, read_image_file
@@ -489,6 +508,7 @@ def build_gallery(
     dim = int(params["dim"])
     image_sha = comp.files["image"].sha256
     photos, problems = read_source(Path(src), recursive=recursive)
+    had_manifest = _manifest_path(out).is_file()
     writer = _Writer(out, dim=dim, image_sha256=image_sha, on_index=on_index)
     encoder = GpsClipEncoder({k: b.file("gpsclip", k) for k in comp.files}, params, providers_for(device))  # type: ignore[arg-type]
     counts = {"added": 0, "already": 0}
@@ -501,6 +521,7 @@ def build_gallery(
         errors_file.flush()
 
     problems_seen: list[Problem] = []
+    digest = ""
     try:
         for p in problems:
             report(p)
@@ -512,16 +533,21 @@ def build_gallery(
             rows, images, done = [], [], []
             for sp in chunk:
                 name = str(sp.path)
+                where = f" (CSV line {sp.line})" if sp.line else ""
                 try:
                     data = read_image_file(sp.path, name=name)
-                    digest = hashlib.sha256(data).hexdigest()
-                    if digest in writer.known or any(r["sha256"] == digest for r in rows):
-                        counts["already"] += 1  # known by its bytes: not decoded again
-                        done.append((name, None))
+                    sha = hashlib.sha256(data).hexdigest()
+                    first = writer.known.get(sha) or next(
+                        ((r["lat"], r["lon"], r["origin"]) for r in rows if r["sha256"] == sha), None
+                    )
+                    if first is not None:  # known by its bytes: not decoded again
+                        conflict = _conflict(sp, data, first, name, where, sha)
+                        if conflict is None:
+                            counts["already"] += 1
+                        done.append((name, conflict))
                         continue
                     img = load_image(data, name=name)
                 except (Clue2GeoError, OSError) as exc:
-                    where = f" (CSV line {sp.line})" if sp.line else ""
                     done.append((name, Problem(source=name, kind="unreadable", message=f"{exc}{where}", line=sp.line)))
                     continue
                 meta = read_metadata(img)
@@ -541,6 +567,7 @@ def build_gallery(
                         "lon": float(lon),
                         "source": source,
                         "taken_at": meta.datetime_original,
+                        "origin": name + where,
                     }
                 )
                 images.append(img.image)
@@ -553,18 +580,60 @@ def build_gallery(
                     report(problem)
                 if on_photo:
                     on_photo(name, problem)
-        digest = writer.finish()
+        if writer.count:
+            digest = writer.finish()
     finally:
         errors_file.close()
         writer.close()
+    skipped = sum(p.kind == "no_position" for p in problems_seen)
+    failed = sum(p.failed for p in problems_seen)
+    if not writer.count:
+        if not had_manifest:  # nothing of value: leave no half-gallery that would read as interrupted
+            for name in (DB, DB + ".wal", VECTORS, INDEX, INDEX2):
+                (out / name).unlink(missing_ok=True)
+        raise GalleryBuildError(
+            f"{out}: no photo could be added ({len(photos)} looked at: {skipped} without a GPS position, {failed} "
+            f"failed; see {out / ERRORS}); a gallery needs photos with EXIF/XMP GPS positions, or a CSV of "
+            "path,lat,lon giving them"
+        )
     return BuildSummary(
         gallery=str(out),
         added=counts["added"],
         already=counts["already"],
-        skipped=sum(not p.failed for p in problems_seen),
-        failed=sum(p.failed for p in problems_seen),
+        skipped=skipped,
+        failed=failed,
         count=writer.count,
         digest=digest,
+        conflicts=sum(p.kind == "conflict" for p in problems_seen),
+    )
+
+
+def _conflict(
+    sp: SourcePhoto, data: bytes, first: tuple[float, float, str], name: str, where: str, sha: str
+) -> Problem | None:
+    """A :class:`Problem` when this source gives a photo already added (``first``: its position and
+    who gave it) a position farther than :data:`POSITION_CONFLICT_KM` from it; else None."""
+    from .geocode import haversine_km
+    from .metadata import read_metadata
+
+    if sp.lat is not None and sp.lon is not None:
+        lat, lon = sp.lat, sp.lon
+    else:
+        pos = read_metadata(data).position  # the header only: no pixel is decoded
+        if pos is None:
+            return None
+        lat, lon = pos.lat, pos.lon
+    klat, klon, who = first
+    if float(haversine_km(klat, klon, lat, lon)) <= POSITION_CONFLICT_KM:
+        return None
+    return Problem(
+        source=name,
+        kind="conflict",
+        message=(
+            f"{name}{where}: position {lat:.6f}, {lon:.6f} conflicts with {klat:.6f}, {klon:.6f} given to the same "
+            f"photo (sha256 {sha[:16]}...) by {who}; the first position is kept, this one is not used"
+        ),
+        line=sp.line,
     )
 
 
@@ -609,6 +678,15 @@ class PhotoGallery(SearchMixin):
 
         self.root = Path(path)
         manifest = read_manifest(self.root)
+        count = manifest.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise BundleFormatError(f"{_manifest_path(self.root)}: count {count!r} is not a number of photos")
+        if count == 0:
+            raise BundleFormatError(
+                f"photo gallery {self.root} holds no photos (built from photos without GPS positions?): there is "
+                "nothing to search; rebuild it with `clue2geo gallery build` from geotagged photos or a CSV of "
+                "path,lat,lon"
+            )
         if image_sha256 is not None:
             check_image_tower(self.root, manifest, image_sha256)
         self.manifest = manifest

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ import numpy as np
 
 from .countries import countries
 from .errors import RegionError
+from .files import InputFileError, read_regular_bytes
 from .geocode import haversine_km
 
 Kind = Literal["countries", "bbox", "circle", "polygon"]
@@ -26,15 +28,26 @@ Kind = Literal["countries", "bbox", "circle", "polygon"]
 MAX_POLYGON_VERTICES = 10_000
 
 
+def _finite(v: float, what: str) -> float:
+    """``v`` as a float; NaN and infinities are refused (a record must stay valid JSON)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        raise RegionError(f"{what} {v!r} is not a number") from None
+    if not math.isfinite(f):
+        raise RegionError(f"{what} {v!r} is not a finite number")
+    return f
+
+
 def _lat(v: float, what: str) -> float:
-    v = float(v)
+    v = _finite(v, f"{what} latitude")
     if not -90.0 <= v <= 90.0:
         raise RegionError(f"{what} latitude {v} is outside [-90, 90]")
     return v
 
 
 def _lon(v: float, what: str) -> float:
-    v = float(v)
+    v = _finite(v, f"{what} longitude")
     if not -180.0 <= v <= 180.0:
         raise RegionError(f"{what} longitude {v} is outside [-180, 180]")
     return v
@@ -47,7 +60,9 @@ class Region:
     A country is every territory in Natural Earth's polygon for its code (France includes French
     Guiana and Réunion), plus :data:`~clue2geo_sdk.countries.BORDER_TOLERANCE_DEG` around it.
 
-    A box with ``west > east`` crosses the antimeridian (e.g. west=170, east=-170 is 20° wide).
+    A box with ``west > east`` crosses the antimeridian (e.g. west=170, east=-170 is 20° wide);
+    west=-180, east=180 is every longitude (``bbox:-180,-90,180,90`` is the whole world).
+    Every number must be finite.
 
     A polygon is GeoJSON (longitude, latitude in WGS84 degrees, RFC 7946), stored as its compact
     JSON text so that the region, its records and its options digest name the exact outline.
@@ -79,13 +94,13 @@ class Region:
         w, e = _lon(west, "box west"), _lon(east, "box east")
         if s >= n:
             raise RegionError(f"box south {s} must be below north {n}")
-        if w % 360.0 == e % 360.0:
+        if w == e or (w == 180.0 and e == -180.0):  # -180..180 is the whole circle, not zero width
             raise RegionError(f"box west {w} and east {e} are the same meridian: the box has no width")
         return cls(kind="bbox", west=w, south=s, east=e, north=n)
 
     @classmethod
     def circle(cls, lat: float, lon: float, radius_km: float) -> Region:
-        r = float(radius_km)
+        r = _finite(radius_km, "circle radius (km)")
         if not r > 0:
             raise RegionError(f"circle radius must be > 0 km, got {radius_km}")
         return cls(kind="circle", lat=_lat(lat, "circle centre"), lon=_lon(lon, "circle centre"), radius_km=r)
@@ -93,19 +108,33 @@ class Region:
     @classmethod
     def polygon(cls, geojson: str | Path | dict, *, name: str | None = None) -> Region:
         """A GeoJSON Polygon or MultiPolygon: a geometry, Feature or FeatureCollection (its polygons
-        together), as a dict or the path of a ``.geojson`` file. ``name`` defaults to the file's stem."""
+        together), as a dict or the path of a ``.geojson`` file. ``name`` defaults to the file's stem.
+
+        A file that is not a regular file (a FIFO would block for ever) is refused before it is
+        opened; nesting too deep for Python's parser is refused with the file named. The prepared
+        outline is built and used once here (:meth:`warm`), before any thread can share it."""
         what = "polygon"
         if not isinstance(geojson, dict):
             path = Path(geojson)
             what, name = str(path), name or path.stem
             try:
-                geojson = json.loads(path.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise RegionError(f"region polygon {path}: no such file") from None
+                geojson = json.loads(read_regular_bytes(path, "region polygon").decode("utf-8-sig"))
+            except InputFileError as exc:
+                raise RegionError(str(exc)) from None
+            except RecursionError:
+                raise RegionError(
+                    f"region polygon {path}: JSON nested too deeply to be GeoJSON (an area needs a few levels); "
+                    "not read"
+                ) from None
             except (OSError, UnicodeDecodeError, ValueError) as exc:
                 raise RegionError(f"region polygon {path}: not readable GeoJSON ({exc})") from None
-        text = json.dumps(_area(_polygons_of(geojson, what), what), separators=(",", ":"), sort_keys=True)
-        return cls(kind="polygon", name=name or "area", geometry=text)
+        try:
+            text = json.dumps(_area(_polygons_of(geojson, what), what), separators=(",", ":"), sort_keys=True)
+        except RecursionError:
+            raise RegionError(f"region {what}: GeoJSON nested too deeply (an area needs a few levels)") from None
+        region = cls(kind="polygon", name=name or "area", geometry=text)
+        region.warm()
+        return region
 
     @classmethod
     def parse(cls, spec: str | Sequence[str] | Region | dict) -> Region:
@@ -142,14 +171,26 @@ class Region:
                 nums = [float(x) for x in rest.split(",")]
             except ValueError:
                 raise RegionError(f"region {spec!r}: {head} needs numbers separated by commas") from None
-            if head.lower() == "bbox":
-                if len(nums) != 4:
-                    raise RegionError(f"region {spec!r}: bbox needs WEST,SOUTH,EAST,NORTH (4 numbers)")
-                return cls.bbox(*nums)
-            if len(nums) != 3:
-                raise RegionError(f"region {spec!r}: circle needs LAT,LON,KM (3 numbers)")
-            return cls.circle(*nums)
+            try:
+                if head.lower() == "bbox":
+                    if len(nums) != 4:
+                        raise RegionError("bbox needs WEST,SOUTH,EAST,NORTH (4 numbers)")
+                    return cls.bbox(*nums)
+                if len(nums) != 3:
+                    raise RegionError("circle needs LAT,LON,KM (3 numbers)")
+                return cls.circle(*nums)
+            except RegionError as exc:
+                raise RegionError(f"region {spec!r}: {exc}") from None
         return cls.of_countries([c for c in text.split(",") if c.strip()])
+
+    def warm(self) -> None:
+        """Build a polygon's prepared outline and use it once, so that GEOS builds its lazy index
+        now, in this thread: that first use is unsafe across threads (GEOS issue 825), as for the
+        country borders. Called when a polygon region is built; harmless to call again."""
+        if self.kind == "polygon":
+            _shape(self.geometry)  # warmed inside, before it is cached
+        elif self.kind == "countries":
+            countries()  # loaded and warmed once per process
 
     def contains(self, lat: np.ndarray | float, lon: np.ndarray | float) -> np.ndarray:
         """Vectorized membership (borders and box edges count as inside)."""
@@ -293,4 +334,7 @@ def _shape(geometry: str) -> Any:
 
     shape = shapely.geometry.shape(json.loads(geometry))
     shapely.prepare(shape)
+    # GEOS builds a prepared geometry's index on first use, unsafely across threads (GEOS issue 825):
+    # use it once here, before lru_cache hands it to any other thread (as countries.py does).
+    shapely.intersects_xy(shape, 0.0, 0.0)
     return shape

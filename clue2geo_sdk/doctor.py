@@ -18,7 +18,9 @@ from typing import Any
 import click
 
 from ._version import __version__
+from .bundle import Bundle
 from .engines.base import available_memory_bytes, load_llama_cpp, use_extra_bufts
+from .geolocator import memory_need
 
 # CPU flags that decide which ggml kernels a native build compiles and runs.
 CPU_FLAGS = (
@@ -84,16 +86,22 @@ def memory_info() -> dict[str, Any]:
     return {"total_bytes": total, "available_bytes": available_memory_bytes()}
 
 
-def bundle_info(path: Path) -> dict[str, Any]:
-    """The bundle's identity and size on disk (manifest only: no digest is checked here)."""
-    from .bundle import Bundle
-
+def bundle_info(path: Path, max_in_flight: int) -> dict[str, Any]:
+    """The bundle's identity, size on disk and the host memory a load would need (the same count
+    ``Geolocator.load`` checks; manifest and GGUF headers only, no digest is checked here)."""
     b = Bundle.open(path, verify=False)
     info = b.info()
-    return {"path": str(path), "name": info.get("name"), "demo": info.get("demo"), "bytes": info.get("bytes")}
+    need = memory_need(b, max_in_flight=max_in_flight)
+    return {
+        "path": str(path),
+        "name": info.get("name"),
+        "demo": info.get("demo"),
+        "bytes": info.get("bytes"),
+        "memory_need": need.to_dict(),
+    }
 
 
-def diagnose(bundle: Path | None = None) -> dict[str, Any]:
+def diagnose(bundle: Path | None = None, *, max_in_flight: int = 4) -> dict[str, Any]:
     """Everything :func:`doctor_cmd` prints, and ``problems``: empty when the configuration is known-good."""
     report: dict[str, Any] = {
         "clue2geo": __version__,
@@ -116,15 +124,17 @@ def diagnose(bundle: Path | None = None) -> dict[str, Any]:
         problems.append("AMX kernels could run and extra buffer types are on: llama.cpp 0.3.36 crashes there")
     if bundle is not None:
         try:
-            report["bundle"] = bundle_info(bundle)
+            report["bundle"] = bundle_info(bundle, max_in_flight)
         except Exception as exc:
             report["bundle"] = {"error": str(exc)}
             problems.append(f"bundle {bundle}: {exc}")
         else:
             avail = report["memory"]["available_bytes"]
-            need = report["bundle"]["bytes"]
-            if avail is not None and need and need > avail:
-                problems.append(f"the bundle's files alone ({_gib(need)}) exceed the free memory ({_gib(avail)})")
+            need = report["bundle"]["memory_need"]["total"]
+            if avail is not None and need > avail:
+                problems.append(
+                    f"loading it with {max_in_flight} images in flight needs {_gib(need)}; {_gib(avail)} is free"
+                )
     report["problems"] = problems
     report["known_good"] = not problems
     return report
@@ -143,10 +153,13 @@ def _gib(n: int | None) -> str:
 
 @click.command("doctor")
 @click.option("--bundle", "bundle_path", type=click.Path(path_type=Path), default=None, help="Also check this bundle.")
+@click.option(
+    "--max-in-flight", type=click.IntRange(1), default=4, show_default=True, help="Images in flight, for the need."
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
-def doctor_cmd(bundle_path: Path | None, as_json: bool) -> None:
+def doctor_cmd(bundle_path: Path | None, max_in_flight: int, as_json: bool) -> None:
     """Print what a support request needs: CPU features, llama.cpp build, ONNX Runtime, memory."""
-    r = diagnose(bundle_path)
+    r = diagnose(bundle_path, max_in_flight=max_in_flight)
     if as_json:
         click.echo(json.dumps(r, indent=2))
     else:
@@ -163,7 +176,10 @@ def doctor_cmd(bundle_path: Path | None, as_json: bool) -> None:
         ]
         if "bundle" in r:
             b = r["bundle"]
-            about = b.get("error") or f"{b['name']!r} at {b['path']}, {_gib(b['bytes'])} on disk, demo={b['demo']}"
+            about = b.get("error") or (
+                f"{b['name']!r} at {b['path']}, {_gib(b['bytes'])} on disk, demo={b['demo']}; "
+                f"a load needs {_gib(b['memory_need']['total'])} of RAM"
+            )
             lines.append(f"bundle: {about}")
         lines += [f"problem: {p}" for p in r["problems"]] or ["configuration: known-good"]
         click.echo("\n".join(lines))

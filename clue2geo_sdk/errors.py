@@ -56,3 +56,24 @@ class ImageLoadError(Clue2GeoError, ValueError):
 
 class RegionError(Clue2GeoError, ValueError):
     """A region the SDK cannot use: an unknown country code, a malformed box or radius, a bad polygon."""
+
+
+class InvalidArgumentError(Clue2GeoError, TypeError, ValueError):
+    """A public call got an argument of the wrong type or out of range (both builtins, so callers that
+    caught the ``TypeError`` or ``ValueError`` raised before still catch it); the message names it."""
+
+
+class OptionsError(InvalidArgumentError):
+    """A pipeline option that is unknown, of the wrong type, out of range or not finite."""
+
+
+class DeviceError(Clue2GeoError, RuntimeError):
+    """The device asked for cannot be used (e.g. ``device="cuda"`` without onnxruntime's CUDA provider)."""
+
+
+class InsufficientMemoryError(Clue2GeoError, MemoryError):
+    """A load would need more memory than is free; refused before the OOM killer ends the process."""
+
+
+class RecordFormatError(Clue2GeoError, ValueError):
+    """A result record (e.g. a journal line given to ``Prediction.from_dict``) is not a prediction."""

@@ -15,9 +15,10 @@ import collections
 import contextlib
 import hashlib
 import json
+import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -26,14 +27,23 @@ import attrs
 import numpy as np
 
 from . import stages
+from ._native import llama_cpp_module
 from .answers import rank_answers
 from .bundle import Bundle
 from .cluemap import Cluemap
 from .countries import countries
 from .encoders import ClipEncoder, Device, GpsClipEncoder, SbertEncoder, providers_for
-from .engines import EngineName, make_engine
+from .engines import ENGINES, EngineName, make_engine
 from .engines import base as engines_base
-from .errors import Clue2GeoError
+from .errors import (
+    BundleFormatError,
+    Clue2GeoError,
+    DeviceError,
+    ImageLoadError,
+    InsufficientMemoryError,
+    InvalidArgumentError,
+    OptionsError,
+)
 from .geocode import ReverseGeocoder
 from .image import ImageInput, LoadedImage, load_image
 from .image_tokens import IMAGE_MAX_TOKENS
@@ -46,36 +56,113 @@ from .selection import similarity, spread_km
 from .vlm import Constrain, PendingAnswer, VisionLanguageModel
 
 REGION_CACHE = 32
+CONSTRAIN_CHOICES = ("fallback", "always", "never")
+MAX_REFERENCES = 1000  # gallery points shown to one RAG prompt; far above the paper's 15
+MAX_SAMPLES = 32
+MAX_GENERATION_TOKENS = 1 << 20  # far above any context; the engine refuses what its context cannot hold
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-@attrs.frozen(kw_only=True)
-class Options:
-    """Pipeline switches. ``use_cluemap=False`` / ``use_refinement=False`` are the paper's w/o CM / w/o CR."""
+def _opt_bool(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool):
+        raise OptionsError(f"option {attr.name}={value!r}: must be True or False")
 
-    use_cluemap: bool = True
-    use_refinement: bool = True
-    references: tuple[int, ...] = attrs.field(default=(5, 10, 15), converter=tuple)
-    samples_per_prompt: int = attrs.field(default=1, validator=attrs.validators.ge(1))
-    sample_temperature: float = 0.7
-    nearest_neighbour_candidate: bool = False
-    constrain: Literal["fallback", "always", "never"] = attrs.field(
-        default="always", validator=attrs.validators.in_(("fallback", "always", "never"))
-    )
-    alpha: float = attrs.field(default=0.5, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)])
-    max_cue_tokens: int = 512
-    max_answer_tokens: int = 128
+
+def _opt_int(low: int, high: int | None = None) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    def check(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise OptionsError(f"option {attr.name}={value!r}: must be a whole number")
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise OptionsError(f"option {attr.name}={value}: must be {span}")
+
+    return check
+
+
+def _opt_float(low: float, high: float | None = None) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """A finite number in [low, high]: NaN or infinity would reach the JSON output, which cannot hold them."""
+
+    def check(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+            raise OptionsError(f"option {attr.name}={value!r}: must be a number")
+        if not math.isfinite(value):
+            raise OptionsError(f"option {attr.name}={value}: must be a finite number")
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise OptionsError(f"option {attr.name}={value}: must be {span}")
+
+    return check
+
+
+def _references(value: Any) -> tuple[int, ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise OptionsError(f"option references={value!r}: must be a list of reference counts, e.g. [5, 10, 15]")
+    refs = tuple(value)
+    for k in refs:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_REFERENCES:
+            raise OptionsError(
+                f"option references={list(refs)!r}: each count must be a whole number from 1 to {MAX_REFERENCES}"
+            )
+    return tuple(int(k) for k in refs)
+
+
+def _region(value: Any) -> Region | None:
+    if value is None or (isinstance(value, str) and not value):
+        return None
+    try:
+        region = Region.parse(value)
+    except Clue2GeoError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise OptionsError(
+            f"option region={value!r}: not a region ({exc}); give e.g. 'FR,DE' or 'bbox:W,S,E,N'"
+        ) from None
+    if region.kind == "polygon":  # a Region built directly: its outline prepared here, before threads share it
+        region.warm()
+    return region
+
+
+def _py(value: Any) -> Any:
+    """numpy scalars as Python ones, so options serialise (and digest) like the numbers they are."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+@attrs.frozen(kw_only=True, init=False)
+class Options:
+    """Pipeline switches. ``use_cluemap=False`` / ``use_refinement=False`` are the paper's w/o CM / w/o CR.
+    Every value is checked here (type, range, finite), so a bad one is refused by name before any
+    image is read, and no NaN or infinity can reach a record."""
+
+    use_cluemap: bool = attrs.field(default=True, validator=_opt_bool)
+    use_refinement: bool = attrs.field(default=True, validator=_opt_bool)
+    references: tuple[int, ...] = attrs.field(default=(5, 10, 15), converter=_references)
+    samples_per_prompt: int = attrs.field(default=1, converter=_py, validator=_opt_int(1, MAX_SAMPLES))
+    sample_temperature: float = attrs.field(default=0.7, converter=_py, validator=_opt_float(0.0))
+    nearest_neighbour_candidate: bool = attrs.field(default=False, validator=_opt_bool)
+    constrain: Literal["fallback", "always", "never"] = attrs.field(default="always")
+    alpha: float = attrs.field(default=0.5, converter=_py, validator=_opt_float(0.0, 1.0))
+    max_cue_tokens: int = attrs.field(default=512, converter=_py, validator=_opt_int(1, MAX_GENERATION_TOKENS))
+    max_answer_tokens: int = attrs.field(default=128, converter=_py, validator=_opt_int(1, MAX_GENERATION_TOKENS))
     # Where the photo is known to be: "FR,DE", "bbox:W,S,E,N", "circle:LAT,LON,KM", "geojson:PATH",
     # codes or a Region.
-    region: Region | None = attrs.field(default=None, converter=lambda v: None if v in (None, "") else Region.parse(v))
+    region: Region | None = attrs.field(default=None, converter=_region)
+
+    @constrain.validator
+    def _constrain(self, attr: attrs.Attribute[Any], value: Any) -> None:
+        if value not in CONSTRAIN_CHOICES:
+            raise OptionsError(f"option constrain={value!r}: must be one of {', '.join(CONSTRAIN_CHOICES)}")
+
+    def __init__(self, **kwargs: Any) -> None:
+        """The fields by name; an unknown one is refused with the known names (not a bare TypeError)."""
+        known = {f.name for f in attrs.fields(type(self))}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise OptionsError(f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}")
+        self.__attrs_init__(**kwargs)  # type: ignore[attr-defined]
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> Options:
-        known = {f.name for f in attrs.fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}")
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,8 +209,9 @@ class Geolocator:
         self.bundle = bundle
         self.options = options
         self.vlm = vlm
-        self.max_in_flight = max(1, int(max_in_flight))
-        providers = providers_for(device)
+        _check_load_args(device, "batched", max_in_flight, None, None)
+        self.max_in_flight = int(max_in_flight)
+        providers = device_providers(device)
         files = {role: {k: bundle.file(role, k) for k in bundle.component(role).files} for role in bundle.components}
         self.clip = ClipEncoder(files["clip"], bundle.params("clip"), providers)
         self.gpsclip = GpsClipEncoder(files["gpsclip"], bundle.params("gpsclip"), providers)
@@ -149,6 +237,14 @@ class Geolocator:
         self._region_lock = threading.Lock()
         self.prompts = resolve(bundle.params("vlm").get("prompts"))
         grid = bundle.params("clip").get("patch_grid", [3, 3])
+        if not (
+            isinstance(grid, list | tuple)
+            and len(grid) == 2
+            and all(isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= 16 for g in grid)
+        ):
+            raise BundleFormatError(
+                f"bundle {bundle.name!r}: clip.params.patch_grid={grid!r} must be two whole numbers from 1 to 16"
+            )
         self.grid = (int(grid[0]), int(grid[1]))
         self._calls = threading.Condition()
         self._running = 0
@@ -178,25 +274,38 @@ class Geolocator:
         by ``clue2geo gallery build``) takes the similar/dissimilar references from the analyst's
         own geotagged photos instead of the bundle's coordinate gallery; it must have been built
         with this bundle's GPSCLIP image tower."""
+        _check_load_args(device, engine, max_in_flight, n_gpu_layers, n_threads)
         opts = Options.from_kwargs(**options)
+        device_providers(device)  # device="cuda" without onnxruntime's CUDA provider: refused before any load
         bundle = Bundle.open(path, verify=verify, trusted_keys=trusted_keys)
-        p = bundle.params("vlm")
         if n_gpu_layers is None:
             n_gpu_layers = 0 if device == "cpu" else -1
-        if device == "cpu" or n_gpu_layers == 0:
-            _check_memory(bundle)
-        vlm = make_engine(
-            engine,
-            bundle.file("vlm", "model"),
-            bundle.file("vlm", "mmproj"),
-            max_images=max_in_flight,
-            ctx_per_image=int(p.get("n_ctx", 4096)),
+        check_memory(
+            bundle,
+            engine=engine,
+            max_in_flight=max_in_flight,
+            samples_per_prompt=opts.samples_per_prompt,
+            device=device,
             n_gpu_layers=n_gpu_layers,
-            n_threads=n_threads,
-            image_max_tokens=int(p.get("image_max_tokens") or IMAGE_MAX_TOKENS),
-            temperature=float(p.get("generation", {}).get("temperature", 0.0)),
-            verbose=verbose,
         )
+        try:
+            vlm = make_engine(
+                engine,
+                bundle.file("vlm", "model"),
+                bundle.file("vlm", "mmproj"),
+                max_images=max_in_flight,
+                ctx_per_image=vlm_int(bundle, "n_ctx", N_CTX_DEFAULT),
+                samples_per_prompt=opts.samples_per_prompt,
+                n_gpu_layers=n_gpu_layers,
+                n_threads=n_threads,
+                image_max_tokens=vlm_int(bundle, "image_max_tokens", IMAGE_MAX_TOKENS),
+                temperature=_bundle_temperature(bundle),
+                verbose=verbose,
+            )
+        except Clue2GeoError:
+            raise
+        except (TypeError, ValueError) as exc:  # e.g. a setting the engine refuses: said as a load error
+            raise InvalidArgumentError(f"cannot load the VLM of bundle {bundle.name!r}: {exc}") from exc
         try:
             return cls(bundle, vlm, device=device, options=opts, max_in_flight=max_in_flight, gallery=gallery)
         except BaseException:  # e.g. a refused gallery: the engine's thread and memory go with it
@@ -238,7 +347,7 @@ class Geolocator:
     ) -> tuple[Cluemap, list[dict[str, Any]]]:
         """The cluemap of one image, from the VLM's cues or from ``cues`` given as (cue, description);
         also the raw VLM outputs. The training-data builder uses this, so both share one implementation."""
-        img = load_image(image)
+        img = _load(image, None)
         opts = self.options
         raw: list[dict[str, Any]] = []
         with self._call():
@@ -256,18 +365,30 @@ class Geolocator:
 
     def ask(self, image: ImageInput, prompt: str, *, max_tokens: int | None = None) -> str:
         """One free-form answer about an image (e.g. a teacher's reasoning chain)."""
-        img = load_image(image)
+        img = _load(image, None)
         with self._call(), self.vlm.open(img) as session:
             return session.ask(prompt, schema=None, max_tokens=max_tokens or self.options.max_answer_tokens).text
 
     # -- the pipeline -----------------------------------------------------------------------------
 
-    def locate(self, image: ImageInput, *, name: str | None = None, options: Options | None = None) -> Prediction:
+    def locate(
+        self, image: ImageInput, *, name: str | None = None, options: Options | Mapping[str, Any] | None = None
+    ) -> Prediction:
         """Geolocate one image (path, bytes, PIL image or HxWx3 uint8 array); ``options`` override the
         loaded defaults for this call only (shared state is never changed, so threads may differ)."""
-        opts = options or self.options
+        opts = self._options(options)
         with self._call():
-            return self._locate(load_image(image, name=name), opts)
+            return self._locate(_load(image, name), opts)
+
+    def _options(self, options: Options | Mapping[str, Any] | None) -> Options:
+        """The options of one call: the loaded ones, an :class:`Options`, or a mapping of its fields."""
+        if options is None:
+            return self.options
+        if isinstance(options, Options):
+            return options
+        if isinstance(options, Mapping):
+            return Options(**{str(k): v for k, v in options.items()})
+        raise OptionsError(f"options={options!r}: must be an Options, a mapping of option names, or None")
 
     def _locate(self, img: LoadedImage, opts: Options) -> Prediction:
         timings: dict[str, float] = {}
@@ -420,7 +541,10 @@ class Geolocator:
     ) -> Iterator[Prediction | Failure] | list[Prediction | Failure]:
         """Geolocate many inputs, up to ``in_flight`` (default ``max_in_flight``) at once, results in
         input order; a bad input yields a :class:`Failure`, never an exception."""
-        gen = self.map_in_flight(lambda img: self.try_locate(img, options=options), images, in_flight=in_flight)
+        opts = self._options(options)  # a bad option is the caller's error, not every image's failure
+        if in_flight is not None and (not _whole(in_flight) or in_flight < 1):
+            raise InvalidArgumentError(f"in_flight={in_flight!r}: must be a whole number, at least 1 (or None)")
+        gen = self.map_in_flight(lambda img: self.try_locate(img, options=opts), images, in_flight=in_flight)
         return gen if stream else list(gen)
 
     def map_in_flight(self, fn: Callable[[T], R], items: Iterable[T], *, in_flight: int | None = None) -> Iterator[R]:
@@ -450,22 +574,284 @@ class Geolocator:
             return Failure(image=name, error=type(exc).__name__, message=str(exc) or repr(exc))
 
 
-def _check_memory(bundle: Bundle) -> None:
-    """Refuse, in one sentence, a CPU load that cannot fit: the OOM killer would otherwise end the
-    process without a word. Counts the model files the CPU path reads (float16 variants are CUDA's)."""
-    parts = {
-        role: sum(f.bytes for k, f in bundle.component(role).files.items() if not k.endswith("fp16"))
-        for role in ("vlm", "clip", "gpsclip", "sbert")
-        if role in bundle.components
-    }
-    needed, avail = sum(parts.values()), engines_base.available_memory_bytes()
-    if avail is not None and needed > avail:
-        detail = ", ".join(f"{role} {n / 2**30:.1f}" for role, n in parts.items())
-        raise Clue2GeoError(
-            f"not enough memory to load bundle {bundle.name!r}: its models need about {needed / 2**30:.1f} GiB "
-            f"({detail}) and {avail / 2**30:.1f} GiB is available; close other programs, lower max_in_flight, "
-            "or use a machine (or GPU) with more memory"
+def _load(image: Any, name: Any) -> LoadedImage:
+    """:func:`load_image`, with any builtin error it lets through said as an :class:`ImageLoadError`
+    naming the input (a public call raises only Clue2GeoError subclasses)."""
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgumentError(f"name={name!r}: must be a string naming the image (or None)")
+    try:
+        return load_image(image, name=name)
+    except Clue2GeoError:
+        raise
+    except (TypeError, ValueError, OSError, AttributeError) as exc:
+        what = name or (str(image) if isinstance(image, str | Path) else f"<{type(image).__name__}>")
+        raise ImageLoadError(f"{what}: cannot be read as an image ({type(exc).__name__}: {exc})") from exc
+
+
+# -- load-time checks -------------------------------------------------------------------------------
+
+DEVICES = ("auto", "cpu", "cuda")
+N_CTX_DEFAULT = 4096
+N_UBATCH = 512  # the engines' micro-batch (llama.cpp's default): sizes the compute buffers
+GiB = 2**30
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _check_load_args(device: Any, engine: Any, max_in_flight: Any, n_gpu_layers: Any, n_threads: Any) -> None:
+    """Refuse a bad load argument by name before anything is opened (never a bare TypeError later)."""
+    if device not in DEVICES:
+        raise InvalidArgumentError(f"device={device!r}: must be one of {', '.join(DEVICES)}")
+    if engine not in ENGINES:
+        raise InvalidArgumentError(f"engine={engine!r}: must be one of {', '.join(ENGINES)}")
+    if not _whole(max_in_flight) or max_in_flight < 1:
+        raise InvalidArgumentError(f"max_in_flight={max_in_flight!r}: must be a whole number, at least 1")
+    if n_gpu_layers is not None and (not _whole(n_gpu_layers) or n_gpu_layers < -1):
+        raise InvalidArgumentError(
+            f"n_gpu_layers={n_gpu_layers!r}: must be a whole number: -1 (all), 0 (none) or a layer count"
+        )
+    if n_threads is not None and (not _whole(n_threads) or n_threads < 1):
+        raise InvalidArgumentError(f"n_threads={n_threads!r}: must be a whole number, at least 1 (or None)")
+
+
+def device_providers(device: Device) -> list[str]:
+    """onnxruntime providers for ``device``; an unusable device is a :class:`DeviceError`."""
+    try:
+        return providers_for(device)
+    except Clue2GeoError:
+        raise
+    except RuntimeError as exc:
+        raise DeviceError(str(exc)) from None
+
+
+def vlm_int(bundle: Bundle, key: str, default: int, *, low: int = 1) -> int:
+    """A whole-number VLM setting of the bundle's manifest, refused by name when it is not one."""
+    value = bundle.params("vlm").get(key)
+    if value is None:
+        return default
+    if not _whole(value) or value < low:
+        raise BundleFormatError(
+            f"bundle {bundle.name!r}: vlm.params.{key}={value!r} must be a whole number, at least {low}; "
+            "rebuild or re-export the bundle"
+        )
+    return int(value)
+
+
+def _bundle_temperature(bundle: Bundle) -> float:
+    generation = bundle.params("vlm").get("generation") or {}
+    value = generation.get("temperature", 0.0) if isinstance(generation, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise BundleFormatError(
+            f"bundle {bundle.name!r}: vlm.params.generation.temperature={value!r} must be a finite number >= 0"
+        )
+    return float(value)
+
+
+@attrs.frozen(kw_only=True)
+class MemoryNeed:
+    """Host memory (RAM) a load needs, by part, in bytes, and how it was counted.
+
+    ``kv_cells`` is the KV cache's size in cells (``n_ctx`` per sequence x sequences) and
+    ``kv_bytes_per_cell`` K and V in f16 over the layers kept in host memory: exactly what llama.cpp
+    allocates. Compute buffers are an allowance fitted to llama.cpp's reservations (it sizes them from
+    the graph at load): one micro-batch's logits or attention scores plus activations, an output row
+    per sequence, and the vision tower's full-attention scores for one image at the token budget."""
+
+    parts: dict[str, int]
+    engine: str
+    max_in_flight: int
+    seqs_per_image: int
+    n_seq: int
+    n_ctx: int
+    kv_cells: int
+    kv_bytes_per_cell: int
+    gpu_layers: int
+    n_layer: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**attrs.asdict(self), "total": self.total}
+
+
+def _gpu_offload_supported() -> bool:
+    try:
+        return bool(llama_cpp_module().llama_supports_gpu_offload())
+    except (ImportError, AttributeError, OSError):
+        return False
+
+
+def _memory_model(
+    bundle: Bundle, *, engine: str, samples_per_prompt: int, device: Device, n_gpu_layers: int | None
+) -> Callable[[int], MemoryNeed]:
+    """Read the bundle's headers once; return the need as a function of the images in flight."""
+    from .engines.batched import seqs_per_image
+    from .gguf_header import read_header, tensor_bytes, text_model_shape
+
+    if n_gpu_layers is None:
+        n_gpu_layers = 0 if device == "cpu" else -1
+    model, mmproj = bundle.file("vlm", "model"), bundle.file("vlm", "mmproj")
+    shape = text_model_shape(model)
+    n_ctx = vlm_int(bundle, "n_ctx", N_CTX_DEFAULT)
+    budget = vlm_int(bundle, "image_max_tokens", IMAGE_MAX_TOKENS)
+    gpu = device != "cpu" and n_gpu_layers != 0 and _gpu_offload_supported()
+    # llama.cpp offloads the last n_gpu_layers repeating layers (all, and the output, at -1 or above n_layer)
+    on_gpu = 0 if not gpu else shape.n_layer if n_gpu_layers < 0 else min(n_gpu_layers, shape.n_layer)
+    first_gpu = shape.n_layer - on_gpu
+    all_on_gpu = gpu and (n_gpu_layers < 0 or n_gpu_layers > shape.n_layer)
+
+    def host_tensor(name: str) -> bool:
+        if name.startswith("blk."):
+            return int(name.split(".")[1]) < first_gpu
+        if name.startswith(("output", "output_norm")):
+            return not all_on_gpu
+        return True  # token embeddings stay in host memory (llama.cpp's input layer)
+
+    fixed: dict[str, int] = {"vlm weights": sum(n for k, n in tensor_bytes(model).items() if host_tensor(k))}
+    seqs = seqs_per_image(samples_per_prompt) if engine == "batched" else 1
+    per_cell = sum(shape.n_head_kv[:first_gpu]) * (shape.head_dim_k + shape.head_dim_v) * 2
+    ff = read_header(model, [f"{shape.arch}.feed_forward_length"]).get(f"{shape.arch}.feed_forward_length")
+    n_ff = int(ff) if _whole(ff) else 4 * shape.n_embd
+    cpu_graph = first_gpu > 0 or not all_on_gpu  # some of the graph runs on the CPU
+    logits = shape.n_vocab * 4  # one float32 row of logits
+    if not gpu:  # mtmd puts the vision tower where the text model's layers are
+        keys = ("attention.head_count", "embedding_length", "feed_forward_length")
+        v = read_header(mmproj, [f"clip.vision.{k}" for k in keys])
+        heads, width, ffn = (v.get(f"clip.vision.{k}") for k in keys)
+        fixed["vision projector"] = Path(mmproj).stat().st_size
+        if _whole(heads) and _whole(width):
+            # The vision tower's graph for an image at the budget (2x2 patches per token, P of them):
+            # full-attention scores of 6 bytes per head per pair (f32 scores and softmax, overlapping)
+            # and the activations; fitted to llama.cpp's reservation (201 MiB at P=4096 on the demo).
+            patches, vff = 4 * budget, int(ffn) if _whole(ffn) else 4 * int(width)
+            fixed["vision compute"] = patches * (6 * int(heads) * patches + 16 * (int(width) + vff))
+    if device_providers(device)[:1] != ["CUDAExecutionProvider"]:  # the CPU reads the float32 files
+        fixed["encoders"] = sum(
+            f.bytes
+            for role in ("clip", "gpsclip", "sbert")
+            if role in bundle.components
+            for k, f in bundle.component(role).files.items()
+            if not k.endswith("fp16")
         )
 
+    def need(max_in_flight: int) -> MemoryNeed:
+        n_seq = max_in_flight * seqs if engine == "batched" else 1
+        parts = {"vlm weights": fixed["vlm weights"], "KV cache": n_ctx * n_seq * per_cell}
+        if cpu_graph:
+            # llama.cpp reserves its graph for one micro-batch with every token an output (its logits),
+            # the tokens rounded up to a multiple of the sequences; and an output row per sequence.
+            n_tok = -(-N_UBATCH // n_seq) * n_seq
+            micro = 4 * n_tok * (max(shape.n_vocab, shape.n_head * n_ctx) + 4 * shape.n_embd + 2 * n_ff)
+            parts["compute buffers"] = micro + n_seq * logits
+            if engine == "chat":  # llama-cpp-python's own float32 scores array, n_batch rows
+                parts["compute buffers"] += N_UBATCH * logits
+        parts.update((k, v) for k, v in fixed.items() if k != "vlm weights")
+        return MemoryNeed(
+            parts=parts,
+            engine=engine,
+            max_in_flight=max_in_flight,
+            seqs_per_image=seqs,
+            n_seq=n_seq,
+            n_ctx=n_ctx,
+            kv_cells=n_ctx * n_seq,
+            kv_bytes_per_cell=per_cell,
+            gpu_layers=on_gpu,
+            n_layer=shape.n_layer,
+        )
 
-__all__ = ["Constrain", "Failure", "Geolocator", "Options"]
+    return need
+
+
+def memory_need(
+    bundle: Bundle,
+    *,
+    engine: str = "batched",
+    max_in_flight: int = 4,
+    samples_per_prompt: int = 1,
+    device: Device = "auto",
+    n_gpu_layers: int | None = None,
+) -> MemoryNeed:
+    """Host memory to load ``bundle`` with these settings: VLM weights (less the layers llama.cpp
+    offloads to a GPU), the KV cache (``n_ctx`` cells per sequence, f16 K and V, sized from the GGUF
+    header), compute buffers, the vision projector and the ONNX encoders when they run on the CPU."""
+    return _memory_model(
+        bundle, engine=engine, samples_per_prompt=samples_per_prompt, device=device, n_gpu_layers=n_gpu_layers
+    )(max_in_flight)
+
+
+def available_memory() -> int | None:
+    """Memory a load can take: the system's MemAvailable, bounded by the container's (cgroup) limit."""
+    avail = engines_base.available_memory_bytes()
+    limit = _cgroup_room()
+    if limit is not None:
+        avail = limit if avail is None else min(avail, limit)
+    return avail
+
+
+def _cgroup_room() -> int | None:
+    """Room left under a cgroup v2 (or v1) memory limit: limit - (usage - reclaimable file cache)."""
+    for limit_f, usage_f, stat_f, key in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+    ):
+        base = Path("/sys/fs/cgroup")
+        try:
+            raw = (base / limit_f).read_text().strip()
+            if raw == "max" or int(raw) >= 1 << 60:
+                return None
+            usage = int((base / usage_f).read_text().strip())
+            cache = 0
+            for line in (base / stat_f).read_text().splitlines():
+                name, _, val = line.partition(" ")
+                if name == key:
+                    cache = int(val)
+            return max(0, int(raw) - max(0, usage - cache))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_memory(
+    bundle: Bundle,
+    *,
+    engine: str = "batched",
+    max_in_flight: int = 4,
+    samples_per_prompt: int = 1,
+    device: Device = "auto",
+    n_gpu_layers: int | None = None,
+) -> MemoryNeed:
+    """Refuse, in one sentence with the numbers, a load whose host memory need (:func:`memory_need`)
+    exceeds what is free: the OOM killer would otherwise end the process without a word. The
+    sentence says how many images in flight would fit, when some would."""
+    model = _memory_model(
+        bundle, engine=engine, samples_per_prompt=samples_per_prompt, device=device, n_gpu_layers=n_gpu_layers
+    )
+    need = model(max_in_flight)
+    avail = available_memory()
+    if avail is None or need.total <= avail:
+        return need
+    detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in need.parts.items() if v)
+    lower = ""
+    if engine == "batched" and max_in_flight > 1:
+        from .engines.batched import MAX_SEQUENCES
+
+        lo, hi = 0, min(max_in_flight - 1, MAX_SEQUENCES // need.seqs_per_image)
+        while lo < hi:  # the most images in flight that fit (the need grows with them)
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if model(mid).total <= avail else (lo, mid - 1)
+        lower = f"lower max_in_flight (at most {lo} fit), " if lo else ""
+    cells = f"{need.max_in_flight} images in flight x {need.seqs_per_image} sequences" if engine == "batched" else "1"
+    raise InsufficientMemoryError(
+        f"not enough memory to load bundle {bundle.name!r}: its models need about {need.total / GiB:.2f} GiB of "
+        f"RAM with the {engine} engine, max_in_flight={max_in_flight} and device={device} ({detail} GiB; the KV "
+        f"cache holds {cells} x n_ctx {need.n_ctx} cells of {need.kv_bytes_per_cell} bytes) and "
+        f"{avail / GiB:.2f} GiB is free; {lower}lower the bundle's n_ctx, offload layers to a GPU "
+        "(n_gpu_layers), or free memory"
+    )
+
+
+__all__ = ["Constrain", "Failure", "Geolocator", "MemoryNeed", "Options", "check_memory", "memory_need"]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from .cluemap import Cue
+from .errors import RecordFormatError
 
 if TYPE_CHECKING:
     from .answers import Answer  # answers imports this module: the class is needed only in from_dict
@@ -110,17 +111,37 @@ class Prediction:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Prediction:
+        """The prediction of ``to_dict`` output, or of a journal record (``batch.record_of``: the same
+        fields plus the journal's own, such as ``path``, ``status`` and ``record_hash``, which are
+        dropped). A dict with unknown keys and no ``status`` is refused (a typo must not pass), as is
+        a record of a failure; a malformed value is a :class:`RecordFormatError` naming its field."""
+        if not isinstance(data, Mapping):
+            raise RecordFormatError(f"Prediction.from_dict: expected a mapping, got {type(data).__name__}")
         fields = {f.name for f in attrs.fields(cls)}
+        if "status" in data:  # a journal record: the prediction's fields beside the journal's own
+            if data["status"] != "ok":
+                what = data.get("path") or data.get("image") or "?"
+                raise RecordFormatError(
+                    f"Prediction.from_dict: the record of {what} has status {data['status']!r}, not 'ok': "
+                    f"it records a failure ({data.get('error')}: {data.get('message')}), not a prediction"
+                )
+            data = {k: v for k, v in data.items() if k in fields}
         unknown = set(data) - fields
         if unknown:
-            raise ValueError(f"Prediction.from_dict: unknown keys {sorted(unknown)}")
-        d = dict(data)
-        d["candidates"] = tuple(Candidate(**c) for c in d.get("candidates", ()))
-        d["cues"] = tuple(Cue(**c) for c in d.get("cues", ()))
+            raise RecordFormatError(f"Prediction.from_dict: unknown keys {sorted(unknown)}")
+        missing = sorted(f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING and f.name not in data)
+        if missing:
+            raise RecordFormatError(f"Prediction.from_dict: missing keys {missing}")
         from .answers import Answer
 
-        d["answers"] = tuple(Answer(**a) for a in d.get("answers", ()))
-        return cls(**d)
+        d = dict(data)
+        try:
+            d["candidates"] = tuple(Candidate(**c) for c in d.get("candidates") or ())
+            d["cues"] = tuple(Cue(**c) for c in d.get("cues") or ())
+            d["answers"] = tuple(Answer(**a) for a in d.get("answers") or ())
+            return cls(**d)
+        except (TypeError, ValueError) as exc:
+            raise RecordFormatError(f"Prediction.from_dict: malformed record ({exc})") from None
 
     def to_geojson(self) -> dict[str, Any]:
         """A GeoJSON Feature (coordinates in lon, lat order as GeoJSON requires)."""

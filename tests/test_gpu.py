@@ -1,14 +1,29 @@
 """GPU checks, deselected by default (``-m "not gpu"`` in pyproject); run with ``pytest -m gpu`` on a
-machine with an NVIDIA GPU, onnxruntime-gpu and llama-cpp-python built with CUDA."""
+machine with an NVIDIA GPU, onnxruntime-gpu and llama-cpp-python built with CUDA.
+
+Each check fails on a CPU-only build: llama.cpp must be able to offload, the loaded encoders' sessions
+must run on CUDA, llama.cpp must report its layers and KV cache on the GPU, and the GPU's memory in
+use must grow by at least what llama.cpp says it put there."""
 
 from __future__ import annotations
 
+import ctypes
+import re
+import shutil
+import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.gpu
+
+
+def test_llama_cpp_offloads_to_the_gpu() -> None:
+    import llama_cpp
+
+    assert llama_cpp.llama_supports_gpu_offload(), "llama-cpp-python was built without GPU support (CPU-only)"
 
 
 def test_onnxruntime_cuda_provider(demo_bundle: Path) -> None:
@@ -20,13 +35,74 @@ def test_onnxruntime_cuda_provider(demo_bundle: Path) -> None:
     assert providers_for("cuda")[0] == "CUDAExecutionProvider"
 
 
-def test_locate_on_gpu(demo_bundle: Path, photo: Path) -> None:
-    from clue2geo_sdk import Geolocator
+@pytest.fixture
+def llama_log() -> Iterator[Callable[[], list[str]]]:
+    """A reader of llama.cpp's log lines so far (the SDK's silencing is restored after)."""
+    import llama_cpp
 
-    with Geolocator.load(demo_bundle, device="cuda") as geo:
+    from clue2geo_sdk.engines import base
+
+    pieces: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: object) -> None:
+        pieces.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lambda: "".join(pieces).splitlines()
+    finally:
+        base.silence_native_logs()
+        llama_cpp.llama_log_set(base._SILENT_CALLBACK, ctypes.c_void_p(0))
+
+
+def _gpu_used_mib() -> int:
+    """Memory in use on the first GPU, from nvidia-smi (the driver's own count, every process's)."""
+    smi = shutil.which("nvidia-smi")
+    assert smi, "nvidia-smi is not on PATH: this is not a machine with an NVIDIA driver"
+    out = subprocess.run(
+        [smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.split()[0])
+
+
+def test_locate_on_gpu(demo_bundle: Path, photo: Path, llama_log: Callable[[], list[str]]) -> None:
+    """The pipeline on the GPU: encoders on CUDA, every layer and the KV cache offloaded, the GPU's
+    memory grown by at least what llama.cpp put there, and a valid prediction."""
+    import onnxruntime as ort
+
+    from clue2geo_sdk import Bundle, Geolocator
+    from clue2geo_sdk.geolocator import memory_need
+
+    before = _gpu_used_mib()
+    with Geolocator.load(demo_bundle, device="cuda", max_in_flight=2, max_cue_tokens=96, max_answer_tokens=48) as geo:
+        sessions = [
+            s
+            for enc in (geo.clip, geo.gpsclip, geo.sbert)
+            for s in vars(enc).values()
+            if isinstance(s, ort.InferenceSession)
+        ]
+        assert len(sessions) >= 4
+        for s in sessions:
+            assert s.get_providers()[0] == "CUDAExecutionProvider", s.get_providers()
         pred = geo.locate(photo)
-    print("gpu timings", pred.timings)
-    assert -90 <= pred.lat <= 90
+        during = _gpu_used_mib()
+    lines = llama_log()
+    offloaded = [m.groups() for s in lines if (m := re.search(r"offloaded (\d+)/(\d+) layers to GPU", s))]
+    assert offloaded and offloaded[0][0] == offloaded[0][1], offloaded
+    on_gpu = [
+        float(m.group(1))
+        for s in lines
+        if (m := re.search(r"CUDA\d+ (?:KV|model|compute) buffer size = +([\d.]+) MiB", s))
+    ]
+    kv_gpu = [s for s in lines if re.search(r"CUDA\d+ KV buffer size", s)]
+    assert kv_gpu and on_gpu, lines[-30:]
+    assert during - before >= sum(on_gpu), (before, during, on_gpu)
+    # the host-memory check counts no KV cache and no offloaded layer when everything is on the GPU
+    need = memory_need(Bundle.open(demo_bundle), max_in_flight=2, device="cuda")
+    assert need.gpu_layers == need.n_layer and need.parts["KV cache"] == 0
+    print("gpu timings", pred.timings, "GPU MiB", before, "->", during)
+    assert -90 <= pred.lat <= 90 and -180 <= pred.lon <= 180 and pred.source
 
 
 def test_bf16_training_step(tmp_path: Path, photo: Path) -> None:

@@ -160,6 +160,8 @@ def test_doctor_reports_the_configuration(demo_bundle: Path) -> None:
     assert r["llama_cpp"]["extra_buffer_types"].startswith("off" if r["llama_cpp"]["amx_possible"] else "on")
     assert "CPUExecutionProvider" in r["onnxruntime"]["providers"]
     assert r["bundle"]["bytes"] > 0
+    need = r["bundle"]["memory_need"]
+    assert need["total"] == sum(need["parts"].values()) > r["bundle"]["bytes"] // 10
     res = CliRunner().invoke(main, ["doctor", "--bundle", str(demo_bundle), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["llama_cpp"]["system_info"] == r["llama_cpp"]["system_info"]

@@ -435,3 +435,55 @@ def test_training_images_get_the_inference_token_budget(
         fitted = fit_image(load_image(photo).image, tokens)
         direct = proc.image_processor(images=[fitted], do_resize=False, return_tensors="pt")["pixel_values"]
         assert enc["pixel_values"].shape == direct.shape and bool((enc["pixel_values"] == direct).all())
+
+
+def test_shipped_configs_take_a_phone_photo(
+    geo: Geolocator, base: Path, demo_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each shipped stage config (training/configs/*.toml) fits the longest example the dataset builder
+    writes for a 4032x3024 phone photo at the inference image budget: 12 cues at the cue schema's
+    maxima and a teacher chain of REASON_MAX_TOKENS tokens (the RC config's 1024 did not even hold
+    the image and the chain; RL's 2048 did not hold the cluemap and the chain)."""
+    from clue2geo_sdk.image_tokens import image_tokens, smart_size
+    from clue2geo_sdk.vlm import CUES_SCHEMA
+    from training.config import StageConfig
+    from training.dataset import REASON_MAX_TOKENS, build_dataset
+    from training.train import encode_example, image_budget, load_processor
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    y, x = np.mgrid[0:3024, 0:4032]
+    arr = np.stack([x * 255 // 4032, y * 255 // 3024, (x + y) * 255 // 7056], axis=-1).astype(np.uint8)
+    Image.fromarray(arr).save(imgs / "phone.jpg", quality=90)
+    with open(tmp_path / "photos.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "lat", "lon"], ["phone.jpg", 53.7381, -0.3309]])
+    props = CUES_SCHEMA["items"]["properties"]
+    long_cue, long_desc = props["cue"]["maxLength"], props["description"]["maxLength"]
+    cues = [
+        {"cue": f"Cue {i:02d} " + "brick facade " * 10, "description": f"Detail {i:02d} " + "weathered sign " * 30}
+        for i in range(CUES_SCHEMA["maxItems"])
+    ]
+    cues = [{"cue": c["cue"][:long_cue], "description": c["description"][:long_desc]} for c in cues]
+    (tmp_path / "cues.jsonl").write_text(json.dumps({"path": "phone.jpg", "cues": cues}) + "\n")
+    budget = Bundle.open(demo_bundle).params("vlm")["image_max_tokens"]
+    proc = load_processor(base, budget)
+    words = "The red brick facade, the white window frames and the bilingual street sign point to this district. "
+    chain = proc.tokenizer.decode(proc.tokenizer(words * 40)["input_ids"][:REASON_MAX_TOKENS])
+    assert len(proc.tokenizer(chain)["input_ids"]) >= REASON_MAX_TOKENS - 2  # the teacher's longest chain
+    monkeypatch.setattr(geo, "ask", lambda image, prompt, *, max_tokens=None: chain)
+    out = tmp_path / "data"
+    build_dataset(tmp_path / "photos.csv", imgs, geo, out, cues_jsonl=tmp_path / "cues.jsonl", val_percent=0)
+    assert image_budget(out) == budget == 1024  # one budget: the bundle's, for training and inference
+    n_ctx = Bundle.open(demo_bundle).params("vlm")["n_ctx"]
+    pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    w, h = smart_size(4032, 3024, budget)
+    for stage in ("rc", "rl", "ol"):
+        cfg = StageConfig.load(Path(__file__).resolve().parents[1] / "training" / "configs" / f"{stage}.toml")
+        assert cfg.stage == stage and cfg.max_length <= n_ctx  # never longer than inference's context
+        rec = _read(out / f"{stage}.train.jsonl")[0]
+        prompt = rec["messages"][0]["content"][1]["text"]
+        assert stage == "rc" or prompt.count("weathered sign") >= 12 * 5  # every cue, whole, in the cluemap
+        enc = encode_example(proc, rec, max_length=cfg.max_length, image_max_tokens=budget)  # not TooLongError
+        ids = enc["input_ids"][0]
+        assert int((ids == pad).sum()) == image_tokens(w, h) == 972
+        print(f"{stage}: {ids.shape[0]} tokens of max_length {cfg.max_length}")

@@ -56,36 +56,37 @@ def export_trained(
         )
     src = Bundle.open(from_bundle, verify=True)
     writer = BundleWriter(out, name=name, demo=False, overwrite=overwrite)
-    vlm = vlm_gguf.export_vlm(model_dir, out / "vlm", quant=quant)
-    params: dict[str, Any] = vlm_params(quant, vlm["check"])
-    params["prompts"] = {**DEFAULT_PROMPTS, **prompts}
-    params["image_max_tokens"] = trained_image_tokens(data_summary)
-    writer.add(
-        "vlm",
-        {"model": vlm["model"], "mmproj": vlm["mmproj"]},
-        params=params,
-        provenance={"source": str(model_dir), "trained": True, "data": str(data_summary) if data_summary else None},
-    )
-    random_parts = []
-    for role, comp in src.components.items():
-        if role == "vlm":
-            continue
-        files = {}
-        for key, f in comp.files.items():
-            dst = out / f.path
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src.root / f.path, dst)
-            files[key] = dst
+    with writer:  # a failed export removes its build folder; ``out`` is untouched until write()
+        vlm = vlm_gguf.export_vlm(model_dir, writer.root / "vlm", quant=quant)
+        params: dict[str, Any] = vlm_params(quant, vlm["check"])
+        params["prompts"] = {**DEFAULT_PROMPTS, **prompts}
+        params["image_max_tokens"] = trained_image_tokens(data_summary)
         writer.add(
-            role,
-            files,
-            params=comp.params,
-            provenance={**comp.provenance, "copied_from": src.name},
-            random_weights=comp.random_weights,
+            "vlm",
+            {"model": vlm["model"], "mmproj": vlm["mmproj"]},
+            params=params,
+            provenance={"source": str(model_dir), "trained": True, "data": str(data_summary) if data_summary else None},
         )
-        if comp.random_weights:
-            random_parts.append(role)
-    writer.demo = bool(random_parts)
-    writer.extra = {"random_components": random_parts}
-    writer.write()
+        random_parts = []
+        for role, comp in src.components.items():
+            if role == "vlm":
+                continue
+            files = {}
+            for key, f in comp.files.items():
+                dst = writer.root / f.path
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src.root / f.path, dst)
+                files[key] = dst
+            writer.add(
+                role,
+                files,
+                params=comp.params,
+                provenance={**comp.provenance, "copied_from": src.name},
+                random_weights=comp.random_weights,
+            )
+            if comp.random_weights:
+                random_parts.append(role)
+        writer.demo = bool(random_parts)
+        writer.extra = {"random_components": random_parts}
+        writer.write()
     return Bundle.open(out, verify=True)

@@ -209,31 +209,42 @@ def sign_journal(
     return sig
 
 
-def fault_of(target: Path, sig: JournalSignature, pub: Any | None = None, table: Path | None = None) -> str | None:
-    """Why ``sig`` does not vouch for ``target`` (and ``table``, the .csv/.geojson written from it)
-    as they are now (None: it does). ``pub`` is the trusted key to check with; without it, the key
-    stored in the entry is used, which shows the content is what that key signed, not whose key it is."""
+def signature_state(
+    target: Path, sig: JournalSignature, pub: Any | None = None, table: Path | None = None
+) -> tuple[str, str | None]:
+    """Whether ``sig`` vouches for ``target`` (and ``table``, the .csv/.geojson written from it) as they
+    are now: ``("holds", None)``; ``("appended", why)`` when records were appended after signing (the
+    signed ones are intact); ``("bad", why)`` otherwise. ``pub`` is the trusted key to check with;
+    without it, the key stored in the entry is used, which shows the content is what that key signed,
+    not whose key it is."""
     from cryptography.exceptions import InvalidSignature
 
     if pub is not None and public_bytes(pub).hex() != sig.public_key:
-        return f"key {sig.key_id}: the stored public key is not the trusted one"
+        return "bad", f"key {sig.key_id}: the stored public key is not the trusted one"
     try:
         (pub or _stored_key(sig.public_key)).verify(bytes.fromhex(sig.signature), sig.message())
     except (InvalidSignature, ValueError):
-        return f"key {sig.key_id}: the signature does not verify (the signatures file was edited)"
+        return "bad", f"key {sig.key_id}: the signature does not verify (the signatures file was edited)"
     if table is not None and sig.table_sha256 is None:
-        return f"{sig.describe()}: the table {table.name} is not covered (the journal was signed alone); sign {table}"
+        why = f"{sig.describe()}: the table {table.name} is not covered (the journal was signed alone); sign {table}"
+        return "bad", why
     if table is not None and sha256_file(table) != sig.table_sha256:
-        return f"{sig.describe()}: the table {table} changed after signing (it is not the one written then)"
+        return "bad", f"{sig.describe()}: the table {table} changed after signing (it is not the one written then)"
     if content_digest(target) == sig.journal_sha256:
-        return None
+        return "holds", None
     now = _check(target, anchor=sig.head)
     if now.ok and now.records > sig.records:
-        return (
+        return "appended", (
             f"{sig.describe()}: {now.records - sig.records} record(s) were appended after signing "
             f"(the first {sig.records} are as signed)"
         )
-    return f"{sig.describe()}: the results changed after signing ({now.message()})"
+    return "bad", f"{sig.describe()}: the results changed after signing ({now.message()})"
+
+
+def fault_of(target: Path, sig: JournalSignature, pub: Any | None = None, table: Path | None = None) -> str | None:
+    """Why ``sig`` does not vouch for ``target`` (and ``table``) as they are now (None: it does); see
+    :func:`signature_state`."""
+    return signature_state(target, sig, pub, table)[1]
 
 
 def check_journal_signatures(
@@ -271,4 +282,5 @@ __all__ = [
     "read_journal_signatures",
     "sign_journal",
     "signature_path",
+    "signature_state",
 ]

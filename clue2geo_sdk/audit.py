@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,15 +35,68 @@ def record_hash(rec: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical({k: v for k, v in rec.items() if k != "record_hash"})).hexdigest()
 
 
+NONFINITE = "nonfinite"  # the record field naming values that were NaN or Infinity (not JSON), now null
+
+
+def _has_nonfinite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, Mapping):
+        return any(_has_nonfinite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_nonfinite(v) for v in value)
+    return False
+
+
+def finite(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """``rec`` with no NaN or Infinity (JSON has neither; ``json`` would write the invalid ``NaN``).
+    Inside ``metadata`` (what the photo's EXIF / XMP says) such a value is dropped and named in
+    ``metadata["problems"]``, as any malformed metadata value is; elsewhere it becomes None and is
+    named in the record's ``nonfinite`` list. A record without any comes back as a shallow copy."""
+    if not _has_nonfinite(rec):
+        return dict(rec)
+    meta_found: list[str] = []
+    found: list[str] = []
+    drop = object()
+
+    def walk(value: Any, where: str, in_meta: bool) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            shown = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+            (meta_found if in_meta else found).append(f"{where}: {shown} is not a number")
+            return drop if in_meta else None
+        if isinstance(value, Mapping):
+            kept = {}
+            for k, v in value.items():
+                w = walk(v, f"{where}.{k}", in_meta)
+                if w is not drop:
+                    kept[k] = w
+            return kept
+        if isinstance(value, (list, tuple)):
+            return [None if (w := walk(v, f"{where}[{i}]", in_meta)) is drop else w for i, v in enumerate(value)]
+        return value
+
+    out = {k: walk(v, str(k), k == "metadata") for k, v in rec.items()}
+    meta = out.get("metadata")
+    if meta_found and isinstance(meta, dict) and isinstance(meta.get("problems", []), list):
+        meta["problems"] = [*meta.get("problems", []), *(f"{m}; dropped" for m in meta_found)]
+    else:
+        found += meta_found
+    if found:
+        previous = out.get(NONFINITE)
+        out[NONFINITE] = [*(previous if isinstance(previous, list) else []), *(f"{m}; written as null" for m in found)]
+    return out
+
+
 def chain(rec: Mapping[str, Any], prev_hash: str) -> dict[str, Any]:
-    """The record as it is written: normalised through JSON (so the writer hashes exactly what a
-    reader parses back), linked to ``prev_hash`` and sealed with its own ``record_hash``."""
-    body = {k: v for k, v in rec.items() if k not in CHAIN_FIELDS}
+    """The record as it is written: without NaN or Infinity (:func:`finite`), normalised through JSON
+    (so the writer hashes exactly what a reader parses back), linked to ``prev_hash`` and sealed with
+    its own ``record_hash``."""
+    body = finite({k: v for k, v in rec.items() if k not in CHAIN_FIELDS})
     try:
-        text = json.dumps(body, ensure_ascii=False)
+        text = json.dumps(body, ensure_ascii=False, allow_nan=False)
         text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates (undecodable file names) are kept as escapes
-        text = json.dumps(body)
+        text = json.dumps(body, allow_nan=False)
     out = json.loads(text)
     out["prev_hash"] = prev_hash
     out["record_hash"] = record_hash(out)
@@ -101,9 +155,9 @@ class AuditResult:
     anchor_found: bool | None = None
 
     def message(self) -> str:
-        if self.ok:
+        if self.ok:  # the chain shows nothing was edited since it was written, not who wrote it: no "ok"
             tail = "" if self.anchor_found is None else "; the anchor record is in the chain"
-            return f"ok: {self.path}: {self.records} records, hash chain intact; head {self.head}{tail}"
+            return f"{self.path}: {self.records} records, hash chain intact; head {self.head}{tail}"
         if self.bad_line is None:
             return f"FAILED: {self.path}: {self.reason}"
         return f"FAILED: {self.path}:{self.bad_line}: {self.reason}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
@@ -110,6 +111,24 @@ _TRUSTED_KEY_HELP = (
 def _check_trusted_keys(trusted_keys: tuple[str, ...], verify: bool) -> None:
     if trusted_keys and not verify:
         raise click.UsageError("--trusted-key needs --verify: the signature covers the manifest, the sha256s the files")
+    _key_files(trusted_keys, "--trusted-key")
+
+
+def _key_files(keys: tuple[str, ...], option: str) -> None:
+    """Refuse a key given as a path that is not a regular file (a FIFO would block the read for ever)
+    before anything opens it; key text (PEM, hex) names no file and passes."""
+    from .files import regular_file
+
+    for key in keys:
+        try:
+            named = "\n" not in key and os.path.lexists(key)
+        except (OSError, ValueError):  # a NUL or an over-long name: key text, not a path
+            named = False
+        if named:
+            try:
+                regular_file(key, option)
+            except Clue2GeoError as exc:
+                _fail(exc)
 
 
 @bundle.command("verify")
@@ -120,6 +139,7 @@ def bundle_verify(path: Path, trusted_keys: tuple[str, ...]) -> None:
     exit 0 when intact, 1 otherwise."""
     from .signing import read_signatures
 
+    _key_files(trusted_keys, "--trusted-key")
     try:
         b = Bundle.open(path, verify=True, trusted_keys=trusted_keys or None)
         sigs = read_signatures(b.root)
@@ -144,6 +164,7 @@ def bundle_sign(path: Path, key: str) -> None:
     (a signature by the same key is replaced, others are kept)."""
     from .signing import sign_bundle
 
+    _key_files((key,), "--key")
     try:
         b = Bundle.open(path, verify=True)
         sig = sign_bundle(b.root, key, b.digest)
@@ -371,7 +392,7 @@ def locate(
     """Geolocate images and folders into --out; exit 0 if all succeeded, 3 if some failed.
 
     With --ray, PATHS may also be one .csv or .parquet manifest with a 'path' column."""
-    from .batch import discover, journal_path, latest, read_journal, run_batch
+    from .batch import check_not_in_use, discover, journal_path, latest, read_journal, run_batch
     from .geolocator import Geolocator
 
     if retry_failed and not resume:
@@ -388,9 +409,20 @@ def locate(
         ray_args |= {"gallery": gallery}
         ray_args |= {"recursive": recursive, "resume": resume, "retry_failed": retry_failed, "fmt": fmt or "jsonl"}
         ray_args |= {"in_flight": max_in_flight, "device": device, "verify": verify, "verbose": verbose}
-        _locate_on_ray(paths, bundle_path, out, report, ray_args, options)
+        _locate_on_ray(paths, bundle_path, out, report, ray_args, options, trusted_keys)
         return
     fmt = fmt or {".csv": "csv", ".geojson": "geojson"}.get(out.suffix.lower(), "jsonl")
+    if out.is_dir():
+        _fail(
+            f"--out {out} is a folder; pass a results file such as {out / 'results.jsonl'} "
+            "(a folder is for a --ray run)"
+        )
+    if report is not None and _same_file(report, out, journal_path(out, fmt)):  # type: ignore[arg-type]
+        _fail(f"--report {report} is the results file; pass another path for the HTML report")
+    try:  # another run writing --out: refused before the model loads (run_batch holds the lock itself)
+        check_not_in_use(journal_path(out, fmt))  # type: ignore[arg-type]
+    except Clue2GeoError as exc:
+        _fail(exc)
     inputs = list(discover(paths, recursive=recursive))
     try:
         geo = Geolocator.load(
@@ -419,13 +451,19 @@ def locate(
                 on_record=tick,
                 on_notice=_warn,
             )
-    except FileExistsError as exc:
+    except (Clue2GeoError, FileExistsError) as exc:  # another writer, a full disk, results already there
         _fail(exc)
     if report is not None:
         from .report import write_report
 
         journal = journal_path(out, fmt)  # type: ignore[arg-type]
-        write_report(report, latest(read_journal(journal).records).values(), geo.bundle, results_path=journal)
+        recs = latest(read_journal(journal).records).values()
+        try:
+            write_report(report, recs, geo.bundle, results_path=journal, trusted_keys=trusted_keys or None)
+        except Clue2GeoError as exc:
+            _fail(exc)
+        except OSError as exc:
+            _fail(f"cannot write the report {report}: {_reason(exc)}")
     click.echo(f"{summary.ok} located, {summary.error} failed, {summary.skipped} skipped (already in {out})")
     if report is not None:
         click.echo(f"report: {report}")
@@ -440,6 +478,7 @@ def _locate_on_ray(
     report: Path | None,
     ray_args: dict[str, Any],
     options: dict[str, Any],
+    trusted_keys: tuple[str, ...] = (),
 ) -> None:
     """``locate --ray``: the same job on a Ray cluster (clue2geo_sdk.cluster), into the folder --out."""
     from .cluster import locate_on_ray
@@ -466,7 +505,18 @@ def _locate_on_ray(
         from .cluster import merged_records
         from .report import write_report
 
-        write_report(report, merged_records(out).records, Bundle.open(bundle_path, verify=False), results_path=out)
+        try:
+            write_report(
+                report,
+                merged_records(out).records,
+                Bundle.open(bundle_path, verify=False),
+                results_path=out,
+                trusted_keys=trusted_keys or None,
+            )
+        except Clue2GeoError as exc:
+            _fail(exc)
+        except OSError as exc:
+            _fail(f"cannot write the report {report}: {_reason(exc)}")
     click.echo(
         f"{summary.ok} located, {summary.error} failed, {summary.skipped} skipped (already in {out}) "
         f"on {summary.plan.get('actors')} {summary.plan.get('device')} actor(s); merged: {summary.merged}"
@@ -477,20 +527,61 @@ def _locate_on_ray(
         sys.exit(EXIT_SOME_FAILED)
 
 
-def _read_results(records: Path) -> list[dict[str, Any]]:
-    """The latest record per image of a JSONL results file, or the merged shards of a ``--ray`` run folder."""
-    from .batch import latest, read_journal
-    from .cluster import is_run_dir, merged_records
+def _reason(exc: BaseException) -> str:
+    """An error's message without OSError's "[Errno n]" prefix."""
+    if isinstance(exc, OSError) and not isinstance(exc, Clue2GeoError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
 
-    if records.is_dir():
-        if not is_run_dir(records):
-            raise click.UsageError(f"{records} is a folder but not a 'locate --ray' run (no shards/ in it)")
-        journal = merged_records(records)
-    else:
-        journal = read_journal(records)
+
+def _same_file(dest: Path, *inputs: Path) -> bool:
+    """Whether writing ``dest`` would write onto one of ``inputs`` (the same file by any name: a
+    symlink or a hard link to it too)."""
+    for src in inputs:
+        try:
+            if os.path.samefile(dest, src):
+                return True
+        except OSError:  # one of them does not exist (yet): not the same file
+            continue
+    return False
+
+
+def _inputs_of(records: Path) -> list[Path]:
+    """The files a results argument is read from: the journal, or a run folder's shards."""
+    from .cluster.shards import shard_files
+
+    return shard_files(records) if records.is_dir() else [records]
+
+
+def _refuse_own_input(dest: Path, records: Path, option: str) -> None:
+    if _same_file(dest, *_inputs_of(records)):
+        _fail(f"{option} {dest} is the results being read ({records}); write to another file (never onto its input)")
+
+
+def _read_results(records: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The latest record per image of a JSONL results file, or the merged shards of a ``--ray`` run
+    folder. A record with a field of the wrong type is skipped, named by file and line (a warning)."""
+    from .batch import latest, read_journal, valid_records
+    from .cluster import is_run_dir, read_shards
+    from .cluster.shards import merge
+    from .files import regular_file
+
+    try:
+        if records.is_dir():
+            if not is_run_dir(records):
+                raise click.UsageError(f"{records} is a folder but not a 'locate --ray' run (no shards/ in it)")
+            journal = valid_records(read_shards(records))
+            recs = merge(journal.records)
+        else:
+            journal = valid_records(read_journal(regular_file(records, "results file")))
+            recs = list(latest(journal.records).values())
+    except Clue2GeoError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(f"cannot read results {records}: {_reason(exc)}")
     for problem in journal.problems:
         _warn(f"warning: {problem}")
-    return list(latest(journal.records).values())
+    return recs, list(journal.problems)
 
 
 @main.command("export")
@@ -506,26 +597,29 @@ def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
     CSV, JSONL or the HTML map report (latest record per image)."""
     from .batch import write_csv, write_geojson
 
-    recs = _read_results(records)
     suffix = dest.suffix.lower()
-    if suffix == ".jsonl":
-        from .cluster.shards import write_jsonl
-
-        write_jsonl(dest, recs)
-    elif suffix == ".geojson":
-        write_geojson(dest, recs)
-    elif suffix == ".csv":
-        write_csv(dest, recs)
-    elif suffix in (".html", ".htm"):
-        from .report import write_report
-
-        try:
-            bundle = Bundle.open(bundle_path, verify=False) if bundle_path is not None else None
-        except Clue2GeoError as exc:
-            _fail(exc)
-        write_report(dest, recs, bundle, results_path=records)
-    else:
+    if suffix not in (".jsonl", ".geojson", ".csv", ".html", ".htm"):
         raise click.UsageError(f"cannot export to {dest.suffix!r}; use .geojson, .csv, .jsonl or .html")
+    _refuse_own_input(dest, records, "--to")
+    recs, problems = _read_results(records)
+    try:
+        if suffix == ".jsonl":
+            from .cluster.shards import write_jsonl
+
+            write_jsonl(dest, recs)
+        elif suffix == ".geojson":
+            write_geojson(dest, recs)
+        elif suffix == ".csv":
+            write_csv(dest, recs)
+        else:
+            from .report import write_report
+
+            bundle = Bundle.open(bundle_path, verify=False) if bundle_path is not None else None
+            write_report(dest, recs, bundle, results_path=records, problems=problems)
+    except Clue2GeoError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(f"cannot write {dest}: {_reason(exc)}")
     click.echo(f"{len(recs)} records -> {dest}")
 
 
@@ -544,18 +638,42 @@ def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
     default=None,
     help="Folder that relative image paths in the records are read from (default: the current folder).",
 )
-def report_cmd(records: Path, dest: Path, bundle_path: Path | None, image_root: Path | None) -> None:
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    help="Examiner's Ed25519 public key (as for audit verify): only a signature by it is shown as holding; repeatable.",
+)
+def report_cmd(
+    records: Path, dest: Path, bundle_path: Path | None, image_root: Path | None, trusted_keys: tuple[str, ...]
+) -> None:
     """Write the case report: one self-contained offline HTML file (photos with the matched patches,
     cluemap, candidates and metadata position on a map, chain of custody) of a JSONL results file or a
-    'locate --ray' run folder. Photos are read again and shown only if their sha256 still matches."""
+    'locate --ray' run folder. Photos are read again and shown only if their sha256 still matches.
+    Without --trusted-key, the report says a signature was not checked against a key you trust."""
     from .report import write_report
 
-    recs = _read_results(records)
+    _key_files(trusted_keys, "--trusted-key")
+    _refuse_own_input(dest, records, "--out")
+    recs, problems = _read_results(records)
     try:
         bundle = Bundle.open(bundle_path, verify=False) if bundle_path is not None else None
     except Clue2GeoError as exc:
         _fail(exc)
-    write_report(dest, recs, bundle, image_root=image_root, results_path=records)
+    try:
+        write_report(
+            dest,
+            recs,
+            bundle,
+            image_root=image_root,
+            results_path=records,
+            trusted_keys=trusted_keys or None,
+            problems=problems,
+        )
+    except Clue2GeoError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(f"cannot write {dest}: {_reason(exc)}")
     click.echo(f"{len(recs)} records -> {dest}")
 
 
@@ -670,16 +788,21 @@ def _journal_of(results: Path) -> Path:
     beside a .csv/.geojson (the table is derived from it), or a 'locate --ray' run folder (its shards)."""
     from .batch import journal_path
     from .cluster import is_run_dir
+    from .files import regular_file
 
     if results.is_dir():
         if not is_run_dir(results):
             raise click.UsageError(f"{results} is a folder (not a 'locate --ray' run); pass a JSONL journal")
         return results
-    if results.suffix.lower() in (".csv", ".geojson"):
-        sidecar = journal_path(results, "csv")
-        if not sidecar.is_file():
-            raise click.UsageError(f"{results} has no journal beside it ({sidecar.name}); pass the JSONL journal")
-        return sidecar
+    try:  # a FIFO or a device would block the read for ever
+        regular_file(results, "results")
+        if results.suffix.lower() in (".csv", ".geojson"):
+            sidecar = journal_path(results, "csv")
+            if not sidecar.is_file():
+                raise click.UsageError(f"{results} has no journal beside it ({sidecar.name}); pass the JSONL journal")
+            return regular_file(sidecar, "results journal")
+    except Clue2GeoError as exc:
+        _fail(exc)
     return results
 
 
@@ -696,28 +819,60 @@ def _journal_of(results: Path) -> Path:
 def audit_verify(results: Path, anchor: str | None, trusted_keys: tuple[str, ...]) -> None:
     """Check the hash chain of a JSONL results journal (for a .csv or .geojson run, its .records.jsonl;
     for a 'locate --ray' run folder, its shards in write order): exit 0 when every record is intact and
-    in order, 1 naming the first bad line and why. With --trusted-key, also the examiner's signature."""
-    from .attestation import check_journal_signatures, read_journal_signatures
+    in order, 1 naming the first bad line and why. With --trusted-key, also the examiner's signature.
+
+    The chain shows that no record was edited, removed or reordered since it was written, not who
+    wrote it: anyone can write a new valid chain and sign it with a key of their own. Only
+    --trusted-key says whose signature it is; without it the output says so."""
+    from .attestation import check_journal_signatures, read_journal_signatures, signature_state
     from .audit import verify_journal
 
+    _key_files(trusted_keys, "--trusted-key")
     journal = _journal_of(results)
-    if journal.is_dir():
-        from .cluster.shards import verify_run
+    try:
+        if journal.is_dir():
+            from .cluster.shards import verify_run
 
-        res = verify_run(journal, anchor=anchor)
-    else:
-        res = verify_journal(journal, anchor=anchor)
+            res = verify_run(journal, anchor=anchor)
+        else:
+            res = verify_journal(journal, anchor=anchor)
+    except OSError as exc:
+        _fail(f"cannot read {journal}: {_reason(exc)}")
     if not res.ok:
         click.secho(res.message(), fg="red", err=True)
         sys.exit(1)
-    click.echo(res.message())
     table = results if results != journal and not journal.is_dir() else None
     try:
         if trusted_keys:
-            for sig in check_journal_signatures(journal, trusted_keys, table=table):
+            good = check_journal_signatures(journal, trusted_keys, table=table)
+            click.echo(res.message())
+            for sig in good:
                 click.echo(f"ok: {journal} signed by trusted {sig.describe()}, unchanged since")
-        elif sigs := read_journal_signatures(journal):
-            click.echo(f"signatures by {', '.join(s.describe() for s in sigs)} not checked: pass --trusted-key")
+            return
+        sigs = read_journal_signatures(journal)
+        click.echo(res.message())
+        if not sigs:
+            click.secho(
+                f"unsigned: the chain shows no record was changed since it was written, not who wrote {journal} "
+                "(anyone can write a valid chain); sign with 'clue2geo audit sign', check with --trusted-key",
+                fg="yellow",
+            )
+        bad = False
+        for sig in sigs:
+            state, why = signature_state(journal, sig, table=table)
+            if state == "holds":
+                click.secho(
+                    f"signature by {sig.describe()} is self-consistent but NOT checked against a key you trust "
+                    "(it was checked with the key stored beside it, which anyone can make): pass --trusted-key",
+                    fg="yellow",
+                )
+            elif state == "appended":  # the signed records are intact; later ones are not covered
+                click.secho(f"signature NOT checked against a key you trust; it covers only part: {why}", fg="yellow")
+            else:
+                bad = True
+                click.secho(f"signature NOT checked against a key you trust, and it does not hold: {why}", fg="red")
+        if bad:
+            sys.exit(1)
     except Clue2GeoError as exc:
         _fail(exc)
 
@@ -734,6 +889,7 @@ def audit_sign(results: Path, key: str, examiner: str | None, case_id: str | Non
     'audit verify --trusted-key' checks it."""
     from .attestation import sign_journal, signature_path
 
+    _key_files((key,), "--key")
     journal = _journal_of(results)
     table = results if results != journal and not journal.is_dir() else None
     try:

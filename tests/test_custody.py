@@ -133,14 +133,14 @@ def test_results_on_the_demo_bundle_edited_and_caught(geo, photo: Path, tmp_path
     Image.open(photo).save(folder / "d.webp")
     run_batch(geo, sorted(folder.iterdir()), out, resume=True, on_notice=lambda m: None)
     assert len(read_journal(out).records) == 4 and _audit(out).exit_code == 0
-    # the examiner signs the finished journal; the case report shows the signature holding
+    # the examiner signs the finished journal; the case report, given the examiner's key, shows it holding
     priv, pub, kid = generate_keypair(tmp_path / "examiner.key")
     res = CliRunner().invoke(main, ["audit", "sign", str(out), "--key", str(priv), "--examiner", "E. Xam"])
     assert res.exit_code == 0 and kid in res.output, res.output
 
     def report() -> str:
         args = ["report", str(out), "--bundle", str(geo.bundle.root), "--out", str(tmp_path / "case.html")]
-        res = CliRunner().invoke(main, args)
+        res = CliRunner().invoke(main, [*args, "--trusted-key", str(pub)])
         assert res.exit_code == 0, res.output
         return (tmp_path / "case.html").read_text(encoding="utf-8")
 
@@ -323,7 +323,7 @@ def test_results_signed_by_the_examiner(journal: Path, keys: dict[str, Path]) ->
     assert (
         ok.exit_code == 0 and "signed by trusted key" in ok.output and "examiner 'A. Analyst', case 'C-17'" in ok.output
     )
-    assert "not checked: pass --trusted-key" in _audit(journal).output
+    assert "is self-consistent but NOT checked against a key you trust" in _audit(journal).output
     other = _audit(journal, "--trusted-key", str(keys["other_pub"]))
     assert other.exit_code == 1 and "none of them trusted" in other.output
 
@@ -338,7 +338,9 @@ def test_results_signed_by_the_examiner(journal: Path, keys: dict[str, Path]) ->
     forged[2]["lat"] = 48.8584
     journal.unlink()
     _write(journal, forged)
-    assert _audit(journal).exit_code == 0
+    unchecked = _audit(journal)  # the chain holds; the signature stored beside it does not
+    assert unchecked.exit_code == 1 and "hash chain intact" in unchecked.output
+    assert "NOT checked against a key you trust, and it does not hold" in unchecked.output
     caught = _audit(journal, "--trusted-key", str(keys["pub"]))
     assert caught.exit_code == 1 and "the results changed after signing" in caught.output, caught.output
 
@@ -383,7 +385,8 @@ def test_a_signed_run_folder_covers_its_shards(keys: dict[str, Path], tmp_path: 
     w = ShardWriter(run, records_per_shard=2, parquet=False)  # a whole new, valid chain
     w.write(bodies)
     w.close()
-    assert _audit(run).exit_code == 0
+    unchecked = _audit(run)
+    assert unchecked.exit_code == 1 and "the results changed after signing" in unchecked.output
     caught = _audit(run, "--trusted-key", str(keys["pub"]))
     assert caught.exit_code == 1 and "the results changed after signing" in caught.output, caught.output
 

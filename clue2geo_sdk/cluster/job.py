@@ -15,10 +15,12 @@ be shared; the inputs, the bundle and a photo gallery (``gallery=``) must be rea
 paths on every node. The driver reads only the gallery's manifest; each actor opens the gallery, whose
 manifest must be the driver's byte for byte and whose rows must have the digest it promises.
 
-Exactly once: resuming sends the set of (path, sha256) whose latest record has this run's identity to
-the read tasks, which skip them after hashing; a task retried after its actor died may return a record
-twice, and the driver writes one record per (path, image_sha256, bundle_digest, options_digest) key;
-the merge takes one record per path. A bad image is an error record, as on one machine.
+Exactly once: resuming sends the images whose latest record has this run's identity (an
+:class:`~clue2geo_sdk.batch.ImageIndex` of path, absolute path and sha256) to the read tasks, which
+skip them after hashing; a task retried after its actor died may return a record twice, and the driver
+writes one record per (path, image_sha256, bundle_digest, options_digest) key; the merge takes one
+record per image. A bad image is an error record, as on one machine. One driver per output folder:
+it holds the folder's lock for the whole run, and a second one is refused.
 """
 
 from __future__ import annotations
@@ -43,13 +45,16 @@ import ray.data
 from ..batch import (
     IDENTITY_FIELDS,
     BatchSummary,
+    ImageIndex,
+    ResultsWriteError,
     _read_bytes,
     _sha256,
+    absolute,
     discover,
     identity,
     identity_of,
-    latest,
     record_of,
+    resume_state,
     stale_notice,
     utc_now,
     write_csv,
@@ -130,7 +135,7 @@ class ClusterSummary(BatchSummary):
 
 # -- the tasks and the actor (run on the workers) ------------------------------------------------
 
-_DONE_CACHE: dict[str, frozenset[tuple[str, str]]] = {}
+_DONE_CACHE: dict[str, ImageIndex] = {}
 
 
 def _path(value: Any) -> str:
@@ -138,7 +143,7 @@ def _path(value: Any) -> str:
     return os.fsdecode(value) if isinstance(value, bytes) else str(value)
 
 
-def _done(done_ref: list[Any]) -> frozenset[tuple[str, str]]:
+def _done(done_ref: list[Any]) -> ImageIndex:
     """The resume set, fetched once per worker process."""
     ref = done_ref[0]
     key = ref.hex()
@@ -150,15 +155,17 @@ def _done(done_ref: list[Any]) -> frozenset[tuple[str, str]]:
 
 def read_and_hash(batch: dict[str, np.ndarray], *, done_ref: list[Any], base: str) -> dict[str, np.ndarray]:
     """Read each input's bytes and sha256 (as the single-machine runner does); inputs already done
-    under this run's identity are marked ``skip`` and carry no bytes."""
+    under this run's identity (``done``: records reduced to their sha256 and a ``done`` flag) are
+    marked ``skip`` and carry no bytes."""
     done = _done(done_ref)
     paths = [_path(p) for p in batch["path"]]
     files, shas, readable, skip, data = [], [], [], [], []
     for path in paths:
-        file = path if os.path.isabs(path) else os.path.join(base, path)
+        file = os.path.abspath(path if os.path.isabs(path) else os.path.join(base, path))
         raw = _read_bytes(Path(file))
         sha = _sha256(raw)
-        skipped = (path, sha or "") in done
+        g = done.find(path, file, sha)
+        skipped = g is not None and done.records[g]["done"] and done.records[g]["image_sha256"] == sha
         files.append(file)
         shas.append(sha or "")
         readable.append(raw is not None)
@@ -217,7 +224,7 @@ class GeolocatorActor:
         if isinstance(result, Failure):
             result = attrs.evolve(result, image_sha256=sha or None)
         seconds, finished = time.perf_counter() - t0, utc_now()
-        return record_of(result, path, seconds, self.ident, started_utc=started, finished_utc=finished)
+        return record_of(result, path, seconds, self.ident, started_utc=started, finished_utc=finished, abs_path=file)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["path"])
@@ -394,33 +401,82 @@ def locate_on_ray(
 
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; a cluster run writes a folder (shards and results.jsonl)")
+    if out.is_dir() and not shards.shard_dir(out).is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty and is not a clue2geo cluster run (no shards/); choose another")
+    lock = shards.lock_run(out)  # held to the end of the run: a second driver on this folder stops here
+    try:
+        return _run(
+            sources, b, out, summary, notice, ident, gallery, gallery_manifest, t_start,
+            address=address, recursive=recursive, resume=resume, retry_failed=retry_failed, fmt=fmt, actors=actors,
+            cpus_per_actor=cpus_per_actor, in_flight=in_flight, batch_size=batch_size,
+            records_per_shard=records_per_shard, device=device, engine=engine, n_threads=n_threads, verify=verify,
+            verbose=verbose, on_total=on_total, on_record=on_record, options=options,
+        )  # fmt: skip
+    finally:
+        os.close(lock)
+
+
+def _run(
+    sources: list[Path],
+    b: Bundle,
+    out: Path,
+    summary: ClusterSummary,
+    notice: Callable[[str], None],
+    ident: dict[str, Any],
+    gallery: Path | None,
+    gallery_manifest: str | None,
+    t_start: float,
+    *,
+    address: str | None,
+    recursive: bool,
+    resume: bool,
+    retry_failed: bool,
+    fmt: str,
+    actors: int | None,
+    cpus_per_actor: float | None,
+    in_flight: int,
+    batch_size: int | None,
+    records_per_shard: int,
+    device: str,
+    engine: str,
+    n_threads: int | None,
+    verify: bool,
+    verbose: bool,
+    on_total: Callable[[int], None] | None,
+    on_record: Callable[[dict[str, Any]], None] | None,
+    options: dict[str, Any],
+) -> ClusterSummary:
+    """:func:`locate_on_ray` once the run folder is locked."""
     has_shards = bool(shards.shard_files(out))
     if has_shards and not resume:
         raise FileExistsError(f"{out} already holds results; pass resume=True (--resume) or choose another folder")
-    if out.is_dir() and not has_shards and not shards.shard_dir(out).is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty and is not a clue2geo cluster run (no shards/); choose another")
 
-    prior: dict[str, dict[str, Any]] = {}
+    index = ImageIndex()
     if resume:
-        read = shards.read_shards(out, repair=True)
+        try:
+            read = shards.read_shards(out, repair=True)
+            shards.seal_all(out)  # the open shard of a stopped driver
+        except OSError as exc:
+            raise ResultsWriteError(shards.shard_dir(out), exc) from None
         for problem in read.problems:
             notice(problem)
-        shards.seal_all(out)  # the open shard of a stopped driver
-        prior = latest(read.records)
-        stale = stale_notice(out, prior.values(), ident)
+        for rec in read.records:
+            index.add(rec)
+        stale = stale_notice(out, index.records.values(), ident)
         if stale:
             notice(stale)
-    done = frozenset(
-        (path, rec.get("image_sha256") or "")
-        for path, rec in prior.items()
-        if all(rec.get(k) == ident[k] for k in IDENTITY_FIELDS) and not (retry_failed and rec.get("status") == "error")
-    )
+    done = ImageIndex()  # what the read tasks need: each image's sha256 and whether it is done
+    for rec in index.records.values():
+        ok = all(rec.get(k) == ident[k] for k in IDENTITY_FIELDS)
+        ok = ok and not (retry_failed and rec.get("status") == "error")
+        done.add({k: rec.get(k) for k in ("path", "abs_path", "image_sha256")} | {"done": ok})
 
     manifest = _manifest_of(sources)
     listed: list[Path | Failure] = [] if manifest else list(discover(sources, recursive=recursive))
     writer = shards.ShardWriter(out, records_per_shard=records_per_shard)
     started = False
     seen: set[tuple[Any, ...]] = set()
+    finished = False
 
     def emit(recs: Iterable[dict[str, Any]]) -> None:
         fresh = []
@@ -432,7 +488,12 @@ def locate_on_ray(
             seen.add(key)
             fresh.append(rec)
         for rec in writer.write(fresh):
-            summary.rerun += rec["path"] in prior
+            path, sha = str(rec.get("path")), rec.get("image_sha256") or None
+            state = resume_state(index, path, rec.get("abs_path") or absolute(path), sha, ident)
+            if state.notice:
+                notice(state.notice)
+            summary.rerun += state.rerun
+            index.add(rec)
             if rec["status"] == "ok":
                 summary.ok += 1
             else:
@@ -465,7 +526,8 @@ def locate_on_ray(
             if on_total:
                 on_total(total)
             for f in failures:  # symlink loops, unreadable folders: recorded here, as on one machine
-                if (f.image, "") in done:
+                g = done.find(f.image, absolute(f.image), None)
+                if g is not None and done.records[g]["done"] and not done.records[g]["image_sha256"]:
                     skipped(f.image)
                 else:
                     now = utc_now()
@@ -492,6 +554,7 @@ def locate_on_ray(
                     else:
                         recs.append(json.loads(line))
                 emit(recs)
+        finished = True
     except (Clue2GeoError, FileExistsError, KeyboardInterrupt):
         raise
     except Exception as exc:  # Ray's wrapping of a worker's error: say why in one line
@@ -500,15 +563,18 @@ def locate_on_ray(
             "run again with --resume (resume=True) to continue"
         ) from exc
     finally:
-        writer.close()
+        writer.close(quiet=not finished)  # a failed run reports its first error, not the seal's
         summary.shards = [p.name for p in writer.written]
         if started:
             ray.shutdown()
-    dest, merged = shards.write_merged(out)
-    summary.merged = dest
-    if fmt == "csv":
-        write_csv(out / "results.csv", merged.records)
-    elif fmt == "geojson":
-        write_geojson(out / "results.geojson", merged.records)
+    try:
+        dest, merged = shards.write_merged(out)
+        summary.merged = dest
+        if fmt == "csv":
+            write_csv(out / "results.csv", merged.records)
+        elif fmt == "geojson":
+            write_geojson(out / "results.geojson", merged.records)
+    except OSError as exc:
+        raise ResultsWriteError(out, exc) from None
     summary.seconds = time.perf_counter() - t_start
     return summary

@@ -1,12 +1,17 @@
 """Result shards of a cluster run and their merge. Reading needs no Ray; sealing writes Parquet (pyarrow).
 
-A run folder ``DIR`` holds ``DIR/shards/part-<run>-<seq>.jsonl``: the same records, one JSON object
+A run folder ``DIR`` holds ``DIR/shards/part-<seq>-<run>.jsonl``: the same records, one JSON object
 per line, as the single-machine journal (:mod:`clue2geo_sdk.batch`), appended and fsynced by the
 driver as results arrive, so a driver stopped at any moment loses nothing. A shard is *sealed* when
-full (or at the end of the run): its Parquet twin ``part-<run>-<seq>.parquet`` is written beside it
+full (or at the end of the run): its Parquet twin ``part-<seq>-<run>.parquet`` is written beside it
 (atomically), with the key columns and the whole record as JSON. The JSONL shards are the truth; a
-Parquet twin is derived and rewritten when missing. ``<run>`` is the driver's UTC start time, so
-shard names sort in the order they were written.
+Parquet twin is derived and rewritten when missing. ``<seq>`` numbers the shards of a folder across
+runs (a resumed run goes on from the highest), and orders them: never a clock, which can go back.
+``<run>`` (the driver's UTC start time and pid) only says which run wrote it. Shards named by an
+earlier version, ``part-<run>-<n>.jsonl``, come first, in name order.
+
+One driver per folder: it holds an advisory lock on ``DIR`` for the whole run (:func:`lock_run`);
+a second one is refused.
 
 Merging takes every shard in name order, then the latest record per path (a rerun supersedes, as in
 :func:`clue2geo_sdk.batch.latest`), sorted by path: one record per input. A record that a retried
@@ -22,6 +27,7 @@ journal (one record per input, sorted), chained afresh from the genesis.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -31,7 +37,18 @@ from typing import Any
 import attrs
 
 from ..audit import GENESIS, AuditResult, chain, last_link, verify_journal
-from ..batch import Format, Journal, _encode, latest, read_journal, write_csv, write_geojson
+from ..batch import (
+    Format,
+    Journal,
+    ResultsWriteError,
+    _encode,
+    append_durably,
+    latest,
+    lock_results,
+    read_journal,
+    write_csv,
+    write_geojson,
+)
 
 SHARDS = "shards"
 MERGED = "results.jsonl"
@@ -68,10 +85,42 @@ def is_run_dir(path: Path) -> bool:
     return Path(path).is_dir() and shard_dir(path).is_dir()
 
 
+_SEQ_NAME = re.compile(r"^part-(\d+)-")  # part-<seq>-<run>.jsonl; old names: part-<YYYYMMDD>T...
+
+
+def shard_seq(shard: Path) -> int | None:
+    """A shard's sequence number, or None for a shard named by an earlier version (by clock)."""
+    m = _SEQ_NAME.match(shard.name)
+    return int(m.group(1)) if m else None
+
+
+def _order(shard: Path) -> tuple[int, int, str]:
+    seq = shard_seq(shard)
+    return (0, 0, shard.name) if seq is None else (1, seq, shard.name)
+
+
 def shard_files(out: Path) -> list[Path]:
-    """The JSONL shards of a run folder, in the order they were written."""
+    """The JSONL shards of a run folder, in the order they were written (by sequence number)."""
     folder = shard_dir(out)
-    return sorted(folder.glob("part-*.jsonl")) if folder.is_dir() else []
+    return sorted(folder.glob("part-*.jsonl"), key=_order) if folder.is_dir() else []
+
+
+def lock_run(out: Path) -> int:
+    """Create the run folder ``out`` if need be and take its lock (:func:`clue2geo_sdk.batch.lock_results`):
+    a descriptor to close when the run ends; :class:`~clue2geo_sdk.batch.ResultsInUseError` when another
+    driver holds it."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ResultsWriteError(out, exc) from None
+    try:
+        lock_results(fd, out)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_shards(out: Path, *, repair: bool = False) -> Journal:
@@ -79,17 +128,19 @@ def read_shards(out: Path, *, repair: bool = False) -> Journal:
     the shard and line number). ``repair`` cuts a torn last line off its shard (a killed driver)."""
     records: list[dict[str, Any]] = []
     problems: list[str] = []
+    where: list[str] = []
     for path in shard_files(out):
         j = read_journal(path, repair=repair)
         records.extend(j.records)
         problems.extend(j.problems)
-    return Journal(records, problems)
+        where.extend(j.where)
+    return Journal(records, problems, where)
 
 
 def merge(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One record per input: the latest per path, sorted by path (deterministic whatever the
-    order in which the cluster finished them)."""
-    return sorted(latest(records).values(), key=lambda r: str(r.get("path")))
+    """One record per input: the latest per image (:func:`clue2geo_sdk.batch.latest`), sorted by path
+    (deterministic whatever the order in which the cluster finished them)."""
+    return sorted(latest(records).values(), key=lambda r: (str(r.get("path")), str(r.get("abs_path"))))
 
 
 def merged_records(out: Path) -> Journal:
@@ -194,49 +245,67 @@ class ShardWriter:
         self.folder = shard_dir(out)
         self.folder.mkdir(parents=True, exist_ok=True)
         existing = shard_files(out)
-        self._prev = last_link(existing[-1]) if existing else GENESIS  # a resumed run continues the chain
+        self._prev = GENESIS  # a resumed run continues the chain from the last shard holding a record
+        for shard in reversed(existing):  # (a driver stopped before its first flush left an empty one)
+            if (link := last_link(shard)) != GENESIS:
+                self._prev = link
+                break
         self.run = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + f"-{os.getpid()}"
         self.records_per_shard = max(1, int(records_per_shard))
         self.parquet = parquet
         self.written: list[Path] = []
-        self._seq = 0
+        self._seq = 1 + max((q for q in map(shard_seq, existing) if q is not None), default=-1)
         self._fh: Any = None
         self._n = 0
 
     def _open(self) -> None:
-        path = self.folder / f"part-{self.run}-{self._seq:05d}.jsonl"
+        path = self.folder / f"part-{self._seq:08d}-{self.run}.jsonl"
         self._seq += 1
-        self._fh = open(path, "ab")
+        self._fh = open(path, "ab", buffering=0)
         self._n = 0
         self.written.append(path)
 
     def write(self, records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Append records durably, each hash-chained to the one before; one fsync per call (call it per
         batch of results). Returns the records as written."""
-        written = []
+        written: list[dict[str, Any]] = []
+        lines: list[bytes] = []
         for rec in records:
             if self._fh is None:
                 self._open()
             linked = chain(rec, self._prev)
-            self._fh.write(_encode(linked))
+            lines.append(_encode(linked))
             self._prev = linked["record_hash"]
             written.append(linked)
             self._n += 1
             if self._n >= self.records_per_shard:
+                self._flush(lines)
                 self._seal()
-        if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+        self._flush(lines)
         return written
+
+    def _flush(self, lines: list[bytes]) -> None:
+        """Append ``lines`` to the open shard and fsync; a failed write (a full disk) is cut back off
+        the shard and raises :class:`~clue2geo_sdk.batch.ResultsWriteError`."""
+        if lines and self._fh is not None:
+            append_durably(self._fh.fileno(), b"".join(lines), Path(self._fh.name))
+        lines.clear()
 
     def _seal(self) -> None:
         fh, self._fh = self._fh, None
-        fh.flush()
-        os.fsync(fh.fileno())
         fh.close()
         if self.parquet:
-            write_parquet_twin(Path(fh.name))
+            try:
+                write_parquet_twin(Path(fh.name))
+            except OSError as exc:
+                raise ResultsWriteError(parquet_twin(Path(fh.name)), exc) from None
 
-    def close(self) -> None:
+    def close(self, *, quiet: bool = False) -> None:
+        """Seal the open shard. ``quiet``: a seal that fails is left for the next run's
+        :func:`seal_all` (the run already failed, and that first error is the one to report)."""
         if self._fh is not None:
-            self._seal()
+            try:
+                self._seal()
+            except OSError:  # ResultsWriteError included
+                if not quiet:
+                    raise

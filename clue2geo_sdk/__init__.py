@@ -10,7 +10,7 @@ from typing import Any
 
 from ._version import __version__
 from .attestation import ResultsSignatureError
-from .batch import ResultsInUseError, ResultsPathError, ResultsWriteError
+from .batch import ResultsExistError, ResultsInUseError, ResultsPathError, ResultsWriteError
 from .bundle import Bundle
 from .engines.base import VLMError
 from .errors import (
@@ -75,6 +75,7 @@ __all__ = [  # ClusterJobError too, on first use (see __getattr__), left out her
     "RecordFormatError",
     "Region",
     "RegionError",
+    "ResultsExistError",
     "ResultsInUseError",
     "ResultsPathError",
     "ResultsSignatureError",

@@ -116,9 +116,17 @@ class ResultsWriteError(Clue2GeoError, OSError):
     def __init__(self, path: Path, exc: OSError, note: str = "") -> None:
         super().__init__(f"cannot write results to {path}: {exc.strerror or exc}{note}")
         self.errno, self.filename = exc.errno, str(path)
+        self._made_from = (path, exc, note)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes (Ray, multiprocessing)
+        return (type(self), self._made_from)
 
     def __str__(self) -> str:  # the message alone, not OSError's "[Errno n] ..." form
         return str(self.args[0])
+
+
+class ResultsExistError(Clue2GeoError, FileExistsError):
+    """``--out`` already holds results (pass ``resume``) or a file that is not a clue2geo run."""
 
 
 class ResultsPathError(Clue2GeoError, ValueError):
@@ -457,7 +465,11 @@ class ImageIndex:
             return g
         g = self._by_bytes.get((path, sha)) if sha is not None else None
         if g is not None and self.records[g].get("image_sha256") == sha:
-            return g
+            other = _text(self.records[g].get("abs_path"))
+            # the same bytes from another folder are that image moved, unless its old file is still
+            # there: then they are two copies, two images (else editing one would supersede the other)
+            if abs_path is None or other is None or other == abs_path or not os.path.exists(other):
+                return g
         if (g := self._legacy.get(path)) is not None:
             return g
         return self._by_path.get(path) if abs_path is None else None
@@ -769,7 +781,7 @@ def run_batch(
     (default: a :class:`JournalWarning`).
 
     Raises :class:`ResultsInUseError` when another run writes ``out``, :class:`ResultsPathError` when it
-    is a folder, ``FileExistsError`` when it holds results and ``resume`` is off, and
+    is a folder, :class:`ResultsExistError` (a ``FileExistsError``) when it holds results and ``resume`` is off, and
     :class:`ResultsWriteError` when a record cannot be written (the journal keeps whole records)."""
     opts = options or geo.options
     ident = identity(geo, opts)
@@ -793,9 +805,9 @@ def run_batch(
     try:
         has_journal = journal.stat().st_size > 0
         if not resume and has_journal:
-            raise FileExistsError(f"{out} already holds results; pass resume=True (--resume) or choose another file")
+            raise ResultsExistError(f"{out} already holds results; pass resume=True (--resume) or choose another file")
         if out != journal and not has_journal and out.exists() and out.stat().st_size > 0:
-            raise FileExistsError(
+            raise ResultsExistError(
                 f"{out} exists and is not a clue2geo run (no {journal.name} beside it); choose another file"
             )
         index = ImageIndex()

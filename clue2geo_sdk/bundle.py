@@ -37,7 +37,13 @@ except ImportError:  # not POSIX: no folder locks, so leftovers of killed builds
     fcntl = None  # type: ignore[assignment]
 
 from ._version import __version__
-from .errors import BundleExistsError, BundleFormatError, BundleIntegrityError, BundleNotFoundError
+from .errors import (
+    BundleExistsError,
+    BundleFormatError,
+    BundleIntegrityError,
+    BundleNotFoundError,
+    InvalidArgumentError,
+)
 
 FORMAT_VERSION = "1.0"
 MANIFEST = "manifest.json"
@@ -326,7 +332,7 @@ class Bundle:
         BundleSignatureError`; the signature covers the manifest and the manifest the files, so it needs
         ``verify=True``."""
         if trusted_keys is not None and not verify:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "trusted_keys needs verify=True: the signature covers the manifest, and only the sha256 check "
                 "ties the files to it"
             )
@@ -549,6 +555,11 @@ def check_target(root: str | Path, *, overwrite: bool) -> tuple[set[str], list[s
     root = Path(root)
     if os.path.lexists(root) and not root.is_dir():
         raise BundleExistsError(f"{root} exists and is not a folder; choose a new or empty folder")
+    if os.path.ismount(root):  # the finished bundle is renamed into place, which a mount point refuses
+        raise BundleExistsError(
+            f"{root} is a mount point; a bundle is built beside its folder and renamed into place: "
+            f"choose a folder inside it (e.g. {root / 'demo'})"
+        )
     if not root.is_dir() or not any(root.iterdir()):
         return set(), []
     if not overwrite:

@@ -19,8 +19,9 @@ import click
 
 from ._version import __version__
 from .bundle import Bundle
-from .engines.base import available_memory_bytes, load_llama_cpp, use_extra_bufts
-from .geolocator import memory_need
+from .engines import base as engines_base
+from .engines.base import load_llama_cpp, use_extra_bufts
+from .geolocator import available_memory, memory_need
 
 # CPU flags that decide which ggml kernels a native build compiles and runs.
 CPU_FLAGS = (
@@ -31,25 +32,26 @@ KNOWN_GOOD_LLAMA = "0.3.36"  # the llama-cpp-python this release is tested with 
 
 
 def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
-    """The CPU's model name, logical CPUs and which of :data:`CPU_FLAGS` it reports (Linux)."""
+    """The CPU's model name, logical CPUs and which of :data:`CPU_FLAGS` it reports (Linux): the
+    flags as the engines read them (:func:`~clue2geo_sdk.engines.base.cpu_flags`) unless ``cpuinfo``
+    text is given."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
         except OSError:
             cpuinfo = ""
-    flags: set[str] = set()
-    model = None
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags" and not flags:
-            flags = set(value.split())
-        elif key.strip() == "model name" and model is None:
-            model = value.strip()
+        flags = engines_base.cpu_flags()
+    else:
+        flags = engines_base.cpu_flags(cpuinfo)
+    model = next(
+        (v.strip() for k, _, v in (ln.partition(":") for ln in cpuinfo.splitlines()) if k.strip() == "model name"),
+        None,
+    )
     return {
         "model": model or platform.processor() or platform.machine(),
         "logical_cpus": os.cpu_count(),
         "flags": [f for f in CPU_FLAGS if f in flags],
-        "amx": any(f.startswith("amx") for f in flags),
+        "amx": engines_base.amx_possible("", flags),
     }
 
 
@@ -64,7 +66,7 @@ def llama_info() -> dict[str, Any]:
         "compiled_features": compiled,
         "amx_kernels_built": any(f.startswith("AMX") for f in compiled),
         "gpu_offload": bool(lib.llama_supports_gpu_offload()),
-        "amx_possible": not use_extra_bufts(),  # the engines' own decision (engines.base)
+        "amx_possible": engines_base.amx_possible(system, engines_base.cpu_flags()),
         "extra_buffer_types": "on (no AMX in this CPU or build: the repack kernels run)"
         if use_extra_bufts()
         else "off on every model load (AMX kernels never run)",
@@ -83,7 +85,7 @@ def memory_info() -> dict[str, Any]:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         pass
-    return {"total_bytes": total, "available_bytes": available_memory_bytes()}
+    return {"total_bytes": total, "available_bytes": available_memory()}
 
 
 def bundle_info(path: Path, max_in_flight: int) -> dict[str, Any]:

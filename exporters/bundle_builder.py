@@ -113,12 +113,12 @@ def build_bundle(
     out = Path(out)
     # the folder rules are checked here, before any work; the components are written into the writer's
     # hidden build folder beside ``out``, which replaces ``out`` only once complete and verified
-    writer = BundleWriter(out, name=name, demo=False, overwrite=overwrite)
     timings: dict[str, float] = {}
     peaks: dict[str, int] = {}
     random_parts: list[str] = [r for r in ("vlm", "clip", "gpsclip") if r in set(random_components)]
     more = {k: dict(v) for k, v in (provenance or {}).items()}
-    with writer:  # a failed or interrupted build removes its folder; ``out`` is untouched
+    # a failed or interrupted build removes its folder; ``out`` is untouched
+    with BundleWriter(out, name=name, demo=False, overwrite=overwrite) as writer:
         build = writer.root
         with tempfile.TemporaryDirectory() as tmp:
             with _step("VLM -> GGUF + mmproj", timings, peaks):

@@ -326,3 +326,17 @@ def test_top_level_values_and_odd_manifests(tmp_path: Path) -> None:
     os.mkfifo(target / MANIFEST)  # a FIFO would block the read for ever
     res = CliRunner().invoke(main, ["bundle", "verify", str(target)])
     assert res.exit_code == 1 and "not a regular file" in res.output
+
+
+def test_a_mount_point_as_the_bundle_folder_is_refused_before_any_work(tmp_path, monkeypatch) -> None:
+    """The finished bundle is renamed into place, which a mount point refuses: say so up front."""
+    import os
+
+    from clue2geo_sdk.bundle import BundleWriter
+
+    target = tmp_path / "vol"
+    target.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == os.fspath(target))
+    with pytest.raises(BundleExistsError, match="mount point"):
+        BundleWriter(target, name="x", demo=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vol"]  # no build folder left beside it

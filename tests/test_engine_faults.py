@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
+from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any
 
@@ -243,9 +244,32 @@ def test_result_and_close_take_timeouts(engine, image) -> None:
         return real(live)
 
     eng._step = slow
+    s = eng.open(image)
+    f = s.submit("Where is this?", schema=None, max_tokens=2)
+    with pytest.raises(TimeoutError):
+        f.result(timeout=0.5)
+    with pytest.raises(VLMError, match="did not stop within 0.5 s"):  # the thread is stuck in a step
+        eng.close(timeout=0.5)
+    gate.set()
+    eng.close(timeout=WAIT)  # now it stops, fails what was in flight, and frees the native contexts
+    assert eng._freed and not eng._thread.is_alive()
+    with pytest.raises(VLMError, match="closed"):
+        f.result(timeout=WAIT)
+
+
+def test_a_prompt_cancelled_while_it_is_failed_does_not_break_the_engine(engine, image) -> None:
+    """The caller may cancel a waiting future at the moment the engine fails it (a closed session):
+    the engine must go on, and every other prompt must still get its answer or its error."""
+    eng, _ = engine
+    for _ in range(5):
+        s = eng.open(image)
+        futures = [s.submit("Describe the scene.", schema=None, max_tokens=50) for _ in range(12)]
+        s.close()
+        for f in futures[::2]:
+            f.cancel()
+        for f in futures:
+            with pytest.raises((VLMError, CancelledError)):
+                f.result(timeout=WAIT)
     with eng.open(image) as s:
-        f = s.submit("Where is this?", schema=None, max_tokens=2)
-        with pytest.raises(TimeoutError):
-            f.result(timeout=0.5)
-        gate.set()
-        assert f.result(timeout=WAIT).tokens == 2
+        assert s.ask("Where is this?", schema=None, max_tokens=3, timeout=WAIT).tokens == 3
+    assert eng._thread.is_alive()

@@ -520,3 +520,42 @@ def test_locate_on_a_full_disk_ends_in_one_line_and_resumes(demo_bundle: Path, p
     res = CliRunner().invoke(main, again)
     assert res.exit_code == 0 and "2 located, 0 failed, 1 skipped" in res.output, res.output
     assert verify_journal(out).ok and len(latest(read_journal(out).records)) == 3
+
+
+def test_two_copies_of_one_photo_stay_two_images_when_one_is_edited(tmp_path) -> None:
+    """Byte-identical copies a/p.jpg and b/p.jpg, each named "p.jpg" from its own folder: while both
+    files exist they are two images, so editing one never supersedes the other's row."""
+    from clue2geo_sdk.batch import latest
+
+    a, b = tmp_path / "a" / "p.jpg", tmp_path / "b" / "p.jpg"
+    for f in (a, b):
+        f.parent.mkdir()
+        f.write_bytes(b"same bytes")
+    recs = [
+        {"path": "p.jpg", "abs_path": str(a), "image_sha256": "1" * 64, "status": "ok"},
+        {"path": "p.jpg", "abs_path": str(b), "image_sha256": "1" * 64, "status": "ok"},
+        {"path": "p.jpg", "abs_path": str(b), "image_sha256": "2" * 64, "status": "ok"},  # b edited
+    ]
+    rows = latest(recs)
+    assert sorted(r["abs_path"] for r in rows.values()) == [str(a), str(b)]
+    assert {r["image_sha256"] for r in rows.values()} == {"1" * 64, "2" * 64}
+    # a case folder moved (the old file gone): the same bytes under the same name are the same image
+    moved = [{**recs[0], "abs_path": str(tmp_path / "gone" / "p.jpg")}, recs[1]]
+    assert len(latest(moved)) == 1
+
+
+def test_results_errors_are_sdk_errors_and_travel_between_processes(tmp_path, geo) -> None:
+    import errno
+    import pickle
+
+    from clue2geo_sdk import Clue2GeoError, ResultsExistError, ResultsWriteError
+    from clue2geo_sdk.batch import run_batch
+
+    err = ResultsWriteError(tmp_path / "r.jsonl", OSError(errno.ENOSPC, "No space left on device"))
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is ResultsWriteError and str(back) == str(err) and back.errno == errno.ENOSPC
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"path": "x.jpg", "status": "ok"}\n')
+    with pytest.raises(ResultsExistError, match="already holds results") as info:
+        run_batch(geo, [], out)
+    assert isinstance(info.value, Clue2GeoError) and isinstance(info.value, FileExistsError)

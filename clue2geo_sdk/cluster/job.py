@@ -46,6 +46,7 @@ from ..batch import (
     IDENTITY_FIELDS,
     BatchSummary,
     ImageIndex,
+    ResultsExistError,
     ResultsWriteError,
     _read_bytes,
     _sha256,
@@ -400,9 +401,9 @@ def locate_on_ray(
             warnings.warn(msg, stacklevel=3)
 
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; a cluster run writes a folder (shards and results.jsonl)")
+        raise ResultsExistError(f"{out} is a file; a cluster run writes a folder (shards and results.jsonl)")
     if out.is_dir() and not shards.shard_dir(out).is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty and is not a clue2geo cluster run (no shards/); choose another")
+        raise ResultsExistError(f"{out} is not empty and is not a clue2geo cluster run (no shards/); choose another")
     lock = shards.lock_run(out)  # held to the end of the run: a second driver on this folder stops here
     try:
         return _run(
@@ -449,7 +450,7 @@ def _run(
     """:func:`locate_on_ray` once the run folder is locked."""
     has_shards = bool(shards.shard_files(out))
     if has_shards and not resume:
-        raise FileExistsError(f"{out} already holds results; pass resume=True (--resume) or choose another folder")
+        raise ResultsExistError(f"{out} already holds results; pass resume=True (--resume) or choose another folder")
 
     index = ImageIndex()
     if resume:

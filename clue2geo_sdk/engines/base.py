@@ -162,15 +162,17 @@ def amx_possible(system_info: str, cpu_flags: Iterable[str]) -> bool:
     return "AMX_INT8 = 1" in system_info or "AMX_BF16 = 1" in system_info or bool(set(cpu_flags) & set(_AMX_CPU_FLAGS))
 
 
-def cpu_flags() -> set[str]:
-    """The first CPU's flags from /proc/cpuinfo (empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
-    except OSError:
-        pass
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The first CPU's flags from /proc/cpuinfo, or from ``cpuinfo`` text (empty where unreadable)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
     return set()
 
 

@@ -36,13 +36,14 @@ caller waits for ever.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import queue
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,7 @@ class LlamaBatchEngine:
         self._slots = threading.BoundedSemaphore(self.max_images)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._closed = False
+        self._freed = False  # native contexts released (close() completed)
         self._dead: BaseException | None = None  # set when the engine thread has ended for good
         self._door = threading.Lock()  # orders "check dead, then enqueue" against the thread's last drain
         self._thread = threading.Thread(target=self._run, name="clue2geo-vlm", daemon=True)
@@ -314,13 +316,14 @@ class LlamaBatchEngine:
 
         With ``timeout``, a :class:`VLMError` is raised when the thread has not stopped in time (a
         native call still running); the native contexts are then left alone rather than freed in use."""
-        if self._closed:
+        if self._freed:
             return
         self._closed = True
         self._post("stop", None)
         self._thread.join(timeout)
-        if self._thread.is_alive():
+        if self._thread.is_alive():  # a later close() waits again and frees once the thread has ended
             raise VLMError(f"the VLM engine did not stop within {timeout} s (a native call is still running)")
+        self._freed = True
         self._lib.llama_batch_free(self._batch)
         self._mtmd.mtmd_free(self._mctx)
         self._lib.llama_free(self._ctx)
@@ -595,7 +598,7 @@ class LlamaBatchEngine:
     def _finish(self, a: _Ask, *, truncated: bool) -> None:
         constrained = a.grammar is not None
         self._drop_seq(a)
-        if not a.future.done():
+        with contextlib.suppress(InvalidStateError):  # cancelled by the caller meanwhile
             a.future.set_result(
                 Generation(
                     text=a.text.decode("utf-8", errors="replace"),
@@ -609,7 +612,7 @@ class LlamaBatchEngine:
 
     def _fail(self, a: _Ask, exc: BaseException) -> None:
         self._drop_seq(a)
-        if not a.future.done():
+        with contextlib.suppress(InvalidStateError):  # the caller may cancel it at any moment
             a.future.set_exception(exc)
 
 

@@ -120,7 +120,8 @@ def build_bundle(
     # a failed or interrupted build removes its folder; ``out`` is untouched
     with BundleWriter(out, name=name, demo=False, overwrite=overwrite) as writer:
         build = writer.root
-        with tempfile.TemporaryDirectory() as tmp:
+        # scratch inside the build folder: a killed build's leftovers go with it at the next build
+        with tempfile.TemporaryDirectory(dir=build, prefix=".scratch-") as tmp:
             with _step("VLM -> GGUF + mmproj", timings, peaks):
                 tiny_vlm = qwen_dir is None
                 if tiny_vlm:

@@ -154,15 +154,18 @@ def _staged_file(target: Path) -> bool:
 def test_a_killed_demo_build_keeps_the_old_bundle_and_the_next_run_works(demo_bundle: Path, tmp_path: Path) -> None:
     """The README command, SIGKILLed once it has written part of the new bundle: the old one is intact,
     and running the command again succeeds (and cleans the killed build's folder)."""
-    target = tmp_path / "demo"
+    target = tmp_path / "bundles" / "demo"
     shutil.copytree(demo_bundle, target)
     old = Bundle.open(target, verify=True)
     code = "import sys; from clue2geo_sdk.cli import main; sys.argv[0] = 'clue2geo'; main()"
+    system_tmp = tmp_path / "system-tmp"  # the build's TMPDIR: a killed build must leave no scratch there
+    system_tmp.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "bundle", "demo", str(target), "--overwrite"],
         start_new_session=True,  # its own process group: the converter child dies with it
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(system_tmp)},
     )
     try:
         while proc.poll() is None and not _staged_file(target):
@@ -175,6 +178,8 @@ def test_a_killed_demo_build_keeps_the_old_bundle_and_the_next_run_works(demo_bu
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert any(n.startswith(".demo.building-") for n in _siblings(target))  # it was killed mid-build
+    # the VLM checkpoint's scratch lives in the build folder (removed by the next build), not in TMPDIR
+    assert not [p for p in system_tmp.rglob("*") if p.name == "qwen"], sorted(system_tmp.rglob("*"))[:10]
     again = Bundle.open(target, verify=True)
     assert again.digest == old.digest and again.created == old.created
 

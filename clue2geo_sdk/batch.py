@@ -497,6 +497,20 @@ class ImageIndex:
         return g
 
 
+def resume_index(read: Journal, where: Path, ident: Mapping[str, Any], notice: Callable[[str], None]) -> ImageIndex:
+    """The images a resumed run finds in ``read`` (a journal or a run folder's shards at ``where``):
+    each reading problem and the stale-records summary go to ``notice``."""
+    for problem in read.problems:
+        notice(problem)
+    index = ImageIndex()
+    for rec in read.records:
+        index.add(rec)
+    stale = stale_notice(where, index.records.values(), ident)
+    if stale:
+        notice(stale)
+    return index
+
+
 def latest(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """The latest record per image (a rerun supersedes; see :class:`ImageIndex`), in the order they
     were last written, keyed by path; a second image under a path already used is keyed by its
@@ -816,13 +830,7 @@ def run_batch(
                 read = read_journal(journal, repair=True)
             except OSError as exc:
                 raise ResultsWriteError(journal, exc) from None
-            for problem in read.problems:
-                notice(problem)
-            for rec in read.records:
-                index.add(rec)
-            stale = stale_notice(journal, index.records.values(), ident)
-            if stale:
-                notice(stale)
+            index = resume_index(read, journal, ident, notice)
     except BaseException:
         writer.discard()
         raise

@@ -55,8 +55,8 @@ from ..batch import (
     identity,
     identity_of,
     record_of,
+    resume_index,
     resume_state,
-    stale_notice,
     utc_now,
     write_csv,
     write_geojson,
@@ -459,13 +459,7 @@ def _run(
             shards.seal_all(out)  # the open shard of a stopped driver
         except OSError as exc:
             raise ResultsWriteError(shards.shard_dir(out), exc) from None
-        for problem in read.problems:
-            notice(problem)
-        for rec in read.records:
-            index.add(rec)
-        stale = stale_notice(out, index.records.values(), ident)
-        if stale:
-            notice(stale)
+        index = resume_index(read, out, ident, notice)
     done = ImageIndex()  # what the read tasks need: each image's sha256 and whether it is done
     for rec in index.records.values():
         ok = all(rec.get(k) == ident[k] for k in IDENTITY_FIELDS)

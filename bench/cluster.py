@@ -35,7 +35,8 @@ from pathlib import Path  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from clue2geo_sdk import Geolocator  # noqa: E402
-from clue2geo_sdk.batch import discover, run_batch  # noqa: E402
+from clue2geo_sdk.inputs.discover import discover  # noqa: E402
+from clue2geo_sdk.runs.batch import run_batch  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 

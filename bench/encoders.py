@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from clue2geo_sdk import Bundle
-from clue2geo_sdk.encoders import ClipEncoder, GpsClipEncoder, SbertEncoder, preprocess, providers_for
+from clue2geo_sdk.engines.encoders import ClipEncoder, GpsClipEncoder, SbertEncoder, preprocess, providers_for
 
 
 def rate(fn: Callable[[], np.ndarray], n: int, repeats: int) -> tuple[float, np.ndarray]:

@@ -28,7 +28,7 @@ LONG_PROMPT = "List every object, sign, plant, vehicle and building style visibl
 def child(bundle: Path, on: bool, tokens: int, threads: int | None) -> dict:
     from clue2geo_sdk import Bundle
     from clue2geo_sdk.engines import base, make_engine
-    from clue2geo_sdk.image import load_image
+    from clue2geo_sdk.inputs.image import load_image
 
     base.use_extra_bufts = lambda: on  # read at each model load
     b = Bundle.open(bundle, verify=False)
@@ -72,7 +72,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.bundle, args.child == "on", args.tokens, args.threads)))
         return
-    from clue2geo_sdk.doctor import cpu_info, llama_info
+    from clue2geo_sdk.cli.doctor import cpu_info, llama_info
 
     out: dict = {"cpu": cpu_info(), "llama_cpp": llama_info(), "settings": {}}
     for setting in ("off", "on"):

@@ -1,6 +1,6 @@
 """The product's search path at scale: a real photo-gallery folder (DuckDB rows, vectors.f16,
 the int8 USearch index, manifest) assembled from ``bench/retrieval.py``'s kept files, opened with
-:class:`clue2geo_sdk.reference_gallery.PhotoGallery`, and queried with ``most_similar`` exactly
+:class:`clue2geo_sdk.retrieval.photos.PhotoGallery`, and queried with ``most_similar`` exactly
 as the geolocator does (scaled int8 query, HNSW, top ``PHOTO_RERANK`` re-scored). Prints recall@15
 against exact float32 search, p50/p99 latency and CPU time per query (both threads' when a
 second graph is searched beside the first).
@@ -31,8 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from retrieval import K, PlacesWorld, World, bundle_gallery, streamed_truth  # noqa: E402
 
-from clue2geo_sdk import retrieval  # noqa: E402
-from clue2geo_sdk.reference_gallery import (  # noqa: E402
+from clue2geo_sdk.retrieval import search as retrieval  # noqa: E402
+from clue2geo_sdk.retrieval.photos import (  # noqa: E402
     DB,
     INDEX,
     INDEX2,

@@ -22,8 +22,8 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from clue2geo_sdk import Geolocator
-from clue2geo_sdk.image import load_image
-from clue2geo_sdk.vlm import LOCATION_SCHEMA
+from clue2geo_sdk.engines.ask import LOCATION_SCHEMA
+from clue2geo_sdk.inputs.image import load_image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 

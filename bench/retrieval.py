@@ -3,7 +3,7 @@
 Prints (and with ``--out`` writes) JSON: per size and index setting, build time, index size, and for
 each ``expansion_search`` value recall@15 against exact float32 search with p50/p99 single-query
 latency: the recall/latency curve. Also the exact-search latency per gallery size, from which
-:mod:`clue2geo_sdk.retrieval` picks where exact search stops and HNSW starts.
+:mod:`clue2geo_sdk.retrieval.search` picks where exact search stops and HNSW starts.
 
     # what photo galleries use: scaled int8, connectivity 32, expansion_add 128, top 64 re-scored
     python bench/retrieval.py --sizes 1000000 --index i8s:32:128 --ef 128 256 512 --rerank 64 \
@@ -13,7 +13,7 @@ latency: the recall/latency curve. Also the exact-search latency per gallery siz
     python bench/retrieval.py --bundle artifacts/demo                   # the bundle's real gallery
 
 ``--index DTYPE:CONNECTIVITY:EXPANSION_ADD``; DTYPE ``i8s`` is an int8 index given vectors
-pre-scaled by :func:`clue2geo_sdk.retrieval.to_int8` (what photo galleries build), ``i8`` leaves the
+pre-scaled by :func:`clue2geo_sdk.retrieval.search.to_int8` (what photo galleries build), ``i8`` leaves the
 float -> int8 cast to USearch (x127: too coarse for unit vectors). ``--rerank R...``: also HNSW's
 top R re-scored exactly from a float16 copy of the vectors (``PHOTO_RERANK``). Vectors are
 generated chunk by chunk (float32 for 5M x 512 would be 10 GB) and the ground truth is streamed
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from clue2geo_sdk._native import usearch_index
-from clue2geo_sdk.retrieval import int8_scale, to_int8
+from clue2geo_sdk.retrieval.search import int8_scale, to_int8
 
 K = 15
 CHUNK = 100_000
@@ -134,7 +134,7 @@ def _log(**kw: object) -> None:
 
 def encoder(dtype: str, dim: int):  # noqa: ANN201
     """``(usearch dtype, vectors -> what the index is given)``: ``i8s`` is an int8 index fed
-    pre-scaled int8 vectors (:func:`clue2geo_sdk.retrieval.to_int8`, what photo galleries use);
+    pre-scaled int8 vectors (:func:`clue2geo_sdk.retrieval.search.to_int8`, what photo galleries use);
     plain ``i8`` leaves the float -> int8 cast to USearch (x127)."""
     if dtype == "i8s":
         scale = int8_scale(dim)

@@ -9,10 +9,10 @@ with Geolocator.load("artifacts/demo") as geo:
 from typing import Any
 
 from ._version import __version__
-from .attestation import ResultsSignatureError
-from .batch import ResultsExistError, ResultsInUseError, ResultsPathError, ResultsWriteError
-from .bundle import Bundle
+from .bundle.manifest import Bundle
+from .bundle.signing import BundleSignatureError, SigningKeyError
 from .engines.base import VLMError
+from .engines.gguf_header import GGUFHeaderError
 from .errors import (
     BundleExistsError,
     BundleFormatError,
@@ -29,13 +29,14 @@ from .errors import (
     RecordFormatError,
     RegionError,
 )
+from .evidence.attestation import ResultsSignatureError
 from .files import InputFileError
-from .geolocator import Failure, Geolocator, MemoryNeed, Options, memory_need
-from .gguf_header import GGUFHeaderError
-from .reference_gallery import GalleryBuildError
-from .region import Region
-from .results import Candidate, Prediction
-from .signing import BundleSignatureError, SigningKeyError
+from .geo.region import Region
+from .geolocator import Geolocator, MemoryNeed, memory_need
+from .options import Options
+from .results import Candidate, Failure, Prediction
+from .retrieval.photos import GalleryBuildError
+from .runs.batch import ResultsExistError, ResultsInUseError, ResultsPathError, ResultsWriteError
 
 
 def __getattr__(name: str) -> Any:

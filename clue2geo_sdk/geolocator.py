@@ -3,7 +3,7 @@
 image -> GPSCLIP + retrieval (USearch) -> 3 RAG prompts (VLM) ----------------+
       -> cues (VLM) -> cluemap (CLIP + SBERT) -> direct prompt (VLM) ----------+-> selection -> result
 
-The stages live in :mod:`clue2geo_sdk.stages`; ``Geolocator`` schedules them by dependency so the
+The stages live in :mod:`clue2geo_sdk.pipeline.stages`; ``Geolocator`` schedules them by dependency so the
 VLM engine always has every prompt it could be working on. Thread-safety: one ``Geolocator`` may
 be shared by threads; encoders and the gallery are read-only, and the batched engine decodes the
 prompts of every thread's images together.
@@ -13,28 +13,24 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
-import json
 import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import numpy as np
 
-from . import stages
 from ._native import llama_cpp_module
-from .answers import rank_answers
-from .bundle import Bundle
-from .cluemap import Cluemap
-from .countries import countries
-from .encoders import ClipEncoder, Device, GpsClipEncoder, SbertEncoder, providers_for
+from .bundle.manifest import Bundle
 from .engines import ENGINES, EngineName, make_engine
 from .engines import base as engines_base
+from .engines.ask import Constrain, PendingAnswer, VisionLanguageModel
+from .engines.encoders import ClipEncoder, Device, GpsClipEncoder, SbertEncoder, providers_for
+from .engines.image_tokens import IMAGE_MAX_TOKENS
 from .errors import (
     BundleFormatError,
     Clue2GeoError,
@@ -44,149 +40,23 @@ from .errors import (
     InvalidArgumentError,
     OptionsError,
 )
-from .geocode import ReverseGeocoder
-from .image import ImageInput, LoadedImage, load_image
-from .image_tokens import IMAGE_MAX_TOKENS
-from .metadata import read_metadata
-from .prompts import resolve
-from .region import Region
-from .results import Prediction
-from .retrieval import Gallery
-from .selection import similarity, spread_km
-from .vlm import Constrain, PendingAnswer, VisionLanguageModel
+from .geo.countries import countries
+from .geo.region import Region
+from .geo.reverse import ReverseGeocoder
+from .inputs.image import ImageInput, LoadedImage, load_image
+from .inputs.metadata.photo import read_metadata
+from .options import Options
+from .pipeline import stages
+from .pipeline.answers import rank_answers
+from .pipeline.cluemap import Cluemap
+from .pipeline.prompts import resolve
+from .pipeline.selection import similarity, spread_km
+from .results import Failure, Prediction
+from .retrieval.search import Gallery
 
 REGION_CACHE = 32
-CONSTRAIN_CHOICES = ("fallback", "always", "never")
-MAX_REFERENCES = 1000  # gallery points shown to one RAG prompt; far above the paper's 15
-MAX_SAMPLES = 32
-MAX_GENERATION_TOKENS = 1 << 20  # far above any context; the engine refuses what its context cannot hold
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def _opt_bool(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, bool):
-        raise OptionsError(f"option {attr.name}={value!r}: must be True or False")
-
-
-def _opt_int(low: int, high: int | None = None) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
-    def check(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise OptionsError(f"option {attr.name}={value!r}: must be a whole number")
-        if value < low or (high is not None and value > high):
-            span = f"from {low} to {high}" if high is not None else f"at least {low}"
-            raise OptionsError(f"option {attr.name}={value}: must be {span}")
-
-    return check
-
-
-def _opt_float(low: float, high: float | None = None) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
-    """A finite number in [low, high]: NaN or infinity would reach the JSON output, which cannot hold them."""
-
-    def check(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-            raise OptionsError(f"option {attr.name}={value!r}: must be a number")
-        if not math.isfinite(value):
-            raise OptionsError(f"option {attr.name}={value}: must be a finite number")
-        if value < low or (high is not None and value > high):
-            span = f"from {low} to {high}" if high is not None else f"at least {low}"
-            raise OptionsError(f"option {attr.name}={value}: must be {span}")
-
-    return check
-
-
-def _references(value: Any) -> tuple[int, ...]:
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise OptionsError(f"option references={value!r}: must be a list of reference counts, e.g. [5, 10, 15]")
-    refs = tuple(value)
-    for k in refs:
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_REFERENCES:
-            raise OptionsError(
-                f"option references={list(refs)!r}: each count must be a whole number from 1 to {MAX_REFERENCES}"
-            )
-    return tuple(int(k) for k in refs)
-
-
-def _region(value: Any) -> Region | None:
-    if value is None or (isinstance(value, str) and not value):
-        return None
-    try:
-        region = Region.parse(value)
-    except Clue2GeoError:
-        raise
-    except (TypeError, ValueError, AttributeError, KeyError) as exc:
-        raise OptionsError(
-            f"option region={value!r}: not a region ({exc}); give e.g. 'FR,DE' or 'bbox:W,S,E,N'"
-        ) from None
-    if region.kind == "polygon":  # a Region built directly: its outline prepared here, before threads share it
-        region.warm()
-    return region
-
-
-def _py(value: Any) -> Any:
-    """numpy scalars as Python ones, so options serialise (and digest) like the numbers they are."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-@attrs.frozen(kw_only=True, init=False)
-class Options:
-    """Pipeline switches. ``use_cluemap=False`` / ``use_refinement=False`` are the paper's w/o CM / w/o CR.
-    Every value is checked here (type, range, finite), so a bad one is refused by name before any
-    image is read, and no NaN or infinity can reach a record."""
-
-    use_cluemap: bool = attrs.field(default=True, validator=_opt_bool)
-    use_refinement: bool = attrs.field(default=True, validator=_opt_bool)
-    references: tuple[int, ...] = attrs.field(default=(5, 10, 15), converter=_references)
-    samples_per_prompt: int = attrs.field(default=1, converter=_py, validator=_opt_int(1, MAX_SAMPLES))
-    sample_temperature: float = attrs.field(default=0.7, converter=_py, validator=_opt_float(0.0))
-    nearest_neighbour_candidate: bool = attrs.field(default=False, validator=_opt_bool)
-    constrain: Literal["fallback", "always", "never"] = attrs.field(default="always")
-    alpha: float = attrs.field(default=0.5, converter=_py, validator=_opt_float(0.0, 1.0))
-    max_cue_tokens: int = attrs.field(default=512, converter=_py, validator=_opt_int(1, MAX_GENERATION_TOKENS))
-    max_answer_tokens: int = attrs.field(default=128, converter=_py, validator=_opt_int(1, MAX_GENERATION_TOKENS))
-    # Where the photo is known to be: "FR,DE", "bbox:W,S,E,N", "circle:LAT,LON,KM", "geojson:PATH",
-    # codes or a Region.
-    region: Region | None = attrs.field(default=None, converter=_region)
-
-    @constrain.validator
-    def _constrain(self, attr: attrs.Attribute[Any], value: Any) -> None:
-        if value not in CONSTRAIN_CHOICES:
-            raise OptionsError(f"option constrain={value!r}: must be one of {', '.join(CONSTRAIN_CHOICES)}")
-
-    def __init__(self, **kwargs: Any) -> None:
-        """The fields by name; an unknown one is refused with the known names (not a bare TypeError)."""
-        known = {f.name for f in attrs.fields(type(self))}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise OptionsError(f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}")
-        self.__attrs_init__(**kwargs)  # type: ignore[attr-defined]
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> Options:
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = attrs.asdict(self, recurse=False)
-        d["references"] = list(self.references)
-        d["region"] = self.region.to_dict() if self.region else None
-        return d
-
-    def digest(self) -> str:
-        """sha256 of the options as canonical JSON: records made under other options are not reused."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
-
-
-@attrs.frozen(kw_only=True)
-class Failure:
-    """An input that could not be geolocated; batches record it and go on."""
-
-    image: str
-    error: str
-    message: str
-    image_sha256: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"image": self.image, "error": self.error, "message": self.message, "image_sha256": self.image_sha256}
 
 
 class Geolocator:
@@ -216,7 +86,7 @@ class Geolocator:
         self.clip = ClipEncoder(files["clip"], bundle.params("clip"), providers)
         self.gpsclip = GpsClipEncoder(files["gpsclip"], bundle.params("gpsclip"), providers)
         self.sbert = SbertEncoder(files["sbert"], bundle.params("sbert"), providers)
-        from .reference_gallery import PhotoGallery
+        from .retrieval.photos import PhotoGallery
 
         self.gallery: Gallery | PhotoGallery
         if gallery is None:
@@ -690,7 +560,7 @@ def _memory_model(
 ) -> Callable[[int], MemoryNeed]:
     """Read the bundle's headers once; return the need as a function of the images in flight."""
     from .engines.batched import seqs_per_image
-    from .gguf_header import read_header, tensor_bytes, text_model_shape
+    from .engines.gguf_header import read_header, tensor_bytes, text_model_shape
 
     if n_gpu_layers is None:
         n_gpu_layers = 0 if device == "cpu" else -1

@@ -4,17 +4,55 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
-from .cluemap import Cue
 from .errors import RecordFormatError
 
-if TYPE_CHECKING:
-    from .answers import Answer  # answers imports this module: the class is needed only in from_dict
-
 SOURCES = ("direct", "rag5", "rag10", "rag15", "gallery_nearest", "region_anchor")
+
+
+@attrs.frozen(kw_only=True)
+class Cue:
+    """One cue with its three scores and the grid patch (row-major index) that matched it best."""
+
+    cue: str
+    description: str
+    s_l: float = 0.0
+    s_s: float = 0.0
+    s_r: float = 0.0
+    patch: int = -1
+
+    @property
+    def text(self) -> str:
+        return f"{self.cue}: {self.description}" if self.description else self.cue
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen(kw_only=True)
+class Answer:
+    """One distinct answer: the best member's position and score, the summed confidence, and which
+    candidates (indices into the prediction's ``candidates``, best first) it merged."""
+
+    rank: int
+    lat: float
+    lon: float
+    score: float
+    confidence: float | None  # None: nothing was weighed (see Prediction.confidence)
+    members: tuple[int, ...] = attrs.field(converter=tuple)
+    sources: tuple[str, ...] = attrs.field(converter=tuple)
+    extent_km: float
+    country: str | None = None
+    city: str | None = None
+    references: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = attrs.asdict(self)
+        d["members"], d["sources"] = list(self.members), list(self.sources)
+        return d
 
 
 @attrs.frozen(kw_only=True)
@@ -42,7 +80,7 @@ class Prediction:
     holds the winner. ``confidence`` is ``answers[0].confidence``: the share of a softmax over the
     candidates' and the nearest gallery points' GPSCLIP cosines (GeoCLIP's logit scale) that falls on
     the winning answer — the model's relative preference, to be read against a reliability table
-    (``clue2geo eval --calibration``), not a probability by itself (:mod:`clue2geo_sdk.answers`).
+    (``clue2geo eval --calibration``), not a probability by itself (:mod:`clue2geo_sdk.pipeline.answers`).
     It is None when there was nothing to weigh the winner against (a lone fallback point).
     ``similarity`` is the winner's GPSCLIP cosine mapped from [-1, 1] to [0, 1]. ``references`` are
     the gallery points the RAG prompts were shown (``similar`` / ``dissimilar``, with their cosines)
@@ -58,7 +96,7 @@ class Prediction:
     cue list: the cluemap is empty) or "skipped" (``use_cluemap=False``). ``region`` is the region
     constraint, if any, and ``outside_region`` how many candidates it dropped.
 
-    ``metadata`` is what the photo's own EXIF / XMP says (:class:`clue2geo_sdk.metadata.PhotoMetadata`
+    ``metadata`` is what the photo's own EXIF / XMP says (:class:`clue2geo_sdk.inputs.metadata.photo.PhotoMetadata`
     as a dict: position, capture time, camera, and ``problems`` naming every malformed value); the
     prediction never uses it. ``metadata_distance_km`` is the great-circle distance from the photo's
     own position to the prediction (None when it has none): a large one means the pixels and the
@@ -132,7 +170,6 @@ class Prediction:
         missing = sorted(f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING and f.name not in data)
         if missing:
             raise RecordFormatError(f"Prediction.from_dict: missing keys {missing}")
-        from .answers import Answer
 
         d = dict(data)
         try:
@@ -151,3 +188,16 @@ class Prediction:
             "geometry": {"type": "Point", "coordinates": [self.lon, self.lat]},
             "properties": props,
         }
+
+
+@attrs.frozen(kw_only=True)
+class Failure:
+    """An input that could not be geolocated; batches record it and go on."""
+
+    image: str
+    error: str
+    message: str
+    image_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "error": self.error, "message": self.message, "image_sha256": self.image_sha256}

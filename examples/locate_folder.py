@@ -42,7 +42,7 @@ with Geolocator.load(args.bundle) as geo:
 (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 (out / "results.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
 
-from clue2geo_sdk.report import write_report  # noqa: E402
+from clue2geo_sdk.evidence.report.render import write_report  # noqa: E402
 
 write_report(out / "report.html", records, bundle)
 print(f"wrote {out / 'results.jsonl'}, {out / 'results.geojson'}, {out / 'report.html'}")

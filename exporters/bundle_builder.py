@@ -12,8 +12,8 @@ from typing import Any
 
 from rich.console import Console
 
-from clue2geo_sdk.bundle import Bundle, BundleWriter
-from clue2geo_sdk.prompts import DEFAULT_PROMPTS
+from clue2geo_sdk.bundle.manifest import Bundle, BundleWriter
+from clue2geo_sdk.pipeline.prompts import DEFAULT_PROMPTS
 
 from . import clip_onnx, gallery, gpsclip, qwen_vl, sbert_onnx, vlm_gguf
 from ._onnx import EXTERNAL_DATA_ABOVE
@@ -232,8 +232,8 @@ def build_demo(out: str | Path = "artifacts/demo", *, seed: int = 0, overwrite: 
     """The demo bundle: real SBERT, GeoCLIP location tower, 100K gallery, GeoNames; tiny random VLM/CLIP.
 
     A non-empty ``out`` is refused unless ``overwrite`` and it holds only a previous bundle (see
-    :func:`clue2geo_sdk.bundle.check_target`): a mistyped path must never cost the user files. The
-    old bundle is replaced only once the new one is complete (:class:`~clue2geo_sdk.bundle.BundleWriter`)."""
+    :func:`clue2geo_sdk.bundle.manifest.check_target`): a mistyped path must never cost the user files. The
+    old bundle is replaced only once the new one is complete (:class:`~clue2geo_sdk.bundle.manifest.BundleWriter`)."""
     return build_bundle(
         out,
         name="demo",

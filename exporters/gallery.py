@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from rich.progress import Progress
 
-from clue2geo_sdk.bundle import sha256_file
-from clue2geo_sdk.geocode import unit_vectors
+from clue2geo_sdk.bundle.manifest import sha256_file
+from clue2geo_sdk.geo.reverse import unit_vectors
 
 BATCH = 4096
 

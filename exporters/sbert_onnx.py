@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from clue2geo_sdk.encoders import mean_pool_normalize
+from clue2geo_sdk.engines.encoders import mean_pool_normalize
 
 from ._onnx import run_onnx
 from ._validate import check_close

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from clue2geo_sdk.bundle import Bundle, check_target
+from clue2geo_sdk.bundle.manifest import Bundle, check_target
 
 from . import clip_onnx, qwen_vl
 from ._onnx import EXTERNAL_DATA_ABOVE

@@ -13,11 +13,11 @@ from geopy.distance import great_circle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clue2geo_sdk.answers import GEOCLIP_LOGIT_SCALE, Answer, rank_answers, softmax_weights
-from clue2geo_sdk.geocode import haversine_km
-from clue2geo_sdk.results import SOURCES, Candidate
-from clue2geo_sdk.retrieval import GalleryHit
-from clue2geo_sdk.selection import select
+from clue2geo_sdk.geo.reverse import haversine_km
+from clue2geo_sdk.pipeline.answers import GEOCLIP_LOGIT_SCALE, rank_answers, softmax_weights
+from clue2geo_sdk.pipeline.selection import select
+from clue2geo_sdk.results import SOURCES, Answer, Candidate
+from clue2geo_sdk.retrieval.search import GalleryHit
 
 R = 6371.0088
 PARIS = (48.8566, 2.3522)

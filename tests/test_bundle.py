@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from clue2geo_sdk import Bundle, BundleFormatError, BundleIntegrityError, BundleNotFoundError
-from clue2geo_sdk.bundle import ROLES, sha256_file
+from clue2geo_sdk.bundle.manifest import ROLES, sha256_file
 from clue2geo_sdk.cli import main
 
 

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from test_bundle_overwrite import fake_bundle
 
 from clue2geo_sdk import Bundle, BundleExistsError, BundleFormatError, BundleIntegrityError
-from clue2geo_sdk.bundle import MANIFEST, BundleWriter, remove_bundle
+from clue2geo_sdk.bundle.manifest import MANIFEST, BundleWriter, remove_bundle
 from clue2geo_sdk.cli import main
 
 # -- atomic builds -------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_digest_is_of_the_bytes_that_were_parsed(tmp_path: Path) -> None:
 
 def test_signature_is_checked_over_the_bytes_that_were_parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A manifest swapped between the parse and the hash must not borrow the signature of the other."""
-    from clue2geo_sdk.signing import BundleSignatureError, generate_keypair, sign_bundle
+    from clue2geo_sdk.bundle.signing import BundleSignatureError, generate_keypair, sign_bundle
 
     target = tmp_path / "b"
     fake_bundle(target)
@@ -337,7 +337,7 @@ def test_a_mount_point_as_the_bundle_folder_is_refused_before_any_work(tmp_path,
     """The finished bundle is renamed into place, which a mount point refuses: say so up front."""
     import os
 
-    from clue2geo_sdk.bundle import BundleWriter
+    from clue2geo_sdk.bundle.manifest import BundleWriter
 
     target = tmp_path / "vol"
     target.mkdir()

@@ -14,15 +14,15 @@ from conftest import EXAMPLE_IMAGES, FAST
 from geopy.distance import great_circle
 from PIL import Image
 
-from clue2geo_sdk.answers import GEOCLIP_LOGIT_SCALE
-from clue2geo_sdk.calibration import (
+from clue2geo_sdk.cli import main
+from clue2geo_sdk.evaluation.calibration import (
     answer_confidences,
     fit_logit_scale,
     markdown_table,
     reliability,
     winner_not_most_confident,
 )
-from clue2geo_sdk.cli import main
+from clue2geo_sdk.pipeline.answers import GEOCLIP_LOGIT_SCALE
 from clue2geo_sdk.results import Candidate
 
 R = 6371.0088

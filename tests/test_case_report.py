@@ -28,9 +28,9 @@ from PIL import Image
 from PIL.TiffImagePlugin import IFDRational
 
 from clue2geo_sdk.cli import main
-from clue2geo_sdk.encoders import patch_grid
-from clue2geo_sdk.image import load_image
-from clue2geo_sdk.report import CUE_COLORS, LAND, OCEAN, THUMB_MAX, patch_box, render_report
+from clue2geo_sdk.engines.encoders import patch_grid
+from clue2geo_sdk.evidence.report.render import CUE_COLORS, LAND, OCEAN, THUMB_MAX, patch_box, render_report
+from clue2geo_sdk.inputs.image import load_image
 
 CHROMIUM = Path(os.environ.get("CLUE2GEO_CHROMIUM", "/usr/bin/chromium"))
 FLAGS = (

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from clue2geo_sdk.cluemap import build_cluemap, dedupe, local_consistency, semantic_coherence
+from clue2geo_sdk.pipeline.cluemap import build_cluemap, dedupe, local_consistency, semantic_coherence
 
 R = 1 / math.sqrt(2)
 CUES = [("A", "a"), ("B", "b"), ("C", "c"), ("D", "d")]

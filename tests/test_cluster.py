@@ -18,10 +18,11 @@ from click.testing import CliRunner
 from PIL import Image
 from test_images import make_bad_inputs
 
-from clue2geo_sdk.audit import verify_journal
-from clue2geo_sdk.batch import IDENTITY_FIELDS, discover, run_batch
 from clue2geo_sdk.cli import EXIT_SOME_FAILED, main
 from clue2geo_sdk.errors import BundleIntegrityError, MissingExtraError
+from clue2geo_sdk.inputs.discover import discover
+from clue2geo_sdk.runs.batch import IDENTITY_FIELDS, run_batch
+from clue2geo_sdk.runs.chain import verify_journal
 
 # Small generation budgets: the pipeline is the same, the runs stay short.
 GEN = {"max_cue_tokens": 32, "max_answer_tokens": 32}
@@ -34,7 +35,7 @@ RUN_TIMEOUT = 300  # seconds for one job on the 2-CPU test cluster (each takes 1
 
 def test_runtime_imports_nothing_of_ray() -> None:
     code = (
-        "import sys, clue2geo_sdk, clue2geo_sdk.cli, clue2geo_sdk.batch, clue2geo_sdk.cluster, "
+        "import sys, clue2geo_sdk, clue2geo_sdk.cli, clue2geo_sdk.runs.batch, clue2geo_sdk.cluster, "
         "clue2geo_sdk.cluster.shards, clue2geo_sdk.cluster.nodecheck\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow'))\n"
         "assert not bad, bad"
@@ -91,7 +92,7 @@ def _corrupt_manifest(bundle: Path) -> str:
 
 
 def test_bundle_verified_once_per_node_and_job(demo_bundle: Path, tmp_path: Path) -> None:
-    from clue2geo_sdk.bundle import Bundle
+    from clue2geo_sdk.bundle.manifest import Bundle
     from clue2geo_sdk.cluster.nodecheck import verify_once
 
     digest = Bundle.open(demo_bundle, verify=False).digest
@@ -360,8 +361,8 @@ def test_photo_gallery_on_the_cluster(
     from test_reference_gallery import PLACES, exif_value, geotagged_jpeg
 
     from clue2geo_sdk import Geolocator
-    from clue2geo_sdk.geolocator import Options
-    from clue2geo_sdk.reference_gallery import build_gallery, read_manifest
+    from clue2geo_sdk.options import Options
+    from clue2geo_sdk.retrieval.photos import build_gallery, read_manifest
 
     src = tmp_path / "refs"
     src.mkdir()
@@ -396,10 +397,10 @@ def test_photo_gallery_on_the_cluster(
             assert rec.get(k) == ref.get(k), (ref["path"], k)
 
     # a node whose copy has the same rows but another manifest (index settings, a rebuild) is refused
-    from clue2geo_sdk.batch import identity_of
-    from clue2geo_sdk.bundle import Bundle
+    from clue2geo_sdk.bundle.manifest import Bundle
     from clue2geo_sdk.cluster.job import GeolocatorActor, _gallery_digest
     from clue2geo_sdk.errors import BundleIntegrityError
+    from clue2geo_sdk.runs.batch import identity_of
 
     b = Bundle.open(demo_bundle, verify=False)
     digest, driver_manifest = _gallery_digest(gallery, b)

@@ -16,11 +16,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from clue2geo_sdk import Bundle, BundleIntegrityError, Geolocator
-from clue2geo_sdk.audit import GENESIS, record_hash, verify_journal
-from clue2geo_sdk.batch import RecordWriter, read_journal, run_batch
-from clue2geo_sdk.bundle import remove_bundle
-from clue2geo_sdk.cli import main
-from clue2geo_sdk.signing import (
+from clue2geo_sdk.bundle.manifest import remove_bundle
+from clue2geo_sdk.bundle.signing import (
     SIGNATURES,
     BundleSignatureError,
     SigningKeyError,
@@ -28,6 +25,9 @@ from clue2geo_sdk.signing import (
     load_public_key,
     public_bytes,
 )
+from clue2geo_sdk.cli import main
+from clue2geo_sdk.runs.batch import RecordWriter, read_journal, run_batch
+from clue2geo_sdk.runs.chain import GENESIS, record_hash, verify_journal
 
 NASTY = ["line\u2028sep", "nul\x00", "surrogate \udcff", "rtl \u202e", "x" * 5000, "tab\there", -0.0, 1e308]
 
@@ -223,7 +223,7 @@ def test_sign_and_verify_through_the_cli(bundle_copy: Path, keys: dict[str, Path
 
 
 def test_a_tampered_signed_bundle_is_refused(bundle_copy: Path, keys: dict[str, Path]) -> None:
-    from clue2geo_sdk.signing import sign_bundle
+    from clue2geo_sdk.bundle.signing import sign_bundle
 
     b = Bundle.open(bundle_copy)
     sign_bundle(bundle_copy, keys["priv"], b.digest)
@@ -275,7 +275,7 @@ def test_a_tampered_signed_bundle_is_refused(bundle_copy: Path, keys: dict[str, 
 
 
 def test_a_signed_bundle_loads_and_locates(bundle_copy: Path, keys: dict[str, Path], photo: Path) -> None:
-    from clue2geo_sdk.signing import sign_bundle
+    from clue2geo_sdk.bundle.signing import sign_bundle
 
     sign_bundle(bundle_copy, keys["priv"], Bundle.open(bundle_copy).digest)
     with Geolocator.load(
@@ -288,7 +288,7 @@ def test_a_signed_bundle_loads_and_locates(bundle_copy: Path, keys: dict[str, Pa
 
 
 def _kid(keys: dict[str, Path]) -> str:
-    from clue2geo_sdk.signing import key_id
+    from clue2geo_sdk.bundle.signing import key_id
 
     return key_id(load_public_key(keys["pub"]))
 
@@ -301,7 +301,7 @@ def test_results_signed_by_the_examiner(journal: Path, keys: dict[str, Path]) ->
     case; `audit verify --trusted-key` accepts it unchanged and names what changed otherwise."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from clue2geo_sdk.attestation import MESSAGE_PREFIX, signature_path
+    from clue2geo_sdk.evidence.attestation import MESSAGE_PREFIX, signature_path
 
     res = CliRunner().invoke(
         main, ["audit", "sign", str(journal), "--key", str(keys["priv"]), "--examiner", "A. Analyst", "--case", "C-17"]
@@ -360,8 +360,8 @@ def test_results_signed_by_the_examiner(journal: Path, keys: dict[str, Path]) ->
 def test_a_signed_run_folder_covers_its_shards(keys: dict[str, Path], tmp_path: Path) -> None:
     """A 'locate --ray' run folder is signed over its shards (what verify, report and export read):
     shards rewritten as a new valid chain are caught; a resume's appended records are named."""
-    from clue2geo_sdk.attestation import signature_path
     from clue2geo_sdk.cluster.shards import ShardWriter
+    from clue2geo_sdk.evidence.attestation import signature_path
 
     run = tmp_path / "run"
     w = ShardWriter(run, records_per_shard=2, parquet=False)
@@ -406,8 +406,8 @@ def test_a_forged_or_malformed_signature_entry_is_named(journal: Path, keys: dic
     """The signatures file is untrusted input: a key id borrowed from the examiner, a key given as a
     path, or fields of the wrong type are named as errors (no traceback, no file read), and the
     report says so instead of showing a signature that holds."""
-    from clue2geo_sdk.attestation import ResultsSignatureError, sign_journal, signature_path
-    from clue2geo_sdk.report import render_report
+    from clue2geo_sdk.evidence.attestation import ResultsSignatureError, sign_journal, signature_path
+    from clue2geo_sdk.evidence.report.render import render_report
 
     lab_id = _kid(keys)
     sign_journal(journal, keys["other_priv"], examiner="Mallory")

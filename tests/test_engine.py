@@ -14,9 +14,9 @@ from PIL import Image
 
 from clue2geo_sdk import Bundle, Geolocator
 from clue2geo_sdk.engines import VLMError, make_engine
-from clue2geo_sdk.image import load_image
-from clue2geo_sdk.parsing import parse_location
-from clue2geo_sdk.vlm import LOCATION_SCHEMA
+from clue2geo_sdk.engines.ask import LOCATION_SCHEMA
+from clue2geo_sdk.inputs.image import load_image
+from clue2geo_sdk.pipeline.parsing import parse_location
 
 PROMPTS = ["Where was this photo taken?", "Name the country.", "Describe the scene.", "Which city is this?"]
 

@@ -19,7 +19,7 @@ from conftest import EXAMPLE_IMAGES
 from clue2geo_sdk import Bundle
 from clue2geo_sdk.engines import VLMError, make_engine
 from clue2geo_sdk.engines.batched import seqs_per_image
-from clue2geo_sdk.image import load_image
+from clue2geo_sdk.inputs.image import load_image
 
 WAIT = 120  # seconds: a bounded wait turns a hang into a failure
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clue2geo_sdk.cli import EXIT_SOME_FAILED, main
-from clue2geo_sdk.countries import countries
-from clue2geo_sdk.evaluate import compute_metrics, distance_km, geoscore, read_dataset
+from clue2geo_sdk.evaluation.metrics import compute_metrics, distance_km, geoscore, read_dataset
+from clue2geo_sdk.geo.countries import countries
 
 R = 6371.0088
 KM_PER_DEG = math.pi * R / 180  # along a meridian
@@ -152,7 +152,7 @@ def test_eval_command_end_to_end(demo_bundle: Path, photo: Path, tmp_path: Path)
 def test_eval_never_changes_the_geolocators_options(
     geo, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from clue2geo_sdk.eval_run import run_eval
+    from clue2geo_sdk.evaluation.run import run_eval
     from clue2geo_sdk.geolocator import Geolocator
 
     def refuse(self: Geolocator, value: object) -> None:

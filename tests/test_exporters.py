@@ -33,7 +33,7 @@ def test_manifest_records_parity_within_tolerance(demo_bundle: Path) -> None:
 
 def test_location_onnx_matches_geoclip_module(demo_bundle: Path) -> None:
     """Runtime encoder (onnxruntime) vs GeoCLIP's own torch LocationEncoder with its released weights."""
-    from clue2geo_sdk.encoders import GpsClipEncoder
+    from clue2geo_sdk.engines.encoders import GpsClipEncoder
     from exporters.gpsclip import geoclip_reference, sample_coordinates
 
     b = Bundle.open(demo_bundle, verify=False)
@@ -81,7 +81,7 @@ def test_clip_export_parity_and_tokenizer(tmp_path: Path) -> None:
 def test_sbert_onnx_matches_sentence_transformers(demo_bundle: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from clue2geo_sdk.encoders import SbertEncoder
+    from clue2geo_sdk.engines.encoders import SbertEncoder
     from exporters.sbert_onnx import minilm_dir
 
     b = Bundle.open(demo_bundle, verify=False)
@@ -97,7 +97,7 @@ def test_gallery_index_holds_location_embeddings(demo_bundle: Path) -> None:
     import duckdb
 
     from clue2geo_sdk._native import usearch_index
-    from clue2geo_sdk.encoders import GpsClipEncoder
+    from clue2geo_sdk.engines.encoders import GpsClipEncoder
 
     b = Bundle.open(demo_bundle, verify=False)
     idx = usearch_index().Index.restore(str(b.file("gallery", "index")), view=True)

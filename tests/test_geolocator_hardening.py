@@ -125,7 +125,7 @@ def test_kv_cache_and_buffers_match_llama_cpp(
 
 def test_a_gguf_header_that_cannot_be_read_is_a_clue2geo_error(demo_bundle: Path, tmp_path: Path) -> None:
     from clue2geo_sdk import GGUFHeaderError
-    from clue2geo_sdk.gguf_header import tensor_bytes, text_model_shape
+    from clue2geo_sdk.engines.gguf_header import tensor_bytes, text_model_shape
 
     model = Bundle.open(demo_bundle).file("vlm", "model")
     cut = tmp_path / "cut.gguf"
@@ -260,7 +260,7 @@ def test_location_schema_coordinates_are_within_range() -> None:
     value is within [-90, 90] / [-180, 180]: 90.x and 180.x with nonzero decimals are refused."""
     import jsonschema
 
-    from clue2geo_sdk.vlm import LOCATION_SCHEMA
+    from clue2geo_sdk.engines.ask import LOCATION_SCHEMA
 
     base = {"country": "X", "city": "Y", "landmark": "Z", "lat": "1.0000", "lon": "1.0000"}
     validator = jsonschema.Draft202012Validator(LOCATION_SCHEMA)
@@ -276,7 +276,7 @@ def test_location_schema_coordinates_are_within_range() -> None:
 def test_prediction_from_a_journal_record(geo: Geolocator, photo: Path, tmp_path: Path) -> None:
     """A record written by the batch journal (the prediction plus path, status, hashes, identity)
     reads back as the same prediction; a failure record or a typo'd key is refused by name."""
-    from clue2geo_sdk.batch import read_records, run_batch
+    from clue2geo_sdk.runs.batch import read_records, run_batch
 
     out = tmp_path / "r.jsonl"
     run_batch(geo, [photo, tmp_path / "missing.jpg"], out)

@@ -29,7 +29,7 @@ def test_llama_cpp_offloads_to_the_gpu() -> None:
 def test_onnxruntime_cuda_provider(demo_bundle: Path) -> None:
     import onnxruntime as ort
 
-    from clue2geo_sdk.encoders import providers_for
+    from clue2geo_sdk.engines.encoders import providers_for
 
     assert "CUDAExecutionProvider" in ort.get_available_providers()
     assert providers_for("cuda")[0] == "CUDAExecutionProvider"
@@ -110,7 +110,7 @@ def test_bf16_training_step(tmp_path: Path, photo: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from clue2geo_sdk.image_tokens import IMAGE_MAX_TOKENS
+    from clue2geo_sdk.engines.image_tokens import IMAGE_MAX_TOKENS
     from exporters.qwen_vl import build_tiny_qwen25vl
     from training.config import LM_TARGETS
     from training.train import encode_example, load_processor

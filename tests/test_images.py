@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from clue2geo_sdk import ImageLoadError
-from clue2geo_sdk.image import load_image
+from clue2geo_sdk.inputs.image import load_image
 
 
 def make_bad_inputs(folder: Path, good: Path) -> dict[str, str]:
@@ -148,7 +148,7 @@ def test_heic_from_pillow_heif_loads(tmp_path: Path) -> None:
     img = load_image(tmp_path / "phone.heic").image
     r, g, b = img.getpixel((32, 24))
     assert img.size == (64, 48) and g > 150 and r < 80 and b < 80
-    from clue2geo_sdk.batch import discover
+    from clue2geo_sdk.inputs.discover import discover
 
     assert [p.name for p in discover([tmp_path], recursive=False)] == ["phone.heic"]  # type: ignore[union-attr]
 
@@ -156,8 +156,8 @@ def test_heic_from_pillow_heif_loads(tmp_path: Path) -> None:
 def test_oversized_file_is_refused_before_it_is_read(
     tmp_path: Path, photo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import clue2geo_sdk.image as image_mod
-    from clue2geo_sdk.batch import _read_bytes
+    import clue2geo_sdk.inputs.image as image_mod
+    from clue2geo_sdk.inputs.discover import read_input_bytes
 
     opened: list[object] = []
     real_open = open
@@ -170,7 +170,7 @@ def test_oversized_file_is_refused_before_it_is_read(
         load_image(photo)
     with pytest.raises(ImageLoadError, match="file-size cap"):
         load_image(photo.read_bytes())
-    assert _read_bytes(photo) is None  # the batch neither hashes nor holds it
+    assert read_input_bytes(photo) is None  # the batch neither hashes nor holds it
     assert opened == []  # refused from stat, before a byte was read
     assert load_image(photo, max_bytes=photo.stat().st_size).size[0] > 0  # the cap is the caller's to set
     assert len(opened) == 1

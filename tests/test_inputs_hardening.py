@@ -22,13 +22,13 @@ from click.testing import CliRunner
 from PIL import Image, ImageOps
 from test_reference_gallery import errors, geotagged_jpeg, picture, rows
 
-import clue2geo_sdk.image as image_mod
+import clue2geo_sdk.inputs.image as image_mod
 from clue2geo_sdk.cli import main
 from clue2geo_sdk.errors import BundleFormatError, RegionError
-from clue2geo_sdk.image import load_image
-from clue2geo_sdk.metadata import read_metadata
-from clue2geo_sdk.reference_gallery import DB, MANIFEST, VECTORS, PhotoGallery, _Writer, build_gallery
-from clue2geo_sdk.region import Region
+from clue2geo_sdk.geo.region import Region
+from clue2geo_sdk.inputs.image import load_image
+from clue2geo_sdk.inputs.metadata.photo import read_metadata
+from clue2geo_sdk.retrieval.photos import DB, MANIFEST, VECTORS, PhotoGallery, _Writer, build_gallery
 
 # -- item 5: large images ----------------------------------------------------------------------------
 
@@ -44,7 +44,7 @@ im.save(sys.argv[1] + "/big.jpg", quality=90)
 MEASURE = """
 import json, sys, warnings
 warnings.simplefilter("ignore")
-from clue2geo_sdk.image import load_image
+from clue2geo_sdk.inputs.image import load_image
 img = load_image(sys.argv[1])
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"size": img.size, "original_size": getattr(img, "original_size", None), "sha256": img.sha256,
@@ -55,7 +55,7 @@ print(json.dumps({"size": img.size, "original_size": getattr(img, "original_size
 THREE_AT_ONCE = """
 import json, sys, threading, warnings
 warnings.simplefilter("ignore")
-from clue2geo_sdk.image import load_image
+from clue2geo_sdk.inputs.image import load_image
 sizes = []
 threads = [threading.Thread(target=lambda: sizes.append(load_image(sys.argv[1]).size)) for _ in range(3)]
 [t.start() for t in threads]
@@ -261,7 +261,7 @@ def test_a_polygon_area_is_prepared_and_used_once_when_built(monkeypatch: pytest
     area must have had that first query before a Region exists for threads to share."""
     import shapely
 
-    from clue2geo_sdk import region as region_mod
+    from clue2geo_sdk.geo import region as region_mod
 
     region_mod._shape.cache_clear()
     queried: list[object] = []
@@ -308,7 +308,7 @@ def test_an_empty_gallery_is_refused_when_opened(demo_bundle: Path, tmp_path: Pa
     from conftest import FAST
 
     from clue2geo_sdk import Geolocator
-    from clue2geo_sdk.bundle import Bundle
+    from clue2geo_sdk.bundle.manifest import Bundle
 
     out = tmp_path / "empty"
     tower = Bundle.open(demo_bundle, verify=False).component("gpsclip")

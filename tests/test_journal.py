@@ -11,8 +11,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from clue2geo_sdk.audit import CHAIN_FIELDS
-from clue2geo_sdk.batch import (
+from clue2geo_sdk.cli import EXIT_SOME_FAILED, main
+from clue2geo_sdk.geolocator import Geolocator
+from clue2geo_sdk.results import Failure
+from clue2geo_sdk.runs.batch import (
     JournalWarning,
     RecordWriter,
     identity,
@@ -20,8 +22,7 @@ from clue2geo_sdk.batch import (
     read_records,
     run_batch,
 )
-from clue2geo_sdk.cli import EXIT_SOME_FAILED, main
-from clue2geo_sdk.geolocator import Failure, Geolocator
+from clue2geo_sdk.runs.chain import CHAIN_FIELDS
 
 NASTY = [
     "line\u2028separator",

@@ -14,11 +14,11 @@ from click.testing import CliRunner
 from PIL import Image, PngImagePlugin
 from PIL.TiffImagePlugin import IFDRational as R
 
-from clue2geo_sdk.batch import CSV_FIELDS, csv_row, read_journal, run_batch
 from clue2geo_sdk.cli import main
-from clue2geo_sdk.geocode import haversine_km
-from clue2geo_sdk.image import load_image
-from clue2geo_sdk.metadata import read_metadata
+from clue2geo_sdk.geo.reverse import haversine_km
+from clue2geo_sdk.inputs.image import load_image
+from clue2geo_sdk.inputs.metadata.photo import read_metadata
+from clue2geo_sdk.runs.batch import CSV_FIELDS, csv_row, read_journal, run_batch
 
 # Layouts as the cameras write them: byte order, which IFD holds what, how the rationals are formed.
 IPHONE = {  # big-endian; seconds as hundredths; offset and sub-seconds present; west longitude

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clue2geo_sdk.parsing import extract_json, parse_cues, parse_location, to_float, valid_coordinate
+from clue2geo_sdk.pipeline.parsing import extract_json, parse_cues, parse_location, to_float, valid_coordinate
 
 
 def test_paper_style_answer() -> None:

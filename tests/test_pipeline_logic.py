@@ -13,8 +13,8 @@ import pytest
 
 from clue2geo_sdk import Bundle, Geolocator, Options
 from clue2geo_sdk.engines import Generation
-from clue2geo_sdk.geocode import haversine_km
-from clue2geo_sdk.image import load_image
+from clue2geo_sdk.geo.reverse import haversine_km
+from clue2geo_sdk.inputs.image import load_image
 
 PARIS = (48.8584, 2.2945)
 SYDNEY = (-33.8568, 151.2153)

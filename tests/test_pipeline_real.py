@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from clue2geo_sdk import Failure, Geolocator, Prediction
-from clue2geo_sdk.countries import countries
-from clue2geo_sdk.parsing import valid_coordinate
+from clue2geo_sdk.geo.countries import countries
+from clue2geo_sdk.pipeline.parsing import valid_coordinate
 
 
 def test_locate_real_backend(geo: Geolocator, photo: Path) -> None:

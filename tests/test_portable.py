@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from clue2geo_sdk import Bundle, Geolocator
 from clue2geo_sdk.cli import main
-from clue2geo_sdk.doctor import cpu_info, diagnose
+from clue2geo_sdk.cli.doctor import cpu_info, diagnose
 from clue2geo_sdk.engines import base, make_engine
 from clue2geo_sdk.engines.base import amx_possible, portable_model_defaults
 
@@ -178,7 +178,7 @@ def test_doctor_on_an_amx_host_says_off(amx_host) -> None:
 
 def test_doctor_flags_extra_buffer_types_left_on_where_amx_runs(amx_host, monkeypatch) -> None:
     """Were the engines' decision wrong (on, on an AMX host), doctor says so: it is not known-good."""
-    monkeypatch.setattr("clue2geo_sdk.doctor.use_extra_bufts", lambda: True)
+    monkeypatch.setattr("clue2geo_sdk.cli.doctor.use_extra_bufts", lambda: True)
     r = diagnose()
     assert r["known_good"] is False
     assert any("AMX" in p for p in r["problems"])

@@ -23,11 +23,11 @@ from PIL.TiffImagePlugin import IFDRational as R
 
 from clue2geo_sdk import Geolocator
 from clue2geo_sdk._native import usearch_index
-from clue2geo_sdk.bundle import Bundle
+from clue2geo_sdk.bundle.manifest import Bundle
 from clue2geo_sdk.cli import main
 from clue2geo_sdk.errors import BundleFormatError
-from clue2geo_sdk.image import load_image
-from clue2geo_sdk.reference_gallery import (
+from clue2geo_sdk.inputs.image import load_image
+from clue2geo_sdk.retrieval.photos import (
     DB,
     ERRORS,
     INDEX,
@@ -38,7 +38,7 @@ from clue2geo_sdk.reference_gallery import (
     _Writer,
     build_gallery,
 )
-from clue2geo_sdk.retrieval import (
+from clue2geo_sdk.retrieval.search import (
     PHOTO_HNSW_EXPANSION,
     PHOTO_LONE_EXPANSION,
     PHOTO_TWIN_EXPANSION,
@@ -322,7 +322,7 @@ class ArrayGallery(SearchMixin):
         return self.vectors[keys]
 
     def _hit(self, key: int, cosine: float):  # noqa: ANN202
-        from clue2geo_sdk.retrieval import GalleryHit
+        from clue2geo_sdk.retrieval.search import GalleryHit
 
         return GalleryHit(key=key, lat=0.0, lon=0.0, cosine=cosine)
 
@@ -363,7 +363,7 @@ def test_photo_gallery_hnsw_mode_gives_the_exact_answer(built: Path, monkeypatch
     alike) and re-scores its top PHOTO_RERANK from the float16 vectors: on a small gallery that is
     the exact answer, with float16 cosines."""
     exact = PhotoGallery(built)
-    monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 2)
+    monkeypatch.setattr("clue2geo_sdk.retrieval.photos.EXACT_LIMIT", 2)
     hnsw = PhotoGallery(built)
     assert exact.exact and not hnsw.exact and str(hnsw.index.dtype).endswith("I8")
     assert hnsw.scale == pytest.approx(int8_scale(512)) == json.loads((built / MANIFEST).read_text())["index"]["scale"]
@@ -411,8 +411,8 @@ def test_int8_search_path_on_a_gallery_of_thousands(tmp_path: Path, monkeypatch:
         w.add(synthetic_rows(s, s + 500), x[s : s + 500])
     w.finish()
     w.close()
-    monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 100)
-    monkeypatch.setattr("clue2geo_sdk.reference_gallery.SUBSET_BRUTE_FORCE", 100)
+    monkeypatch.setattr("clue2geo_sdk.retrieval.photos.EXACT_LIMIT", 100)
+    monkeypatch.setattr("clue2geo_sdk.retrieval.photos.SUBSET_BRUTE_FORCE", 100)
     g = PhotoGallery(out)
     assert g.int8 and not g.exact and g.subset_limit == 100 and g.rerank < len(g)
     for i in (0, 1234, 2999):  # the query goes in as the rows went in
@@ -445,8 +445,8 @@ def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: py
     """Past PHOTO_TWIN_ABOVE rows the writer keeps a second graph (built from vectors.f16 when the
     gallery grows past it, resumed after a kill), and the reader searches both and re-scores the
     union: a query that one graph strands is still answered by the other."""
-    monkeypatch.setattr("clue2geo_sdk.reference_gallery.PHOTO_TWIN_ABOVE", 1000)
-    monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 100)
+    monkeypatch.setattr("clue2geo_sdk.retrieval.photos.PHOTO_TWIN_ABOVE", 1000)
+    monkeypatch.setattr("clue2geo_sdk.retrieval.photos.EXACT_LIMIT", 100)
     x = clustered(3100, 64, 6)
     out = tmp_path / "g"
     w = _Writer(out, dim=64, image_sha256="test")
@@ -484,7 +484,7 @@ def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: py
     rng = np.random.default_rng(7)
     queries = [x[rng.integers(0, 3000)] + 0.3 * rng.standard_normal(64).astype(np.float32) for _ in range(20)]
     allowed = np.sort(rng.choice(3000, 600, replace=False)).astype(np.int64)
-    monkeypatch.setattr("clue2geo_sdk.reference_gallery.SUBSET_BRUTE_FORCE", 100)
+    monkeypatch.setattr("clue2geo_sdk.retrieval.photos.SUBSET_BRUTE_FORCE", 100)
     for strand in ("neither", "index", "twin", "both, apart"):
         h = PhotoGallery(out)
         if strand in ("index", "twin"):
@@ -522,14 +522,14 @@ def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: py
     assert [g.most_similar(x[i], 1)[0].key for i in (5, 1500, 2999)] == [5, 1500, 2999]
     # A second graph a build under a lower threshold left behind is removed by the next build, and
     # a large gallery with one graph (one from before second graphs) is searched wider.
-    monkeypatch.setattr("clue2geo_sdk.reference_gallery.PHOTO_TWIN_ABOVE", 5000)
+    monkeypatch.setattr("clue2geo_sdk.retrieval.photos.PHOTO_TWIN_ABOVE", 5000)
     w = _Writer(out, dim=64, image_sha256="test")
     w.add(synthetic_rows(3000, 3100), x[3000:])
     w.finish()
     w.close()
     assert not (out / INDEX2).exists() and json.loads((out / MANIFEST).read_text())["index"]["graphs"] == 1
     assert PhotoGallery(out).index.expansion_search == PHOTO_HNSW_EXPANSION
-    monkeypatch.setattr("clue2geo_sdk.reference_gallery.PHOTO_TWIN_ABOVE", 1000)
+    monkeypatch.setattr("clue2geo_sdk.retrieval.photos.PHOTO_TWIN_ABOVE", 1000)
     g = PhotoGallery(out)
     assert g.twin is None and g.index.expansion_search == PHOTO_LONE_EXPANSION
     assert g.most_similar(x[3050], 1)[0].key == 3050
@@ -538,8 +538,8 @@ def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: py
 def test_a_second_graph_is_searched_in_a_forked_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The threads that search second graphs do not survive a fork: a child process (a forking
     server, multiprocessing's default on Linux) must get its own rather than wait forever."""
-    monkeypatch.setattr("clue2geo_sdk.reference_gallery.PHOTO_TWIN_ABOVE", 100)
-    monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 100)
+    monkeypatch.setattr("clue2geo_sdk.retrieval.photos.PHOTO_TWIN_ABOVE", 100)
+    monkeypatch.setattr("clue2geo_sdk.retrieval.photos.EXACT_LIMIT", 100)
     x = clustered(300, 64, 8)
     w = _Writer(tmp_path / "g", dim=64, image_sha256="test")
     w.add(synthetic_rows(0, 300), x)
@@ -572,7 +572,7 @@ def test_a_damaged_index_is_named_and_rebuilt_by_the_next_build(
         PhotoGallery(out)
     summary = build_gallery(photos, demo_bundle, out)  # nothing new to add: the index is rebuilt
     assert (summary.added, summary.count) == (0, 5)
-    monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 2)  # search the index itself
+    monkeypatch.setattr("clue2geo_sdk.retrieval.photos.EXACT_LIMIT", 2)  # search the index itself
     g = PhotoGallery(out)
     assert len(g.index) == 5
     assert [g.most_similar(g.vectors[i].astype(np.float32), 1)[0].key for i in range(5)] == list(range(5))
@@ -620,11 +620,11 @@ def test_a_gallery_with_an_older_float16_index_still_opens_and_is_reindexed_on_t
     they are, and the next build rebuilds the index from vectors.f16 in the current layout."""
     out = tmp_path / "g"
     with monkeypatch.context() as m:
-        m.setattr("clue2geo_sdk.reference_gallery.PHOTO_INDEX_DTYPE", "f16")
+        m.setattr("clue2geo_sdk.retrieval.photos.PHOTO_INDEX_DTYPE", "f16")
         build_gallery(photos, demo_bundle, out)
     old = json.loads((out / MANIFEST).read_text())["index"]
     assert (old["dtype"], old["scale"]) == ("f16", 1.0)
-    monkeypatch.setattr("clue2geo_sdk.reference_gallery.EXACT_LIMIT", 2)  # search the index itself
+    monkeypatch.setattr("clue2geo_sdk.retrieval.photos.EXACT_LIMIT", 2)  # search the index itself
     g = PhotoGallery(out)
     assert not g.int8 and str(g.index.dtype).endswith("F16")
     assert [g.most_similar(g.vectors[i].astype(np.float32), 1)[0].key for i in range(5)] == list(range(5))

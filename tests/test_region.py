@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from conftest import FAST
 
-from clue2geo_sdk.countries import countries
 from clue2geo_sdk.errors import RegionError
-from clue2geo_sdk.geocode import haversine_km
-from clue2geo_sdk.region import Region
-from clue2geo_sdk.stages import within_region
+from clue2geo_sdk.geo.countries import countries
+from clue2geo_sdk.geo.region import Region
+from clue2geo_sdk.geo.reverse import haversine_km
+from clue2geo_sdk.pipeline.stages import within_region
 
 PARIS, LONDON = (48.8566, 2.3522), (51.5074, -0.1278)
 
@@ -89,7 +89,7 @@ def _in_region(region: Region, lat: float, lon: float) -> bool:
 
 
 def test_locate_inside_a_region_the_demo_would_not_answer(geo, photo) -> None:  # noqa: ANN001
-    from clue2geo_sdk.geolocator import Options
+    from clue2geo_sdk.options import Options
 
     free = geo.locate(photo, options=Options(**FAST))
     # A 400 km circle around Reykjavik: the demo's random model answers elsewhere.
@@ -115,7 +115,7 @@ def test_locate_inside_a_region_the_demo_would_not_answer(geo, photo) -> None:  
 
 
 def test_region_with_no_gallery_point_falls_back_to_its_anchor(geo, photo) -> None:  # noqa: ANN001
-    from clue2geo_sdk.geolocator import Options
+    from clue2geo_sdk.options import Options
 
     region = Region.circle(-45.0, -140.0, 30)  # open South Pacific
     assert not len(geo._keys_in(region))
@@ -194,7 +194,7 @@ def test_adjacent_districts_make_one_area(tmp_path) -> None:  # noqa: ANN001
 def test_areas_reload_as_the_same_region(tmp_path) -> None:  # noqa: ANN001
     """A record's region must parse back to an equal Region (same options digest, so --resume and a
     record's own options agree): disjoint parts, holes, altitudes, a band along the map's edge."""
-    from clue2geo_sdk.geolocator import Options
+    from clue2geo_sdk.options import Options
 
     ring = [[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]]
     hole = [[1, 1], [1, 2], [2, 2], [2, 1], [1, 1]]
@@ -251,7 +251,7 @@ def test_a_bad_geojson_area_is_named(tmp_path) -> None:  # noqa: ANN001
     (tmp_path / "odd.geojson").write_text('{"type": "FeatureCollection", "features": 5}')
     refused(f"geojson:{tmp_path / 'odd.geojson'}", "not a list")
     # a record's region is data: a string geometry is refused, never read as a path, nor shown from one
-    from clue2geo_sdk.report import _region_text
+    from clue2geo_sdk.evidence.report.render import _region_text
 
     spec = f"geojson:{tmp_path / 'districts.geojson'}"
     _geojson(tmp_path / "districts.geojson", ELL)

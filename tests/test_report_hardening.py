@@ -27,12 +27,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from clue2geo_sdk.attestation import sign_journal, signature_path
-from clue2geo_sdk.batch import RecordWriter, read_journal, run_batch
+from clue2geo_sdk.bundle.signing import SigningKeyError, generate_keypair
 from clue2geo_sdk.cli import main
+from clue2geo_sdk.evidence.attestation import sign_journal, signature_path
+from clue2geo_sdk.evidence.report.render import render_report, write_report
 from clue2geo_sdk.files import InputFileError
-from clue2geo_sdk.report import render_report, write_report
-from clue2geo_sdk.signing import SigningKeyError, generate_keypair
+from clue2geo_sdk.runs.batch import RecordWriter, read_journal, run_batch
 
 CHROMIUM = Path(os.environ.get("CLUE2GEO_CHROMIUM", "/usr/bin/chromium"))
 

@@ -16,9 +16,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from clue2geo_sdk.attestation import sign_journal
-from clue2geo_sdk.audit import verify_journal
-from clue2geo_sdk.batch import (
+from clue2geo_sdk.bundle.signing import generate_keypair
+from clue2geo_sdk.cli import main
+from clue2geo_sdk.cluster import shards
+from clue2geo_sdk.evidence.attestation import sign_journal
+from clue2geo_sdk.geolocator import Geolocator
+from clue2geo_sdk.runs.batch import (
     RecordWriter,
     ResultsInUseError,
     ResultsPathError,
@@ -27,10 +30,7 @@ from clue2geo_sdk.batch import (
     read_journal,
     run_batch,
 )
-from clue2geo_sdk.cli import main
-from clue2geo_sdk.cluster import shards
-from clue2geo_sdk.geolocator import Geolocator
-from clue2geo_sdk.signing import generate_keypair
+from clue2geo_sdk.runs.chain import verify_journal
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--no-verify", "--device", "cpu", "--max-cue-tokens", "16", "--max-answer-tokens", "16"]
@@ -69,7 +69,7 @@ def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
 HOLDER = """
 import sys
 from pathlib import Path
-from clue2geo_sdk.batch import RecordWriter
+from clue2geo_sdk.runs.batch import RecordWriter
 w = RecordWriter(Path(sys.argv[1]), "jsonl")
 w.write({"path": "held.jpg", "status": "error", "error": "X", "message": "held"})
 print("holding", flush=True)
@@ -237,7 +237,7 @@ def test_a_failed_write_is_cut_back_off_and_named(tmp_path: Path, monkeypatch: p
             real_write(fd, bytes(data[: len(data) // 2]))  # part of the line reaches the disk
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("clue2geo_sdk.batch.os.write", half_then_full)
+    monkeypatch.setattr("clue2geo_sdk.runs.batch.os.write", half_then_full)
     with pytest.raises(ResultsWriteError) as info:
         w.write({"path": "c.jpg", "status": "error", "message": "y" * 500})
     monkeypatch.undo()
@@ -250,7 +250,7 @@ def test_a_failed_write_is_cut_back_off_and_named(tmp_path: Path, monkeypatch: p
 FILL = """
 import resource, signal, sys
 from pathlib import Path
-from clue2geo_sdk.batch import RecordWriter
+from clue2geo_sdk.runs.batch import RecordWriter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, write() fails with EFBIG instead
 out = Path(sys.argv[1])
 limit = out.stat().st_size + 700
@@ -525,7 +525,7 @@ def test_locate_on_a_full_disk_ends_in_one_line_and_resumes(demo_bundle: Path, p
 def test_two_copies_of_one_photo_stay_two_images_when_one_is_edited(tmp_path) -> None:
     """Byte-identical copies a/p.jpg and b/p.jpg, each named "p.jpg" from its own folder: while both
     files exist they are two images, so editing one never supersedes the other's row."""
-    from clue2geo_sdk.batch import latest
+    from clue2geo_sdk.runs.batch import latest
 
     a, b = tmp_path / "a" / "p.jpg", tmp_path / "b" / "p.jpg"
     for f in (a, b):
@@ -549,7 +549,7 @@ def test_results_errors_are_sdk_errors_and_travel_between_processes(tmp_path, ge
     import pickle
 
     from clue2geo_sdk import Clue2GeoError, ResultsExistError, ResultsWriteError
-    from clue2geo_sdk.batch import run_batch
+    from clue2geo_sdk.runs.batch import run_batch
 
     err = ResultsWriteError(tmp_path / "r.jsonl", OSError(errno.ENOSPC, "No space left on device"))
     back = pickle.loads(pickle.dumps(err))

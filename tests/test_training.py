@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 from clue2geo_sdk import Bundle, Geolocator  # noqa: E402
 from clue2geo_sdk.cli import main  # noqa: E402
-from clue2geo_sdk.prompts import CITY_REASON, LOCATE, LOCATE_REASON  # noqa: E402
+from clue2geo_sdk.pipeline.prompts import CITY_REASON, LOCATE, LOCATE_REASON  # noqa: E402
 
 N = 8
 STAGE_TOML = """stage = "{stage}"
@@ -415,8 +415,8 @@ def test_labels_are_exactly_the_answer_and_im_end(base: Path, dataset: Path) -> 
 def test_training_images_get_the_inference_token_budget(
     base: Path, dataset: Path, demo_bundle: Path, trained: Path, tmp_path: Path
 ) -> None:
-    from clue2geo_sdk.image import load_image
-    from clue2geo_sdk.image_tokens import fit_image, image_tokens, smart_size
+    from clue2geo_sdk.engines.image_tokens import fit_image, image_tokens, smart_size
+    from clue2geo_sdk.inputs.image import load_image
     from training.train import encode_example, image_budget, load_processor
 
     budget = Bundle.open(demo_bundle).params("vlm")["image_max_tokens"]
@@ -444,8 +444,8 @@ def test_shipped_configs_take_a_phone_photo(
     writes for a 4032x3024 phone photo at the inference image budget: 12 cues at the cue schema's
     maxima and a teacher chain of REASON_MAX_TOKENS tokens (the RC config's 1024 did not even hold
     the image and the chain; RL's 2048 did not hold the cluemap and the chain)."""
-    from clue2geo_sdk.image_tokens import image_tokens, smart_size
-    from clue2geo_sdk.vlm import CUES_SCHEMA
+    from clue2geo_sdk.engines.ask import CUES_SCHEMA
+    from clue2geo_sdk.engines.image_tokens import image_tokens, smart_size
     from training.config import StageConfig
     from training.dataset import REASON_MAX_TOKENS, build_dataset
     from training.train import encode_example, image_budget, load_processor

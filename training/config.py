@@ -1,7 +1,7 @@
 """One config file per stage (TOML), read into a frozen, typed config; unknown keys are refused.
 
 There is no image-size key: the image-token budget is the one inference uses (the dataset's
-``image_max_tokens``, see ``clue2geo_sdk.image_tokens``), so training cannot drift from it."""
+``image_max_tokens``, see ``clue2geo_sdk.engines.image_tokens``), so training cannot drift from it."""
 
 from __future__ import annotations
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import attrs
 
+from clue2geo_sdk.engines.image_tokens import IMAGE_MAX_TOKENS
 from clue2geo_sdk.errors import ImageLoadError
 from clue2geo_sdk.geolocator import Geolocator
-from clue2geo_sdk.image import load_image
-from clue2geo_sdk.image_tokens import IMAGE_MAX_TOKENS
-from clue2geo_sdk.parsing import valid_coordinate
+from clue2geo_sdk.inputs.image import load_image
+from clue2geo_sdk.pipeline.parsing import valid_coordinate
 from clue2geo_sdk.sanitize import clean_text
 
 from .prompts import REASON_TEMPLATES, place_text

@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from clue2geo_sdk.bundle import Bundle, BundleWriter
-from clue2geo_sdk.image_tokens import IMAGE_MAX_TOKENS
-from clue2geo_sdk.prompts import DEFAULT_PROMPTS
+from clue2geo_sdk.bundle.manifest import Bundle, BundleWriter
+from clue2geo_sdk.engines.image_tokens import IMAGE_MAX_TOKENS
+from clue2geo_sdk.pipeline.prompts import DEFAULT_PROMPTS
 from exporters import vlm_gguf
 from exporters.bundle_builder import build_bundle, vlm_params
 

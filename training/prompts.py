@@ -1,4 +1,4 @@
-# ruff: noqa: E501  (prompt text reads best unwrapped, like clue2geo_sdk/prompts.py)
+# ruff: noqa: E501  (prompt text reads best unwrapped, like clue2geo_sdk/pipeline/prompts.py)
 """The teacher's prompts for reasoning chains (paper §3.2): the true location is stated and the model
 explains which visual cues support it, so the chain argues for the label it is trained with rather
 than for the teacher's own guess. Chains are then reviewed and replaced through a reasons file."""

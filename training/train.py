@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from clue2geo_sdk.bundle import sha256_file
-from clue2geo_sdk.image_tokens import FACTOR, IMAGE_MAX_TOKENS, IMAGE_MIN_TOKENS, fit_image
+from clue2geo_sdk.bundle.manifest import sha256_file
+from clue2geo_sdk.engines.image_tokens import FACTOR, IMAGE_MAX_TOKENS, IMAGE_MIN_TOKENS, fit_image
 from exporters.qwen_vl import write_architectures
 
 from .config import StageConfig
@@ -86,7 +86,7 @@ def encode_example(
     processor: Any, rec: dict[str, Any], *, max_length: int, image_max_tokens: int
 ) -> dict[str, torch.Tensor]:
     """Tokenize one record; labels are -100 except on the answer and its closing <|im_end|>."""
-    from clue2geo_sdk.image import load_image
+    from clue2geo_sdk.inputs.image import load_image
 
     user, assistant = rec["messages"]
     prompt = next(c["text"] for c in user["content"] if c["type"] == "text")

@@ -1,6 +1,6 @@
 """The batch job on Ray Data: list, read and hash on CPU tasks, geolocate on an actor pool, shard.
 
-The pipeline, for inputs listed on the driver (a folder tree through :func:`clue2geo_sdk.batch.discover`,
+The pipeline, for inputs listed on the driver (a folder tree through :func:`clue2geo_sdk.inputs.discover.discover`,
 the single-machine rules) or read by Ray Data (a Parquet/CSV manifest with a ``path`` column)::
 
     paths --map_batches(read_and_hash, CPU tasks)--> bytes, sha256, skip?
@@ -9,14 +9,14 @@ the single-machine rules) or read by Ray Data (a Parquet/CSV manifest with a ``p
 
 Each actor builds one :class:`~clue2geo_sdk.Geolocator` in ``__init__`` (bundle checked once per node,
 :mod:`.nodecheck`) and runs each batch through ``geo.map_in_flight``, so ``in_flight`` images share the
-engine's batches. Records are made by :func:`clue2geo_sdk.batch.record_of` with the same identity,
+engine's batches. Records are made by :func:`clue2geo_sdk.runs.batch.record_of` with the same identity,
 so they are the single-machine CLI's records. Only the driver writes, so the output folder need not
 be shared; the inputs, the bundle and a photo gallery (``gallery=``) must be readable at the same
 paths on every node. The driver reads only the gallery's manifest; each actor opens the gallery, whose
 manifest must be the driver's byte for byte and whose rows must have the digest it promises.
 
 Exactly once: resuming sends the images whose latest record has this run's identity (an
-:class:`~clue2geo_sdk.batch.ImageIndex` of path, absolute path and sha256) to the read tasks, which
+:class:`~clue2geo_sdk.runs.batch.ImageIndex` of path, absolute path and sha256) to the read tasks, which
 skip them after hashing; a task retried after its actor died may return a record twice, and the driver
 writes one record per (path, image_sha256, bundle_digest, options_digest) key; the merge takes one
 record per image. A bad image is an error record, as on one machine. One driver per output folder:
@@ -42,16 +42,20 @@ import numpy as np
 import ray
 import ray.data
 
-from ..batch import (
+from ..bundle.manifest import Bundle
+from ..errors import BundleFormatError, BundleIntegrityError, Clue2GeoError
+from ..inputs.discover import discover, read_input_bytes, sha256_of
+from ..options import Options
+from ..results import Failure
+from ..retrieval.photos import MANIFEST as GALLERY_MANIFEST
+from ..retrieval.photos import check_image_tower, read_manifest
+from ..runs.batch import (
     IDENTITY_FIELDS,
     BatchSummary,
     ImageIndex,
     ResultsExistError,
     ResultsWriteError,
-    _read_bytes,
-    _sha256,
     absolute,
-    discover,
     identity,
     identity_of,
     record_of,
@@ -61,11 +65,6 @@ from ..batch import (
     write_csv,
     write_geojson,
 )
-from ..bundle import Bundle
-from ..errors import BundleFormatError, BundleIntegrityError, Clue2GeoError
-from ..geolocator import Failure, Options
-from ..reference_gallery import MANIFEST as GALLERY_MANIFEST
-from ..reference_gallery import check_image_tower, read_manifest
 from . import shards
 from .nodecheck import verify_once
 
@@ -163,8 +162,8 @@ def read_and_hash(batch: dict[str, np.ndarray], *, done_ref: list[Any], base: st
     files, shas, readable, skip, data = [], [], [], [], []
     for path in paths:
         file = os.path.abspath(path if os.path.isabs(path) else os.path.join(base, path))
-        raw = _read_bytes(Path(file))
-        sha = _sha256(raw)
+        raw = read_input_bytes(Path(file))
+        sha = sha256_of(raw)
         g = done.find(path, file, sha)
         skipped = g is not None and done.records[g]["done"] and done.records[g]["image_sha256"] == sha
         files.append(file)

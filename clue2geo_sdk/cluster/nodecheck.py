@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..bundle import Bundle
+from ..bundle.manifest import Bundle
 from ..errors import BundleIntegrityError
 
 MARKER_DIR = "clue2geo-verified"

@@ -1,7 +1,7 @@
 """Result shards of a cluster run and their merge. Reading needs no Ray; sealing writes Parquet (pyarrow).
 
 A run folder ``DIR`` holds ``DIR/shards/part-<seq>-<run>.jsonl``: the same records, one JSON object
-per line, as the single-machine journal (:mod:`clue2geo_sdk.batch`), appended and fsynced by the
+per line, as the single-machine journal (:mod:`clue2geo_sdk.runs.batch`), appended and fsynced by the
 driver as results arrive, so a driver stopped at any moment loses nothing. A shard is *sealed* when
 full (or at the end of the run): its Parquet twin ``part-<seq>-<run>.parquet`` is written beside it
 (atomically), with the key columns and the whole record as JSON. The JSONL shards are the truth; a
@@ -14,11 +14,11 @@ One driver per folder: it holds an advisory lock on ``DIR`` for the whole run (:
 a second one is refused.
 
 Merging takes every shard in name order, then the latest record per path (a rerun supersedes, as in
-:func:`clue2geo_sdk.batch.latest`), sorted by path: one record per input. A record that a retried
+:func:`clue2geo_sdk.runs.batch.latest`), sorted by path: one record per input. A record that a retried
 task made twice carries the same (path, image_sha256, bundle_digest, options_digest) key and the
 driver writes it once; the merge would keep one of them even if both were written.
 
-Chain of custody (:mod:`clue2geo_sdk.audit`): the driver is the only writer, so the records of all the
+Chain of custody (:mod:`clue2geo_sdk.runs.chain`): the driver is the only writer, so the records of all the
 shards of a folder, in name order, form one hash chain, as a single-machine journal does; a resumed
 run continues it. :func:`verify_run` checks it (``clue2geo audit verify DIR``). A merged file is a new
 journal (one record per input, sorted), chained afresh from the genesis.
@@ -36,8 +36,7 @@ from typing import Any
 
 import attrs
 
-from ..audit import GENESIS, AuditResult, chain, last_link, verify_journal
-from ..batch import (
+from ..runs.batch import (
     Format,
     Journal,
     ResultsWriteError,
@@ -49,6 +48,7 @@ from ..batch import (
     write_csv,
     write_geojson,
 )
+from ..runs.chain import GENESIS, AuditResult, chain, last_link, verify_journal
 
 SHARDS = "shards"
 MERGED = "results.jsonl"
@@ -106,8 +106,8 @@ def shard_files(out: Path) -> list[Path]:
 
 
 def lock_run(out: Path) -> int:
-    """Create the run folder ``out`` if need be and take its lock (:func:`clue2geo_sdk.batch.lock_results`):
-    a descriptor to close when the run ends; :class:`~clue2geo_sdk.batch.ResultsInUseError` when another
+    """Create the run folder ``out`` if need be and take its lock (:func:`clue2geo_sdk.runs.batch.lock_results`):
+    a descriptor to close when the run ends; :class:`~clue2geo_sdk.runs.batch.ResultsInUseError` when another
     driver holds it."""
     out = Path(out)
     try:
@@ -138,7 +138,7 @@ def read_shards(out: Path, *, repair: bool = False) -> Journal:
 
 
 def merge(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One record per input: the latest per image (:func:`clue2geo_sdk.batch.latest`), sorted by path
+    """One record per input: the latest per image (:func:`clue2geo_sdk.runs.batch.latest`), sorted by path
     (deterministic whatever the order in which the cluster finished them)."""
     return sorted(latest(records).values(), key=lambda r: (str(r.get("path")), str(r.get("abs_path"))))
 
@@ -286,7 +286,7 @@ class ShardWriter:
 
     def _flush(self, lines: list[bytes]) -> None:
         """Append ``lines`` to the open shard and fsync; a failed write (a full disk) is cut back off
-        the shard and raises :class:`~clue2geo_sdk.batch.ResultsWriteError`."""
+        the shard and raises :class:`~clue2geo_sdk.runs.batch.ResultsWriteError`."""
         if lines and self._fh is not None:
             append_durably(self._fh.fileno(), b"".join(lines), Path(self._fh.name))
         lines.clear()

@@ -17,7 +17,7 @@ import attrs
 
 from .._native import llama_cpp_module
 from ..errors import Clue2GeoError, MissingExtraError
-from ..image import LoadedImage
+from ..inputs.image import LoadedImage
 
 # The system turn Qwen2.5-VL's chat template adds when none is given (llama-cpp-python's
 # Qwen25VLChatHandler and the model's own template agree); training uses the same text.

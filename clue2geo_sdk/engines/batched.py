@@ -50,8 +50,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from ..image import LoadedImage
-from ..image_tokens import IMAGE_MAX_TOKENS, fit_image
+from ..inputs.image import LoadedImage
 from .base import (
     SYSTEM_PROMPT,
     EngineStats,
@@ -63,6 +62,7 @@ from .base import (
     model_params,
 )
 from .grammar import CheckFirstGrammar, GrammarError, GrammarFactory, build_tokenizer
+from .image_tokens import IMAGE_MAX_TOKENS, fit_image
 
 SEQS_PER_IMAGE = 6  # the prefix + the paper's 5 prompts, one sample each
 MAX_SEQUENCES = 256  # llama.cpp's limit on n_seq_max

@@ -17,9 +17,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from ..image import LoadedImage
-from ..image_tokens import IMAGE_MAX_TOKENS, fit_image
+from ..inputs.image import LoadedImage
 from .base import EngineStats, Generation, ImageSession, VLMError, load_llama_cpp, portable_model_defaults
+from .image_tokens import IMAGE_MAX_TOKENS, fit_image
 
 
 class ChatSession(ImageSession):

@@ -1,0 +1,1 @@
+"""The bundle on disk: its manifest (open, verify, write) and its Ed25519 signatures."""

@@ -1,0 +1,1 @@
+"""What an examiner checks: journal signatures (attestation) and the HTML case report."""

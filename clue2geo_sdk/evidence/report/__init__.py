@@ -1,0 +1,1 @@
+"""The case report: one offline HTML file (render, sections, figures, custody, style)."""

@@ -1,0 +1,1 @@
+"""Geography: great-circle distance, Natural Earth countries, regions, offline reverse geocoding."""

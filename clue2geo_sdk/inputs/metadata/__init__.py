@@ -1,0 +1,1 @@
+"""A photo's own metadata: TIFF/EXIF, XMP and the containers that hold them."""

@@ -1,0 +1,1 @@
+"""The Clue2Geo pipeline for one image: its phases, stages, cluemap, prompts, parsing, selection."""

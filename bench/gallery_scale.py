@@ -9,7 +9,7 @@ second graph is searched beside the first).
     python bench/gallery_scale.py --size 1000000 --index-dir /tmp/ret/idx1m --out /tmp/ret/g1m
 
 Above ``PHOTO_TWIN_ABOVE`` rows the gallery's second graph (``index2.usearch``) is built by the
-product's own writer (``_Writer``, from ``vectors.f16``; about as long as the first graph took)
+product's own writer (``GalleryWriter``, from ``vectors.f16``; about as long as the first graph took)
 unless the folder already has it. ``--ef`` measures other expansions than the product's.
 
 Embedding photos is not part of this (``clue2geo gallery build`` does that, ~20 photos/s on CPU
@@ -32,17 +32,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from retrieval import K, PlacesWorld, World, bundle_gallery, streamed_truth  # noqa: E402
 
 from clue2geo_sdk.retrieval import search as retrieval  # noqa: E402
+from clue2geo_sdk.retrieval.photo_writer import GalleryWriter, write_manifest  # noqa: E402
 from clue2geo_sdk.retrieval.photos import (  # noqa: E402
     DB,
     INDEX,
     INDEX2,
-    MANIFEST,
     SCHEMA,
     VECTORS,
     PhotoGallery,
-    _Writer,
-    write_manifest,
 )
+from clue2geo_sdk.retrieval.photos import GALLERY_MANIFEST_FILE as MANIFEST  # noqa: E402
 
 
 def assemble(world: str, n: int, index_dir: Path, out: Path) -> None:
@@ -91,7 +90,7 @@ def main() -> None:
     if args.size > retrieval.PHOTO_TWIN_ABOVE and not (args.out / INDEX2).is_file():
         t0 = time.perf_counter()
         dim = json.loads((args.out / MANIFEST).read_text())["dim"]
-        w = _Writer(args.out, dim=dim, image_sha256="synthetic")  # builds the second graph
+        w = GalleryWriter(args.out, dim=dim, image_sha256="synthetic")  # builds the second graph
         w.finish()
         w.close()
         print(json.dumps({"second_graph_build_s": round(time.perf_counter() - t0, 1)}), flush=True)

@@ -13,6 +13,7 @@ from .bundle.manifest import Bundle
 from .bundle.signing import BundleSignatureError, SigningKeyError
 from .engines.base import VLMError
 from .engines.gguf_header import GGUFHeaderError
+from .engines.memory import MemoryNeed, memory_need
 from .errors import (
     BundleExistsError,
     BundleFormatError,
@@ -32,18 +33,18 @@ from .errors import (
 from .evidence.attestation import ResultsSignatureError
 from .files import InputFileError
 from .geo.region import Region
-from .geolocator import Geolocator, MemoryNeed, memory_need
+from .geolocator import Geolocator
 from .options import Options
 from .results import Candidate, Failure, Prediction
-from .retrieval.photos import GalleryBuildError
-from .runs.batch import ResultsExistError, ResultsInUseError, ResultsPathError, ResultsWriteError
+from .retrieval.sources import GalleryBuildError
+from .runs.journal import ResultsExistError, ResultsInUseError, ResultsPathError, ResultsWriteError
 
 
 def __getattr__(name: str) -> Any:
     """``ClusterJobError`` lives with the cluster driver, which needs the ``cluster`` extra (ray):
     imported on first use, so ``import clue2geo_sdk`` never needs ray."""
     if name == "ClusterJobError":
-        from .cluster.job import ClusterJobError
+        from .cluster.plan import ClusterJobError  # optional extra: the cluster driver needs ray
 
         return ClusterJobError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

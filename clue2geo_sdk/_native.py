@@ -7,6 +7,10 @@ segfaulted, text or image, whatever the build flags, until the system libstdc++ 
 (measured: 8 of 8 loads crashed without it, 0 of 6 with it). Loading the system libstdc++ with
 RTLD_GLOBAL before either library is first imported avoids both. Done lazily, at first use; a
 program that imports usearch or llama_cpp itself before clue2geo should preload libstdc++ too.
+
+Every native library the runtime uses is first imported here, at first use: the load order stays the
+one above whatever the caller touches first, and ``import clue2geo_sdk`` / ``clue2geo --help`` do not pay
+for shapely, DuckDB or llama.cpp (~0.25 s for shapely and DuckDB alone) when a command needs none.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def _preload_libstdcxx() -> None:
 def llama_cpp_module() -> Any:
     """The ``llama_cpp`` package, imported safely (see above)."""
     _preload_libstdcxx()
-    import llama_cpp
+    import llama_cpp  # native: after libstdc++ (module docstring)
 
     return llama_cpp
 
@@ -37,6 +41,40 @@ def llama_cpp_module() -> Any:
 def usearch_index() -> Any:
     """The ``usearch.index`` module, imported safely."""
     _preload_libstdcxx()
-    import usearch.index
+    import usearch.index  # native: after libstdc++ (module docstring)
 
     return usearch.index
+
+
+def shapely_module() -> Any:
+    """The ``shapely`` package (GEOS), imported on first use (module docstring)."""
+    _preload_libstdcxx()
+    import shapely  # native: after libstdc++, not at import (module docstring)
+    import shapely.geometry  # native: loaded with shapely
+
+    return shapely
+
+
+def duckdb_module() -> Any:
+    """The ``duckdb`` package, imported on first use (module docstring)."""
+    _preload_libstdcxx()
+    import duckdb  # native: after libstdc++, not at import (module docstring)
+
+    return duckdb
+
+
+def onnxruntime_module() -> Any:
+    """The ``onnxruntime`` package, imported on first use (module docstring: never after usearch)."""
+    _preload_libstdcxx()
+    import onnxruntime  # native: after libstdc++, not at import (module docstring)
+
+    return onnxruntime
+
+
+def llguidance_module() -> Any:
+    """The ``llguidance`` package with its llama.cpp tokenizer bridge, imported on first use."""
+    _preload_libstdcxx()
+    import llguidance  # native: after libstdc++, not at import (module docstring)
+    import llguidance.llamacpp  # native: loaded with llguidance
+
+    return llguidance

@@ -1,58 +1,43 @@
 """``Geolocator``: the Clue2Geo pipeline over one bundle (DESIGN §3).
 
-image -> GPSCLIP + retrieval (USearch) -> 3 RAG prompts (VLM) ----------------+
-      -> cues (VLM) -> cluemap (CLIP + SBERT) -> direct prompt (VLM) ----------+-> selection -> result
-
-The stages live in :mod:`clue2geo_sdk.pipeline.stages`; ``Geolocator`` schedules them by dependency so the
-VLM engine always has every prompt it could be working on. Thread-safety: one ``Geolocator`` may
-be shared by threads; encoders and the gallery are read-only, and the batched engine decodes the
-prompts of every thread's images together.
+It loads the bundle's parts once (the VLM engine, the ONNX encoders, the gallery, the geocoders) and
+runs :func:`~clue2geo_sdk.pipeline.run.locate_image` on them for each image. Thread-safety: one
+``Geolocator`` may be shared by threads; encoders and the gallery are read-only, and the batched
+engine decodes the prompts of every thread's images together.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import math
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import attrs
 import numpy as np
 
-from ._native import llama_cpp_module
 from .bundle.manifest import Bundle
 from .engines import ENGINES, EngineName, make_engine
-from .engines import base as engines_base
-from .engines.ask import Constrain, PendingAnswer, VisionLanguageModel
-from .engines.encoders import ClipEncoder, Device, GpsClipEncoder, SbertEncoder, providers_for
+from .engines.ask import VisionLanguageModel
+from .engines.encoders import ClipEncoder, Device, GpsClipEncoder, SbertEncoder, device_providers
 from .engines.image_tokens import IMAGE_MAX_TOKENS
-from .errors import (
-    BundleFormatError,
-    Clue2GeoError,
-    DeviceError,
-    ImageLoadError,
-    InsufficientMemoryError,
-    InvalidArgumentError,
-    OptionsError,
-)
+from .engines.memory import check_memory
+from .engines.settings import N_CTX_DEFAULT, vlm_int, vlm_temperature, whole_number
+from .errors import Clue2GeoError, ImageLoadError, InvalidArgumentError, OptionsError
 from .geo.countries import countries
 from .geo.region import Region
 from .geo.reverse import ReverseGeocoder
 from .inputs.image import ImageInput, LoadedImage, load_image
-from .inputs.metadata.photo import read_metadata
 from .options import Options
 from .pipeline import stages
-from .pipeline.answers import rank_answers
 from .pipeline.cluemap import Cluemap
 from .pipeline.prompts import resolve
-from .pipeline.selection import similarity, spread_km
+from .pipeline.run import Parts, locate_image
 from .results import Failure, Prediction
-from .retrieval.search import Gallery
+from .retrieval.coordinates import CoordinateGallery
+from .retrieval.photos import PhotoGallery
 
 REGION_CACHE = 32
 T = TypeVar("T")
@@ -86,36 +71,26 @@ class Geolocator:
         self.clip = ClipEncoder(files["clip"], bundle.params("clip"), providers)
         self.gpsclip = GpsClipEncoder(files["gpsclip"], bundle.params("gpsclip"), providers)
         self.sbert = SbertEncoder(files["sbert"], bundle.params("sbert"), providers)
-        from .retrieval.photos import PhotoGallery
-
-        self.gallery: Gallery | PhotoGallery
-        if gallery is None:
-            gparams = bundle.params("gallery")
-            self.gallery = Gallery(
-                files["gallery"]["index"],
-                files["metadata"]["db"],
-                dim=int(gparams["dim"]),
-                encoder_sha256=str(gparams["encoder_sha256"]),
-                location_sha256=bundle.component("gpsclip").files["location"].sha256,
-                digest=bundle.component("gallery").files["index"].sha256,
-            )
-        else:  # the analyst's reference photos: image -> image retrieval
-            self.gallery = PhotoGallery(gallery, image_sha256=bundle.component("gpsclip").files["image"].sha256)
+        self.gallery = _open_gallery(bundle, files, gallery)
         self.geocoder = ReverseGeocoder(files["metadata"]["db"])
         self.countries = countries()
         self._region_keys: dict[Region, Any] = {}
         self._region_lock = threading.Lock()
         self.prompts = resolve(bundle.params("vlm").get("prompts"))
-        grid = bundle.params("clip").get("patch_grid", [3, 3])
-        if not (
-            isinstance(grid, list | tuple)
-            and len(grid) == 2
-            and all(isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= 16 for g in grid)
-        ):
-            raise BundleFormatError(
-                f"bundle {bundle.name!r}: clip.params.patch_grid={grid!r} must be two whole numbers from 1 to 16"
-            )
-        self.grid = (int(grid[0]), int(grid[1]))
+        self.grid = _patch_grid(bundle)
+        self._parts = Parts(
+            vlm=vlm,
+            clip=self.clip,
+            gpsclip=self.gpsclip,
+            sbert=self.sbert,
+            gallery=self.gallery,
+            geocoder=self.geocoder,
+            countries=self.countries,
+            prompts=self.prompts,
+            grid=self.grid,
+            bundle_name=bundle.name,
+            keys_in=self._keys_in,
+        )
         self._calls = threading.Condition()
         self._running = 0
         self._closing = False
@@ -158,24 +133,15 @@ class Geolocator:
             device=device,
             n_gpu_layers=n_gpu_layers,
         )
-        try:
-            vlm = make_engine(
-                engine,
-                bundle.file("vlm", "model"),
-                bundle.file("vlm", "mmproj"),
-                max_images=max_in_flight,
-                ctx_per_image=vlm_int(bundle, "n_ctx", N_CTX_DEFAULT),
-                samples_per_prompt=opts.samples_per_prompt,
-                n_gpu_layers=n_gpu_layers,
-                n_threads=n_threads,
-                image_max_tokens=vlm_int(bundle, "image_max_tokens", IMAGE_MAX_TOKENS),
-                temperature=_bundle_temperature(bundle),
-                verbose=verbose,
-            )
-        except Clue2GeoError:
-            raise
-        except (TypeError, ValueError) as exc:  # e.g. a setting the engine refuses: said as a load error
-            raise InvalidArgumentError(f"cannot load the VLM of bundle {bundle.name!r}: {exc}") from exc
+        vlm = _make_vlm(
+            bundle,
+            engine,
+            max_in_flight=max_in_flight,
+            samples_per_prompt=opts.samples_per_prompt,
+            n_gpu_layers=n_gpu_layers,
+            n_threads=n_threads,
+            verbose=verbose,
+        )
         try:
             return cls(bundle, vlm, device=device, options=opts, max_in_flight=max_in_flight, gallery=gallery)
         except BaseException:  # e.g. a refused gallery: the engine's thread and memory go with it
@@ -248,7 +214,7 @@ class Geolocator:
         loaded defaults for this call only (shared state is never changed, so threads may differ)."""
         opts = self._options(options)
         with self._call():
-            return self._locate(_load(image, name), opts)
+            return locate_image(self._parts, _load(image, name), opts)
 
     def _options(self, options: Options | Mapping[str, Any] | None) -> Options:
         """The options of one call: the loaded ones, an :class:`Options`, or a mapping of its fields."""
@@ -259,135 +225,6 @@ class Geolocator:
         if isinstance(options, Mapping):
             return Options(**{str(k): v for k, v in options.items()})
         raise OptionsError(f"options={options!r}: must be an Options, a mapping of option names, or None")
-
-    def _locate(self, img: LoadedImage, opts: Options) -> Prediction:
-        timings: dict[str, float] = {}
-        raw: dict[str, Any] = {}
-        t0 = t = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal t
-            now = time.perf_counter()
-            timings[stage] = round(now - t, 4)
-            t = now
-
-        with self.vlm.open(img) as session:  # the engine starts encoding the image now
-            pending_cues = None
-            if opts.use_cluemap:
-                pending_cues = stages.submit_cues(
-                    session, self.prompts["cues"], max_tokens=opts.max_cue_tokens, constrain=opts.constrain
-                )
-            image_emb = self.gpsclip.encode_images([img.image])[0]
-            lap("gpsclip_image")
-            region = opts.region
-            refs = stages.retrieve(
-                self.gallery,
-                image_emb,
-                opts.references if opts.use_refinement else (),
-                allowed=self._keys_in(region) if region else None,
-            )
-            lap("retrieval")
-
-            def locate_prompt(prompt: str) -> list[PendingAnswer]:
-                return stages.submit_location(
-                    session,
-                    stages.within_region(prompt, region),
-                    samples=opts.samples_per_prompt,
-                    temperature=opts.sample_temperature,
-                    max_tokens=opts.max_answer_tokens,
-                    constrain=opts.constrain,
-                )
-
-            # The RAG prompts need only the image and the references: they run beside cue extraction.
-            # A region holding no gallery point leaves none to show, so they are not asked.
-            pending_rag = (
-                {f"rag{k}": locate_prompt(stages.rag_prompt(self.prompts["rag"], refs, k)) for k in opts.references}
-                if opts.use_refinement and refs.similar
-                else {}
-            )
-            cluemap: Cluemap | None = None
-            if pending_cues is not None:
-                cues = stages.finish_cues(pending_cues)
-                raw["cues"] = [stages.generation_dict(g) for g in cues.generations]
-                cues_status = cues.status
-                lap("cues")
-                cluemap = stages.make_cluemap(
-                    img, cues.items, clip=self.clip, sbert=self.sbert, grid=self.grid, alpha=opts.alpha
-                )
-                lap("cluemap")
-                direct = locate_prompt(self.prompts["locate"].format(cluemap=cluemap.render()))
-            else:
-                cues_status = "skipped"
-                direct = locate_prompt(self.prompts["locate_no_cluemap"])
-            proposals = stages.finish_location("direct", direct, raw)
-            lap("direct")
-            for source, pending in pending_rag.items():
-                proposals += stages.finish_location(source, pending, raw)
-            lap("rag")
-        nearest = refs.similar[0] if refs.similar else stages.region_anchor(region)  # type: ignore[arg-type]
-        chosen = stages.choose(
-            proposals,
-            image_emb,
-            self.gpsclip,
-            nearest,
-            add_nearest=opts.nearest_neighbour_candidate,
-            region=region,
-        )
-        win = chosen.candidates[chosen.best]
-        # Gallery hits are GPSCLIP image-location cosines, on the candidates' scale; a photo gallery's
-        # image-image cosines are not, so they stay out of the softmax.
-        weighed = refs.similar if self.gallery.kind == "coordinates" else ()
-        answers = rank_answers(chosen.candidates, references=weighed)
-        # A softmax over one point says nothing: a lone candidate with no references has no confidence.
-        if len(chosen.candidates) + len(weighed) <= 1:
-            answers = tuple(attrs.evolve(a, confidence=None) for a in answers)
-        lap("selection")
-        # The country by its real borders; the city and admin1 from the nearest GeoNames place inside it.
-        code = self.countries.code_at(win.lat, win.lon)
-        place = self.geocoder.lookup(win.lat, win.lon, country_code=code)
-        same_country = code is not None and place.country_code == code  # else no city rather than a foreign one
-        lap("reverse_geocode")
-        meta = read_metadata(img)  # beside the prediction, never used by it (metadata can be forged)
-        timings["total"] = round(time.perf_counter() - t0, 4)
-        others = [(c.lat, c.lon) for i, c in enumerate(chosen.candidates) if i != chosen.best]
-        return Prediction(
-            lat=win.lat,
-            lon=win.lon,
-            country=(place.country if same_country else self.countries.get(code).name) if code else None,
-            country_code=code,
-            admin1=(place.admin1 or None) if same_country else None,
-            city=(place.city or None) if same_country else None,
-            landmark=win.landmark,
-            model_country=win.country,
-            model_city=win.city,
-            confidence=answers[0].confidence,
-            similarity=similarity(win.score),
-            spread_km=spread_km(win.lat, win.lon, others),
-            source=win.source,
-            fallback=chosen.fallback,
-            candidates=chosen.candidates,
-            invalid_candidates=chosen.invalid,
-            cues=cluemap.cues if cluemap else (),
-            cluemap=cluemap.to_dict() if cluemap else None,
-            raw_outputs=raw,
-            timings=timings,
-            image_sha256=img.sha256,
-            image=img.source,
-            bundle=self.bundle.name,
-            options=opts.to_dict(),
-            cues_status=cues_status,
-            metadata=meta.to_dict(),
-            metadata_distance_km=meta.distance_km(win.lat, win.lon),
-            region=region.to_dict() if region else None,
-            outside_region=chosen.outside_region,
-            answers=answers,
-            references={
-                "gallery": self.gallery.kind,
-                "gallery_digest": self.gallery.digest,
-                "similar": [h.to_dict() for h in refs.similar],
-                "dissimilar": [h.to_dict() for h in refs.dissimilar],
-            },
-        )
 
     def _keys_in(self, region: Region) -> Any:
         """Gallery keys inside ``region`` (sorted), kept for the last ``REGION_CACHE`` regions used."""
@@ -412,7 +249,7 @@ class Geolocator:
         """Geolocate many inputs, up to ``in_flight`` (default ``max_in_flight``) at once, results in
         input order; a bad input yields a :class:`Failure`, never an exception."""
         opts = self._options(options)  # a bad option is the caller's error, not every image's failure
-        if in_flight is not None and (not _whole(in_flight) or in_flight < 1):
+        if in_flight is not None and (not whole_number(in_flight) or in_flight < 1):
             raise InvalidArgumentError(f"in_flight={in_flight!r}: must be a whole number, at least 1 (or None)")
         gen = self.map_in_flight(lambda img: self.try_locate(img, options=opts), images, in_flight=in_flight)
         return gen if stream else list(gen)
@@ -444,6 +281,60 @@ class Geolocator:
             return Failure(image=name, error=type(exc).__name__, message=str(exc) or repr(exc))
 
 
+def _open_gallery(
+    bundle: Bundle, files: Mapping[str, Mapping[str, Path]], gallery: str | Path | None
+) -> CoordinateGallery | PhotoGallery:
+    """The bundle's coordinate gallery, or the analyst's reference photos (image -> image retrieval)."""
+    if gallery is not None:
+        return PhotoGallery(gallery, image_sha256=bundle.component("gpsclip").files["image"].sha256)
+    gparams = bundle.params("gallery")
+    return CoordinateGallery(
+        files["gallery"]["index"],
+        files["metadata"]["db"],
+        dim=int(gparams["dim"]),
+        encoder_sha256=str(gparams["encoder_sha256"]),
+        location_sha256=bundle.component("gpsclip").files["location"].sha256,
+        digest=bundle.component("gallery").files["index"].sha256,
+    )
+
+
+def _patch_grid(bundle: Bundle) -> tuple[int, int]:
+    """The cluemap's patch grid (rows, columns) from the bundle's CLIP settings (checked by ``Bundle.open``)."""
+    rows, cols = bundle.params("clip").get("patch_grid", [3, 3])
+    return (int(rows), int(cols))
+
+
+def _make_vlm(
+    bundle: Bundle,
+    engine: EngineName,
+    *,
+    max_in_flight: int,
+    samples_per_prompt: int,
+    n_gpu_layers: int,
+    n_threads: int | None,
+    verbose: bool,
+) -> VisionLanguageModel:
+    """The bundle's VLM on the named engine, with the bundle's context, image budget and temperature."""
+    try:
+        return make_engine(
+            engine,
+            bundle.file("vlm", "model"),
+            bundle.file("vlm", "mmproj"),
+            max_images=max_in_flight,
+            ctx_per_image=vlm_int(bundle, "n_ctx", N_CTX_DEFAULT),
+            samples_per_prompt=samples_per_prompt,
+            n_gpu_layers=n_gpu_layers,
+            n_threads=n_threads,
+            image_max_tokens=vlm_int(bundle, "image_max_tokens", IMAGE_MAX_TOKENS),
+            temperature=vlm_temperature(bundle),
+            verbose=verbose,
+        )
+    except Clue2GeoError:
+        raise
+    except (TypeError, ValueError) as exc:  # e.g. a setting the engine refuses: said as a load error
+        raise InvalidArgumentError(f"cannot load the VLM of bundle {bundle.name!r}: {exc}") from exc
+
+
 def _load(image: Any, name: Any) -> LoadedImage:
     """:func:`load_image`, with any builtin error it lets through said as an :class:`ImageLoadError`
     naming the input (a public call raises only Clue2GeoError subclasses)."""
@@ -458,16 +349,7 @@ def _load(image: Any, name: Any) -> LoadedImage:
         raise ImageLoadError(f"{what}: cannot be read as an image ({type(exc).__name__}: {exc})") from exc
 
 
-# -- load-time checks -------------------------------------------------------------------------------
-
 DEVICES = ("auto", "cpu", "cuda")
-N_CTX_DEFAULT = 4096
-N_UBATCH = 512  # the engines' micro-batch (llama.cpp's default): sizes the compute buffers
-GiB = 2**30
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _check_load_args(device: Any, engine: Any, max_in_flight: Any, n_gpu_layers: Any, n_threads: Any) -> None:
@@ -476,252 +358,14 @@ def _check_load_args(device: Any, engine: Any, max_in_flight: Any, n_gpu_layers:
         raise InvalidArgumentError(f"device={device!r}: must be one of {', '.join(DEVICES)}")
     if engine not in ENGINES:
         raise InvalidArgumentError(f"engine={engine!r}: must be one of {', '.join(ENGINES)}")
-    if not _whole(max_in_flight) or max_in_flight < 1:
+    if not whole_number(max_in_flight) or max_in_flight < 1:
         raise InvalidArgumentError(f"max_in_flight={max_in_flight!r}: must be a whole number, at least 1")
-    if n_gpu_layers is not None and (not _whole(n_gpu_layers) or n_gpu_layers < -1):
+    if n_gpu_layers is not None and (not whole_number(n_gpu_layers) or n_gpu_layers < -1):
         raise InvalidArgumentError(
             f"n_gpu_layers={n_gpu_layers!r}: must be a whole number: -1 (all), 0 (none) or a layer count"
         )
-    if n_threads is not None and (not _whole(n_threads) or n_threads < 1):
+    if n_threads is not None and (not whole_number(n_threads) or n_threads < 1):
         raise InvalidArgumentError(f"n_threads={n_threads!r}: must be a whole number, at least 1 (or None)")
 
 
-def device_providers(device: Device) -> list[str]:
-    """onnxruntime providers for ``device``; an unusable device is a :class:`DeviceError`."""
-    try:
-        return providers_for(device)
-    except Clue2GeoError:
-        raise
-    except RuntimeError as exc:
-        raise DeviceError(str(exc)) from None
-
-
-def vlm_int(bundle: Bundle, key: str, default: int, *, low: int = 1) -> int:
-    """A whole-number VLM setting of the bundle's manifest, refused by name when it is not one."""
-    value = bundle.params("vlm").get(key)
-    if value is None:
-        return default
-    if not _whole(value) or value < low:
-        raise BundleFormatError(
-            f"bundle {bundle.name!r}: vlm.params.{key}={value!r} must be a whole number, at least {low}; "
-            "rebuild or re-export the bundle"
-        )
-    return int(value)
-
-
-def _bundle_temperature(bundle: Bundle) -> float:
-    generation = bundle.params("vlm").get("generation") or {}
-    value = generation.get("temperature", 0.0) if isinstance(generation, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise BundleFormatError(
-            f"bundle {bundle.name!r}: vlm.params.generation.temperature={value!r} must be a finite number >= 0"
-        )
-    return float(value)
-
-
-@attrs.frozen(kw_only=True)
-class MemoryNeed:
-    """Host memory (RAM) a load needs, by part, in bytes, and how it was counted.
-
-    ``kv_cells`` is the KV cache's size in cells (``n_ctx`` per sequence x sequences) and
-    ``kv_bytes_per_cell`` K and V in f16 over the layers kept in host memory: exactly what llama.cpp
-    allocates. Compute buffers are an allowance fitted to llama.cpp's reservations (it sizes them from
-    the graph at load): one micro-batch's logits or attention scores plus activations, an output row
-    per sequence, and the vision tower's full-attention scores for one image at the token budget."""
-
-    parts: dict[str, int]
-    engine: str
-    max_in_flight: int
-    seqs_per_image: int
-    n_seq: int
-    n_ctx: int
-    kv_cells: int
-    kv_bytes_per_cell: int
-    gpu_layers: int
-    n_layer: int
-
-    @property
-    def total(self) -> int:
-        return sum(self.parts.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**attrs.asdict(self), "total": self.total}
-
-
-def _gpu_offload_supported() -> bool:
-    try:
-        return bool(llama_cpp_module().llama_supports_gpu_offload())
-    except (ImportError, AttributeError, OSError):
-        return False
-
-
-def _memory_model(
-    bundle: Bundle, *, engine: str, samples_per_prompt: int, device: Device, n_gpu_layers: int | None
-) -> Callable[[int], MemoryNeed]:
-    """Read the bundle's headers once; return the need as a function of the images in flight."""
-    from .engines.batched import seqs_per_image
-    from .engines.gguf_header import read_header, tensor_bytes, text_model_shape
-
-    if n_gpu_layers is None:
-        n_gpu_layers = 0 if device == "cpu" else -1
-    model, mmproj = bundle.file("vlm", "model"), bundle.file("vlm", "mmproj")
-    shape = text_model_shape(model)
-    n_ctx = vlm_int(bundle, "n_ctx", N_CTX_DEFAULT)
-    budget = vlm_int(bundle, "image_max_tokens", IMAGE_MAX_TOKENS)
-    gpu = device != "cpu" and n_gpu_layers != 0 and _gpu_offload_supported()
-    # llama.cpp offloads the last n_gpu_layers repeating layers (all, and the output, at -1 or above n_layer)
-    on_gpu = 0 if not gpu else shape.n_layer if n_gpu_layers < 0 else min(n_gpu_layers, shape.n_layer)
-    first_gpu = shape.n_layer - on_gpu
-    all_on_gpu = gpu and (n_gpu_layers < 0 or n_gpu_layers > shape.n_layer)
-
-    def host_tensor(name: str) -> bool:
-        if name.startswith("blk."):
-            return int(name.split(".")[1]) < first_gpu
-        if name.startswith(("output", "output_norm")):
-            return not all_on_gpu
-        return True  # token embeddings stay in host memory (llama.cpp's input layer)
-
-    fixed: dict[str, int] = {"vlm weights": sum(n for k, n in tensor_bytes(model).items() if host_tensor(k))}
-    seqs = seqs_per_image(samples_per_prompt) if engine == "batched" else 1
-    per_cell = sum(shape.n_head_kv[:first_gpu]) * (shape.head_dim_k + shape.head_dim_v) * 2
-    ff = read_header(model, [f"{shape.arch}.feed_forward_length"]).get(f"{shape.arch}.feed_forward_length")
-    n_ff = int(ff) if _whole(ff) else 4 * shape.n_embd
-    cpu_graph = first_gpu > 0 or not all_on_gpu  # some of the graph runs on the CPU
-    logits = shape.n_vocab * 4  # one float32 row of logits
-    if not gpu:  # mtmd puts the vision tower where the text model's layers are
-        keys = ("attention.head_count", "embedding_length", "feed_forward_length")
-        v = read_header(mmproj, [f"clip.vision.{k}" for k in keys])
-        heads, width, ffn = (v.get(f"clip.vision.{k}") for k in keys)
-        fixed["vision projector"] = Path(mmproj).stat().st_size
-        if _whole(heads) and _whole(width):
-            # The vision tower's graph for an image at the budget (2x2 patches per token, P of them):
-            # full-attention scores of 6 bytes per head per pair (f32 scores and softmax, overlapping)
-            # and the activations; fitted to llama.cpp's reservation (201 MiB at P=4096 on the demo).
-            patches, vff = 4 * budget, int(ffn) if _whole(ffn) else 4 * int(width)
-            fixed["vision compute"] = patches * (6 * int(heads) * patches + 16 * (int(width) + vff))
-    if device_providers(device)[:1] != ["CUDAExecutionProvider"]:  # the CPU reads the float32 files
-        fixed["encoders"] = sum(
-            f.bytes
-            for role in ("clip", "gpsclip", "sbert")
-            if role in bundle.components
-            for k, f in bundle.component(role).files.items()
-            if not k.endswith("fp16")
-        )
-
-    def need(max_in_flight: int) -> MemoryNeed:
-        n_seq = max_in_flight * seqs if engine == "batched" else 1
-        parts = {"vlm weights": fixed["vlm weights"], "KV cache": n_ctx * n_seq * per_cell}
-        if cpu_graph:
-            # llama.cpp reserves its graph for one micro-batch with every token an output (its logits),
-            # the tokens rounded up to a multiple of the sequences; and an output row per sequence.
-            n_tok = -(-N_UBATCH // n_seq) * n_seq
-            micro = 4 * n_tok * (max(shape.n_vocab, shape.n_head * n_ctx) + 4 * shape.n_embd + 2 * n_ff)
-            parts["compute buffers"] = micro + n_seq * logits
-            if engine == "chat":  # llama-cpp-python's own float32 scores array, n_batch rows
-                parts["compute buffers"] += N_UBATCH * logits
-        parts.update((k, v) for k, v in fixed.items() if k != "vlm weights")
-        return MemoryNeed(
-            parts=parts,
-            engine=engine,
-            max_in_flight=max_in_flight,
-            seqs_per_image=seqs,
-            n_seq=n_seq,
-            n_ctx=n_ctx,
-            kv_cells=n_ctx * n_seq,
-            kv_bytes_per_cell=per_cell,
-            gpu_layers=on_gpu,
-            n_layer=shape.n_layer,
-        )
-
-    return need
-
-
-def memory_need(
-    bundle: Bundle,
-    *,
-    engine: str = "batched",
-    max_in_flight: int = 4,
-    samples_per_prompt: int = 1,
-    device: Device = "auto",
-    n_gpu_layers: int | None = None,
-) -> MemoryNeed:
-    """Host memory to load ``bundle`` with these settings: VLM weights (less the layers llama.cpp
-    offloads to a GPU), the KV cache (``n_ctx`` cells per sequence, f16 K and V, sized from the GGUF
-    header), compute buffers, the vision projector and the ONNX encoders when they run on the CPU."""
-    return _memory_model(
-        bundle, engine=engine, samples_per_prompt=samples_per_prompt, device=device, n_gpu_layers=n_gpu_layers
-    )(max_in_flight)
-
-
-def available_memory() -> int | None:
-    """Memory a load can take: the system's MemAvailable, bounded by the container's (cgroup) limit."""
-    avail = engines_base.available_memory_bytes()
-    limit = _cgroup_room()
-    if limit is not None:
-        avail = limit if avail is None else min(avail, limit)
-    return avail
-
-
-def _cgroup_room() -> int | None:
-    """Room left under a cgroup v2 (or v1) memory limit: limit - (usage - reclaimable file cache)."""
-    for limit_f, usage_f, stat_f, key in (
-        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
-    ):
-        base = Path("/sys/fs/cgroup")
-        try:
-            raw = (base / limit_f).read_text().strip()
-            if raw == "max" or int(raw) >= 1 << 60:
-                return None
-            usage = int((base / usage_f).read_text().strip())
-            cache = 0
-            for line in (base / stat_f).read_text().splitlines():
-                name, _, val = line.partition(" ")
-                if name == key:
-                    cache = int(val)
-            return max(0, int(raw) - max(0, usage - cache))
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def check_memory(
-    bundle: Bundle,
-    *,
-    engine: str = "batched",
-    max_in_flight: int = 4,
-    samples_per_prompt: int = 1,
-    device: Device = "auto",
-    n_gpu_layers: int | None = None,
-) -> MemoryNeed:
-    """Refuse, in one sentence with the numbers, a load whose host memory need (:func:`memory_need`)
-    exceeds what is free: the OOM killer would otherwise end the process without a word. The
-    sentence says how many images in flight would fit, when some would."""
-    model = _memory_model(
-        bundle, engine=engine, samples_per_prompt=samples_per_prompt, device=device, n_gpu_layers=n_gpu_layers
-    )
-    need = model(max_in_flight)
-    avail = available_memory()
-    if avail is None or need.total <= avail:
-        return need
-    detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in need.parts.items() if v)
-    lower = ""
-    if engine == "batched" and max_in_flight > 1:
-        from .engines.batched import MAX_SEQUENCES
-
-        lo, hi = 0, min(max_in_flight - 1, MAX_SEQUENCES // need.seqs_per_image)
-        while lo < hi:  # the most images in flight that fit (the need grows with them)
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if model(mid).total <= avail else (lo, mid - 1)
-        lower = f"lower max_in_flight (at most {lo} fit), " if lo else ""
-    cells = f"{need.max_in_flight} images in flight x {need.seqs_per_image} sequences" if engine == "batched" else "1"
-    raise InsufficientMemoryError(
-        f"not enough memory to load bundle {bundle.name!r}: its models need about {need.total / GiB:.2f} GiB of "
-        f"RAM with the {engine} engine, max_in_flight={max_in_flight} and device={device} ({detail} GiB; the KV "
-        f"cache holds {cells} x n_ctx {need.n_ctx} cells of {need.kv_bytes_per_cell} bytes) and "
-        f"{avail / GiB:.2f} GiB is free; {lower}lower the bundle's n_ctx, offload layers to a GPU "
-        "(n_gpu_layers), or free memory"
-    )
-
-
-__all__ = ["Constrain", "Failure", "Geolocator", "MemoryNeed", "Options", "check_memory", "memory_need"]
+__all__ = ["Geolocator"]

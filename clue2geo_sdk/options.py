@@ -1,7 +1,8 @@
 """Options: the one declaration of every pipeline switch, its default and its validation.
 
 Checked when built (type, range, finite), so a bad value is refused by name before any image is read;
-the CLI's flags are generated from these fields (``cli/common.py``)."""
+the CLI's flags are generated from these fields (``cli/flags.py``): each field's :class:`Flag` says
+what the command line adds to it (help, the range click checks), its name and default are the field's."""
 
 from __future__ import annotations
 
@@ -21,6 +22,35 @@ CONSTRAIN_CHOICES = ("fallback", "always", "never")
 MAX_REFERENCES = 1000  # gallery points shown to one RAG prompt; far above the paper's 15
 MAX_SAMPLES = 32
 MAX_GENERATION_TOKENS = 1 << 20  # far above any context; the engine refuses what its context cannot hold
+CLI_MIN_TOKENS = 16  # the CLI's floor for the token budgets (Python callers may go down to 1)
+FLAG = "flag"  # the metadata key of a field's Flag
+
+
+@attrs.frozen(kw_only=True)
+class Flag:
+    """An Options field's face on the command line: ``--kebab-name`` with the field's default; a bool is
+    ``--x/--no-x`` (``switch``) or an on-only ``--x``; a tuple of counts is a comma list. ``low``/``high``
+    are the range click checks before Options does: the token budgets keep the CLI's floor of 16, and a
+    bound left out here is Options' to refuse (by name, exit 1), so the two never disagree on a value
+    both check."""
+
+    help: str | None = None
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] | None = None
+    switch: bool = True
+    metavar: str | None = None
+
+
+def flag(**kwargs: Any) -> dict[str, Flag]:
+    """A field's metadata holding its :class:`Flag`."""
+    return {FLAG: Flag(**kwargs)}
+
+
+def flag_of(field: attrs.Attribute[Any]) -> Flag:
+    """The :class:`Flag` of an Options field (every field declares one)."""
+    found: Flag = field.metadata[FLAG]
+    return found
 
 
 def _opt_bool(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
@@ -93,19 +123,65 @@ class Options:
     Every value is checked here (type, range, finite), so a bad one is refused by name before any
     image is read, and no NaN or infinity can reach a record."""
 
-    use_cluemap: bool = attrs.field(default=True, validator=_opt_bool)
-    use_refinement: bool = attrs.field(default=True, validator=_opt_bool)
-    references: tuple[int, ...] = attrs.field(default=(5, 10, 15), converter=_references)
-    samples_per_prompt: int = attrs.field(default=1, converter=_py, validator=_opt_int(1, MAX_SAMPLES))
-    sample_temperature: float = attrs.field(default=0.7, converter=_py, validator=_opt_float(0.0))
-    nearest_neighbour_candidate: bool = attrs.field(default=False, validator=_opt_bool)
-    constrain: Literal["fallback", "always", "never"] = attrs.field(default="always")
-    alpha: float = attrs.field(default=0.5, converter=_py, validator=_opt_float(0.0, 1.0))
-    max_cue_tokens: int = attrs.field(default=512, converter=_py, validator=_opt_int(1, MAX_GENERATION_TOKENS))
-    max_answer_tokens: int = attrs.field(default=128, converter=_py, validator=_opt_int(1, MAX_GENERATION_TOKENS))
-    # Where the photo is known to be: "FR,DE", "bbox:W,S,E,N", "circle:LAT,LON,KM", "geojson:PATH",
-    # codes or a Region.
-    region: Region | None = attrs.field(default=None, converter=_region)
+    use_cluemap: bool = attrs.field(default=True, validator=_opt_bool, metadata=flag(help="Off: the paper's w/o CM."))
+    use_refinement: bool = attrs.field(
+        default=True, validator=_opt_bool, metadata=flag(help="Off: the paper's w/o CR.")
+    )
+    references: tuple[int, ...] = attrs.field(
+        default=(5, 10, 15),
+        converter=_references,
+        metadata=flag(
+            help=f"Gallery points shown to the RAG prompts, one prompt per count (each 1 to {MAX_REFERENCES}).",
+            metavar="N,N,...",
+        ),
+    )
+    samples_per_prompt: int = attrs.field(
+        default=1, converter=_py, validator=_opt_int(1, MAX_SAMPLES), metadata=flag(low=1)
+    )
+    sample_temperature: float = attrs.field(
+        default=0.7,
+        converter=_py,
+        validator=_opt_float(0.0),
+        metadata=flag(help="Temperature of the extra samples (with --samples-per-prompt above 1).", low=0.0),
+    )
+    nearest_neighbour_candidate: bool = attrs.field(
+        default=False,
+        validator=_opt_bool,
+        metadata=flag(help="Add the nearest gallery coordinate as a candidate.", switch=False),
+    )
+    constrain: Literal["fallback", "always", "never"] = attrs.field(
+        default="always", metadata=flag(choices=CONSTRAIN_CHOICES)
+    )
+    alpha: float = attrs.field(
+        default=0.5,
+        converter=_py,
+        validator=_opt_float(0.0, 1.0),
+        metadata=flag(
+            help="Cluemap: weight of a cue's match to the image against its agreement with the other cues (eq. 4).",
+            low=0.0,
+            high=1.0,
+        ),
+    )
+    max_cue_tokens: int = attrs.field(
+        default=512,
+        converter=_py,
+        validator=_opt_int(1, MAX_GENERATION_TOKENS),
+        metadata=flag(low=CLI_MIN_TOKENS),
+    )
+    max_answer_tokens: int = attrs.field(
+        default=128,
+        converter=_py,
+        validator=_opt_int(1, MAX_GENERATION_TOKENS),
+        metadata=flag(low=CLI_MIN_TOKENS),
+    )
+    region: Region | None = attrs.field(
+        default=None,
+        converter=_region,
+        metadata=flag(
+            help="Where the photo is known to be: ISO codes 'FR,DE', 'bbox:WEST,SOUTH,EAST,NORTH', "
+            "'circle:LAT,LON,KM' or 'geojson:AREA.geojson' (a Polygon or MultiPolygon in WGS84 lon/lat)."
+        ),
+    )
 
     @constrain.validator
     def _constrain(self, attr: attrs.Attribute[Any], value: Any) -> None:

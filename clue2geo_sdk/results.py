@@ -149,7 +149,7 @@ class Prediction:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Prediction:
-        """The prediction of ``to_dict`` output, or of a journal record (``batch.record_of``: the same
+        """The prediction of ``to_dict`` output, or of a journal record (``runs.records.record_of``: the same
         fields plus the journal's own, such as ``path``, ``status`` and ``record_hash``, which are
         dropped). A dict with unknown keys and no ``status`` is refused (a typo must not pass), as is
         a record of a failure; a malformed value is a :class:`RecordFormatError` naming its field."""

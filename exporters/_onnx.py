@@ -49,8 +49,9 @@ def onnx_files(key: str, path: Path) -> dict[str, Path]:
 
 def save_onnx(model: Any, path: Path, *, external_data_above: int = EXTERNAL_DATA_ABOVE) -> list[Path]:
     """Write an in-memory ``onnx.ModelProto`` (weights loaded) as one file, or graph + aligned data file."""
+    # export extra: onnx only when a model is written (tests import this module's helpers without it)
     import onnx
-    from onnx.external_data_helper import set_external_data
+    from onnx.external_data_helper import set_external_data  # with the line above
 
     data = data_file(path)
     data.unlink(missing_ok=True)
@@ -80,7 +81,7 @@ def export_module(
     external_data_above: int = EXTERNAL_DATA_ABOVE,
 ) -> Path:
     """Export to ``path`` (and ``path.data`` when the weights pass ``external_data_above`` bytes)."""
-    import torch
+    import torch  # export extra: this module's ONNX helpers are used without torch
 
     module.eval()
     axes = {n: {0: "batch"} for n in [*input_names, *output_names]}
@@ -111,14 +112,14 @@ def export_module(
         if written == [raw] and raw.stat().st_size <= external_data_above:
             shutil.move(str(raw), str(path))
         else:
-            import onnx
+            import onnx  # export extra: only for a model torch wrote as many files
 
             save_onnx(onnx.load(str(raw)), path, external_data_above=external_data_above)
     return path
 
 
 def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
+    import onnxruntime as ort  # native library: imported at first use (load order: clue2geo_sdk._native)
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
@@ -178,8 +179,9 @@ def fp16_variant(
 
     Returns ``{"ok", "files", "cos_min", "max_abs_diff", "graph_optimization"}`` or ``{"ok": False, "reason"}``.
     """
+    # export extra (onnx) and onnxruntime's converter: only when a float16 variant is made
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # with the line above
 
     model = onnx.load(str(src))
     # shape inference serializes the model: impossible past 2 GiB, so the converter goes without it
@@ -209,3 +211,23 @@ def fp16_variant(
         dst.unlink(missing_ok=True)
         data_file(dst).unlink(missing_ok=True)
     return verdict
+
+
+def fp16_variants(
+    out_dir: Path,
+    towers: Mapping[str, tuple[Path, Mapping[str, np.ndarray], np.ndarray]],
+    files: dict[str, Path],
+    *,
+    external_data_above: int = EXTERNAL_DATA_ABOVE,
+) -> dict[str, dict[str, Any]]:
+    """For each tower ``key: (graph, feeds, float32 reference)`` a float16 copy ``KEY_fp16.onnx`` in
+    ``out_dir`` (:func:`fp16_variant`); those that pass parity are added to ``files``. Returns each
+    tower's verdict without its file list: the component's ``params["fp16"]``."""
+    verdicts: dict[str, dict[str, Any]] = {}
+    for key, (path, feeds, reference) in towers.items():
+        dst = out_dir / f"{key}_fp16.onnx"
+        verdict = fp16_variant(path, dst, feeds, reference, external_data_above=external_data_above)
+        verdicts[key] = {k: v for k, v in verdict.items() if k != "files"}
+        if verdict["ok"]:
+            files.update(onnx_files(f"{key}_fp16", dst))
+    return verdicts

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._onnx import EXTERNAL_DATA_ABOVE
 from .bundle_builder import build_demo as _build
+from .synth import build_synth as _synth
 
 
 def build_demo(path: Path, *, seed: int = 0, overwrite: bool = False) -> None:
@@ -24,9 +26,6 @@ def build_synth(
     external_data_above: int | None = None,
     workdir: Path | None = None,
 ) -> None:
-    from ._onnx import EXTERNAL_DATA_ABOVE
-    from .synth import build_synth as _synth
-
     _synth(
         path,
         shape=shape,

@@ -16,8 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from open_clip.tokenizer import bytes_to_unicode, default_bpe, tokenize
+from tokenizers import Tokenizer
 
-from ._onnx import EXTERNAL_DATA_ABOVE, export_module, fp16_variant, onnx_files, run_onnx
+from clue2geo_sdk.errors import ExportValidationError
+
+from ._onnx import EXTERNAL_DATA_ABOVE, export_module, fp16_variants, onnx_files, run_onnx
 from ._validate import check_close
 
 CONTEXT_LENGTH = 77
@@ -32,8 +37,6 @@ SAMPLE_TEXTS = (
 
 def tiny_open_clip(seed: int = 0):  # -> open_clip.CLIP
     """A small open_clip CLIP (ViT, 2+2 layers, width 64) with the real 49408-token vocabulary."""
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
     torch.manual_seed(seed)
     vision = CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=32, image_size=224)
     text = CLIPTextCfg(context_length=CONTEXT_LENGTH, vocab_size=49408, width=64, heads=2, layers=2)
@@ -42,8 +45,7 @@ def tiny_open_clip(seed: int = 0):  # -> open_clip.CLIP
 
 def write_clip_tokenizer(out: Path) -> Path:
     """Build ``tokenizer.json`` from open_clip's BPE merges (truncation/padding to 77 built in)."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizerFast
+    from transformers import CLIPTokenizerFast  # export extra, heavy: loaded only to build the tokenizer
 
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
@@ -63,11 +65,6 @@ def write_clip_tokenizer(out: Path) -> Path:
 
 def check_tokenizer(path: Path) -> None:
     """The runtime tokenizer must give open_clip's ids exactly on the sample texts."""
-    from open_clip.tokenizer import tokenize
-    from tokenizers import Tokenizer
-
-    from clue2geo_sdk.errors import ExportValidationError
-
     ref = tokenize(list(SAMPLE_TEXTS), context_length=CONTEXT_LENGTH).numpy()
     got = np.array([e.ids for e in Tokenizer.from_file(str(path)).encode_batch(list(SAMPLE_TEXTS))])
     if ref.shape != got.shape or not np.array_equal(ref, got):
@@ -93,6 +90,22 @@ class _TextTower(torch.nn.Module):
         return self.model.encode_text(input_ids)
 
 
+def _clip_params(model: Any, size: int, embed_dim: int) -> dict[str, Any]:
+    """What the runtime's CLIP encoder reads: preprocessing (the model's own mean/std, else OpenAI's),
+    context length, embedding width and the cluemap's patch grid."""
+    mean = getattr(model.visual, "image_mean", None) or OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or OPENAI_DATASET_STD
+    return {
+        "image_size": size,
+        "mean": list(mean),
+        "std": list(std),
+        "resize": "shortest_side_bicubic_center_crop",
+        "context_length": CONTEXT_LENGTH,
+        "embed_dim": embed_dim,
+        "patch_grid": [3, 3],
+    }
+
+
 def export_clip(
     model,
     out_dir: str | Path,
@@ -116,8 +129,6 @@ def export_clip(
     pixels = torch.randn(2, 3, size, size, generator=gen)
     tok_path = write_clip_tokenizer(out_dir / "tokenizer.json")
     check_tokenizer(tok_path)
-    from tokenizers import Tokenizer
-
     ids = torch.tensor([e.ids for e in Tokenizer.from_file(str(tok_path)).encode_batch(list(SAMPLE_TEXTS))])
     with torch.no_grad():
         ref_img = model.encode_image(pixels).numpy()
@@ -143,26 +154,10 @@ def export_clip(
     txt_feeds = {"input_ids": ids.numpy()}
     d_txt = check_close("CLIP text tower", ref_txt, run_onnx(txt_path, txt_feeds)[0], atol=atol)
     files: dict[str, Path] = {**onnx_files("image", img_path), **onnx_files("text", txt_path), "tokenizer": tok_path}
-    mean = getattr(model.visual, "image_mean", None) or OPENAI_DATASET_MEAN
-    std = getattr(model.visual, "image_std", None) or OPENAI_DATASET_STD
-    params: dict[str, Any] = {
-        "image_size": size,
-        "mean": list(mean),
-        "std": list(std),
-        "resize": "shortest_side_bicubic_center_crop",
-        "context_length": CONTEXT_LENGTH,
-        "embed_dim": int(ref_img.shape[1]),
-        "patch_grid": [3, 3],
-    }
+    params = _clip_params(model, size, int(ref_img.shape[1]))
     if fp16:
-        params["fp16"] = {}
-        for key, path, feeds, ref in (("image", img_path, img_feeds, ref_img), ("text", txt_path, txt_feeds, ref_txt)):
-            verdict = fp16_variant(
-                path, out_dir / f"{key}_fp16.onnx", feeds, ref, external_data_above=external_data_above
-            )
-            params["fp16"][key] = {k: v for k, v in verdict.items() if k != "files"}
-            if verdict["ok"]:
-                files.update(onnx_files(f"{key}_fp16", out_dir / f"{key}_fp16.onnx"))
+        towers = {"image": (img_path, img_feeds, ref_img), "text": (txt_path, txt_feeds, ref_txt)}
+        params["fp16"] = fp16_variants(out_dir, towers, files, external_data_above=external_data_above)
     return {
         "files": files,
         "params": params,

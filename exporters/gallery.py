@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 from rich.progress import Progress
+from scipy.spatial import cKDTree
 
-from clue2geo_sdk.bundle.manifest import sha256_file
-from clue2geo_sdk.geo.reverse import unit_vectors
+from clue2geo_sdk._native import duckdb_module, usearch_index
+from clue2geo_sdk.files import sha256_file
+from clue2geo_sdk.geo.distance import unit_vectors
 
 BATCH = 4096
 
@@ -62,7 +64,7 @@ def _col(rows: list[dict[str, Any]], key: str) -> np.ndarray:
 
 def embed_locations(location_onnx: Path, coords: np.ndarray, *, label: str = "embedding gallery") -> np.ndarray:
     """Run the ONNX location tower in batches; return unit-length float32 rows."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # native library: imported at first use (load order: clue2geo_sdk._native)
 
     sess = ort.InferenceSession(str(location_onnx), providers=["CPUExecutionProvider"])
     out = np.empty((len(coords), sess.get_outputs()[0].shape[1]), dtype=np.float32)
@@ -76,6 +78,70 @@ def embed_locations(location_onnx: Path, coords: np.ndarray, *, label: str = "em
     return out
 
 
+def _write_index(emb: np.ndarray, path: Path, dtype: str) -> Path:
+    """The USearch HNSW index of the location embeddings, keyed by row number."""
+    index = usearch_index().Index(ndim=emb.shape[1], metric="cos", dtype=dtype)
+    # one thread: the HNSW graph (and so the file) is then the same on every build
+    index.add(np.arange(len(emb), dtype=np.uint64), emb, threads=1)
+    index.save(str(path))
+    return path
+
+
+def _insert_cities(con: Any, cities: list[dict[str, Any]], c_lat: np.ndarray, c_lon: np.ndarray) -> None:
+    con.execute(
+        "CREATE TABLE cities (name VARCHAR, admin1 VARCHAR, admin2 VARCHAR, country_code VARCHAR, "
+        "country VARCHAR, lat DOUBLE, lon DOUBLE, population BIGINT)"
+    )
+    con.register(
+        "city_rows",
+        {
+            "name": _col(cities, "city"),
+            "admin1": _col(cities, "state"),
+            "admin2": _col(cities, "county"),
+            "country_code": _col(cities, "country_code"),
+            "country": _col(cities, "country"),
+            "lat": c_lat,
+            "lon": c_lon,
+            "population": np.array([c.get("population", 0) for c in cities], dtype=np.int64),
+        },
+    )
+    con.execute("INSERT INTO cities SELECT * FROM city_rows")
+
+
+def _insert_gallery(con: Any, coords: np.ndarray, near: list[dict[str, Any]], source: str) -> None:
+    """One row per gallery coordinate (its key is the index's), placed by its nearest GeoNames city."""
+    con.execute(
+        "CREATE TABLE gallery (key UBIGINT PRIMARY KEY, lat DOUBLE, lon DOUBLE, country_code VARCHAR, "
+        "country VARCHAR, admin1 VARCHAR, city VARCHAR, source VARCHAR)"
+    )
+    table = {
+        "key": np.arange(len(coords), dtype=np.uint64),
+        "lat": coords[:, 0],
+        "lon": coords[:, 1],
+        "country_code": _col(near, "country_code"),
+        "country": _col(near, "country"),
+        "admin1": _col(near, "state"),
+        "city": _col(near, "city"),
+        "source": np.full(len(coords), source, dtype=object),
+    }
+    con.register("rows", table)
+    con.execute("INSERT INTO gallery SELECT * FROM rows")
+
+
+def _write_metadata(coords: np.ndarray, db_path: Path, source: str) -> int:
+    """The DuckDB file: the GeoNames cities and the gallery's rows; returns the number of cities."""
+    cities = geonames_cities()
+    c_lat = np.array([c["latitude"] for c in cities])
+    c_lon = np.array([c["longitude"] for c in cities])
+    _, nearest = cKDTree(unit_vectors(c_lat, c_lon)).query(unit_vectors(coords[:, 0], coords[:, 1]), k=1)
+    db_path.unlink(missing_ok=True)
+    with duckdb_module().connect(str(db_path)) as con:
+        _insert_cities(con, cities, c_lat, c_lon)
+        _insert_gallery(con, coords, [cities[int(i)] for i in nearest], source)
+        con.execute("CHECKPOINT")
+    return len(cities)
+
+
 def build_gallery(
     coords: np.ndarray,
     location_onnx: Path,
@@ -85,63 +151,12 @@ def build_gallery(
     dtype: str = "f16",
 ) -> dict[str, Any]:
     """Write ``gallery.usearch`` and ``metadata.duckdb``; return files and params for the manifest."""
-    import duckdb
-    from scipy.spatial import cKDTree
-
-    from clue2geo_sdk._native import usearch_index
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     emb = embed_locations(location_onnx, coords)
-    index = usearch_index().Index(ndim=emb.shape[1], metric="cos", dtype=dtype)
-    # one thread: the HNSW graph (and so the file) is then the same on every build
-    index.add(np.arange(len(emb), dtype=np.uint64), emb, threads=1)
-    index_path = out_dir / "gallery.usearch"
-    index.save(str(index_path))
-
-    cities = geonames_cities()
-    c_lat = np.array([c["latitude"] for c in cities])
-    c_lon = np.array([c["longitude"] for c in cities])
-    _, nearest = cKDTree(unit_vectors(c_lat, c_lon)).query(unit_vectors(coords[:, 0], coords[:, 1]), k=1)
+    index_path = _write_index(emb, out_dir / "gallery.usearch", dtype)
     db_path = out_dir / "metadata.duckdb"
-    db_path.unlink(missing_ok=True)
-    with duckdb.connect(str(db_path)) as con:
-        con.execute(
-            "CREATE TABLE cities (name VARCHAR, admin1 VARCHAR, admin2 VARCHAR, country_code VARCHAR, "
-            "country VARCHAR, lat DOUBLE, lon DOUBLE, population BIGINT)"
-        )
-        con.register(
-            "city_rows",
-            {
-                "name": _col(cities, "city"),
-                "admin1": _col(cities, "state"),
-                "admin2": _col(cities, "county"),
-                "country_code": _col(cities, "country_code"),
-                "country": _col(cities, "country"),
-                "lat": c_lat,
-                "lon": c_lon,
-                "population": np.array([c.get("population", 0) for c in cities], dtype=np.int64),
-            },
-        )
-        con.execute("INSERT INTO cities SELECT * FROM city_rows")
-        con.execute(
-            "CREATE TABLE gallery (key UBIGINT PRIMARY KEY, lat DOUBLE, lon DOUBLE, country_code VARCHAR, "
-            "country VARCHAR, admin1 VARCHAR, city VARCHAR, source VARCHAR)"
-        )
-        near = [cities[int(i)] for i in nearest]
-        table = {
-            "key": np.arange(len(coords), dtype=np.uint64),
-            "lat": coords[:, 0],
-            "lon": coords[:, 1],
-            "country_code": _col(near, "country_code"),
-            "country": _col(near, "country"),
-            "admin1": _col(near, "state"),
-            "city": _col(near, "city"),
-            "source": np.full(len(coords), source, dtype=object),
-        }
-        con.register("rows", table)
-        con.execute("INSERT INTO gallery SELECT * FROM rows")
-        con.execute("CHECKPOINT")
+    n_cities = _write_metadata(coords, db_path, source)
     return {
         "index": {
             "files": {"index": index_path},
@@ -156,6 +171,6 @@ def build_gallery(
         },
         "metadata": {
             "files": {"db": db_path},
-            "params": {"tables": {"gallery": len(coords), "cities": len(cities)}, "source": source},
+            "params": {"tables": {"gallery": len(coords), "cities": n_cities}, "source": source},
         },
     }

@@ -18,7 +18,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from ._onnx import EXTERNAL_DATA_ABOVE, export_module, fp16_variant, onnx_files, run_onnx
+from ._onnx import EXTERNAL_DATA_ABOVE, export_module, fp16_variants, onnx_files, run_onnx
 from ._validate import check_close
 
 SIGMAS = (2.0**0, 2.0**4, 2.0**8)
@@ -130,7 +130,7 @@ class ImageTower(nn.Module):
     @classmethod
     def from_clip_folder(cls, path: str | Path) -> ImageTower:
         """A local Hugging Face CLIP checkpoint (e.g. clip-vit-large-patch14) + GeoCLIP's MLP."""
-        from transformers import CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection  # export extra, heavy: only for this tower
 
         vision = CLIPVisionModelWithProjection.from_pretrained(str(path), local_files_only=True)
         if vision.config.projection_dim != 768:
@@ -142,7 +142,7 @@ class ImageTower(nn.Module):
     @classmethod
     def tiny_random(cls, seed: int = 0) -> ImageTower:
         """Demo stand-in: a small CLIP vision config of the same class, 768-d projection, real MLP."""
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # export extra, heavy
 
         torch.manual_seed(seed)
         cfg = CLIPVisionConfig(
@@ -163,6 +163,20 @@ def sample_coordinates(n: int, seed: int = 0) -> np.ndarray:
     fixed = np.array([[0.0, 0.0], [89.9, 179.9], [-89.9, -179.9], [48.8584, 2.2945], [-33.8568, 151.2153]])
     rand = np.column_stack([rng.uniform(-90, 90, n), rng.uniform(-180, 180, n)])
     return np.vstack([fixed, rand]).astype(np.float32)
+
+
+def _gpsclip_params(location: LocationTower, dim: int, image_size: int) -> dict[str, Any]:
+    """What the runtime's GPSCLIP encoder reads: the location tower's projection and Fourier scales,
+    the embedding width, and the image tower's preprocessing (OpenAI CLIP's)."""
+    return {
+        "projection": location.projection,
+        "sigmas": list(location.sigmas),
+        "dim": dim,
+        "image_size": image_size,
+        "mean": list(OPENAI_DATASET_MEAN),
+        "std": list(OPENAI_DATASET_STD),
+        "resize": "shortest_side_bicubic_center_crop",
+    }
 
 
 def export_gpsclip(
@@ -215,28 +229,16 @@ def export_gpsclip(
             "GPSCLIP location tower vs geoclip.LocationEncoder", geoclip_reference(coords.numpy()), onnx_loc, atol=atol
         )
     files: dict[str, Path] = {**onnx_files("image", img_path), **onnx_files("location", loc_path)}
-    params: dict[str, Any] = {
-        "projection": location.projection,
-        "sigmas": list(location.sigmas),
-        "dim": int(ref_loc.shape[1]),
-        "image_size": image_size,
-        "mean": list(OPENAI_DATASET_MEAN),
-        "std": list(OPENAI_DATASET_STD),
-        "resize": "shortest_side_bicubic_center_crop",
-    }
+    params = _gpsclip_params(location, int(ref_loc.shape[1]), image_size)
     if fp16:
-        verdict = fp16_variant(
-            img_path, out_dir / "image_fp16.onnx", img_feeds, ref_img, external_data_above=external_data_above
-        )
-        params["fp16"] = {"image": {k: v for k, v in verdict.items() if k != "files"}}
-        if verdict["ok"]:
-            files.update(onnx_files("image_fp16", out_dir / "image_fp16.onnx"))
+        towers = {"image": (img_path, img_feeds, ref_img)}
+        params["fp16"] = fp16_variants(out_dir, towers, files, external_data_above=external_data_above)
     return {"files": files, "params": params, "parity": parity}
 
 
 def geoclip_reference(latlon: np.ndarray) -> np.ndarray:
     """GeoCLIP's own torch LocationEncoder with its released weights, as the independent reference."""
-    from geoclip import LocationEncoder
+    from geoclip import LocationEncoder  # export extra: the independent reference, only when checked
 
     with torch.no_grad():
         return LocationEncoder().eval()(torch.from_numpy(np.asarray(latlon, dtype=np.float32))).numpy()

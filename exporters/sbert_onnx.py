@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from clue2geo_sdk.engines.encoders import mean_pool_normalize
 
@@ -32,9 +33,9 @@ def minilm_dir() -> Path:
 
 def export_sbert(model_dir: str | Path | None, out_dir: str | Path, *, atol: float = 1e-5) -> dict[str, Any]:
     """Export the encoder with optimum, copy its tokenizer.json, and check against sentence-transformers."""
+    # export extra, heavy (optimum, sentence-transformers): only when SBERT is exported
     from optimum.exporters.onnx import main_export
-    from sentence_transformers import SentenceTransformer
-    from tokenizers import Tokenizer
+    from sentence_transformers import SentenceTransformer  # with the line above
 
     src = Path(model_dir) if model_dir is not None else minilm_dir()
     out_dir = Path(out_dir)

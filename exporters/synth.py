@@ -19,11 +19,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from clue2geo_sdk.bundle.manifest import Bundle, check_target
+import numpy as np
+import open_clip
+import torch
+
+from clue2geo_sdk.bundle.manifest import Bundle
+from clue2geo_sdk.bundle.writer import check_target
 
 from . import clip_onnx, qwen_vl
 from ._onnx import EXTERNAL_DATA_ABOVE
-from .bundle_builder import _step, build_bundle, console
+from .bundle_builder import build_bundle, console, step
+from .vlm_gguf import gguf_module
 
 SHAPES = ("tiny", "3b", "7b")
 CLIP_ARCH = {"tiny": "tiny open_clip CLIP", "3b": "ViT-H-14", "7b": "ViT-H-14"}
@@ -79,9 +85,6 @@ CLIP_TINY = {
 
 def random_open_clip(shape: str, seed: int = 0):  # -> open_clip.CLIP
     """The cluemap CLIP: open_clip's own ViT-H-14 configuration with random weights (or the tiny one)."""
-    import open_clip
-    import torch
-
     if shape == "tiny":
         return clip_onnx.tiny_open_clip(seed)
     torch.manual_seed(seed)
@@ -91,8 +94,7 @@ def random_open_clip(shape: str, seed: int = 0):  # -> open_clip.CLIP
 def write_random_clip_vit(out_dir: str | Path, shape: str, seed: int = 0) -> Path:
     """A Hugging Face ``CLIPModel`` folder (config + model.safetensors, the published names) at
     CLIP ViT-L/14 shape with random weights: what ``build_bundle(clip_vision_dir=...)`` reads."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPConfig, CLIPModel  # export extra, heavy: loaded only to write this checkpoint
 
     cfg = CLIPConfig(**(CLIP_TINY if shape == "tiny" else CLIP_VIT_L14))
     cfg.architectures = ["CLIPModel"]
@@ -133,9 +135,9 @@ def build_synth(
     qcfg = qwen_vl.QWEN25VL_CONFIGS[shape]
     with tempfile.TemporaryDirectory(dir=scratch, prefix=f".c2g-synth-{shape}-") as tmp:
         qwen_dir, vit_dir = Path(tmp) / "qwen2.5-vl", Path(tmp) / "clip-vit-large-patch14"
-        with _step(f"random {QWEN_NAME[shape]} checkpoint (published layout, bf16 shards)", timings, peaks):
+        with step(f"random {QWEN_NAME[shape]} checkpoint (published layout, bf16 shards)", timings, peaks):
             qinfo = qwen_vl.write_random_qwen25vl(qwen_dir, shape, seed=seed)
-        with _step("random CLIP ViT-L/14 checkpoint (GeoCLIP's image backbone)", timings, peaks):
+        with step("random CLIP ViT-L/14 checkpoint (GeoCLIP's image backbone)", timings, peaks):
             write_random_clip_vit(vit_dir, shape, seed)
         bundle = build_bundle(
             out,
@@ -183,27 +185,12 @@ def synth_summary(bundle: Bundle) -> dict[str, Any]:
     }
 
 
-def gguf_parity(bundle_dir: str | Path, shape: str, *, seed: int = 0, rows: int = 512) -> list[dict[str, Any]]:
-    """GGUF tensors of a synth bundle vs the random checkpoint they were converted from.
-
-    The checkpoint is gone after the build, but its weights are a function of (name, shape, seed)
-    (:func:`exporters.qwen_vl.random_tensor`), so they are made again and compared with the first
-    ``rows`` rows of the text GGUF (dequantized) and the mmproj (f16: must equal the checkpoint's
-    values rounded to f16 exactly). Returns one row per tensor: type, cosine, relative RMSE, exact.
-    """
-    import numpy as np
-
-    from .vlm_gguf import gguf_module
-
-    bundle = Bundle.open(bundle_dir, verify=False)
-    gguf = gguf_module()
-    from gguf.quants import dequantize
-
-    cfg = qwen_vl.QWEN25VL_CONFIGS[shape]
-    plan = dict(qwen_vl.checkpoint_plan(cfg))
+def _parity_pairs(cfg: dict[str, Any]) -> list[tuple[str, str, str, int | None]]:
+    """(GGUF file key, GGUF tensor, checkpoint tensor, third of a fused vision qkv or None): the first
+    and last layers of the text model and the vision tower, the embeddings, the head and the merger."""
     last, vlast = cfg["num_hidden_layers"] - 1, cfg["vision_config"]["depth"] - 1
     text, vision = "model", "mmproj"
-    pairs = [
+    return [
         (text, "token_embd.weight", "model.embed_tokens.weight", None),
         (text, "output.weight", "lm_head.weight", None),
         (text, "blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight", None),
@@ -216,32 +203,51 @@ def gguf_parity(bundle_dir: str | Path, shape: str, *, seed: int = 0, rows: int 
         (vision, "mm.0.weight", "visual.merger.mlp.0.weight", None),
         (vision, "mm.2.weight", "visual.merger.mlp.2.weight", None),
     ]
+
+
+def _compare(t: Any, hname: str, hshape: tuple[int, ...], seed: int, third: int | None, rows: int) -> dict[str, Any]:
+    """One GGUF tensor ``t`` (its first ``rows`` rows, dequantized) against the checkpoint's tensor
+    ``hname``, made again from its shape and the seed."""
+    from gguf.quants import dequantize  # from llama.cpp's gguf-py, on sys.path once gguf_module() ran
+
+    data = t.data[:rows] if t.data.ndim > 1 else t.data  # dequantizing a whole 545M-entry tensor takes > 10 GB
+    got = np.asarray(dequantize(np.ascontiguousarray(data), t.tensor_type), dtype=np.float32)
+    ref = qwen_vl.random_tensor(hname, hshape, seed).float()
+    if third is not None:  # llama.cpp splits the fused vision qkv
+        n = ref.shape[0] // 3
+        ref = ref[third * n : (third + 1) * n]
+    ref_np = ref.reshape(-1, got.shape[-1])[: got.shape[0] if got.ndim > 1 else None].numpy().reshape(got.shape)
+    del ref
+    a, b = got.ravel().astype(np.float64), ref_np.ravel().astype(np.float64)
+    return {
+        "tensor": t.name,
+        "type": t.tensor_type.name,
+        "rows_checked": int(got.shape[0]) if got.ndim > 1 else 1,
+        "cos": float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)),
+        "rel_rmse": float(np.sqrt(np.mean((a - b) ** 2)) / max(np.sqrt(np.mean(b**2)), 1e-30)),
+        "exact_f16": bool(np.array_equal(got, ref_np.astype(np.float16).astype(np.float32))),
+    }
+
+
+def gguf_parity(bundle_dir: str | Path, shape: str, *, seed: int = 0, rows: int = 512) -> list[dict[str, Any]]:
+    """GGUF tensors of a synth bundle vs the random checkpoint they were converted from.
+
+    The checkpoint is gone after the build, but its weights are a function of (name, shape, seed)
+    (:func:`exporters.qwen_vl.random_tensor`), so they are made again and compared with the first
+    ``rows`` rows of the text GGUF (dequantized) and the mmproj (f16: must equal the checkpoint's
+    values rounded to f16 exactly). Returns one row per tensor: type, cosine, relative RMSE, exact.
+    """
+    bundle = Bundle.open(bundle_dir, verify=False)
+    gguf = gguf_module()
+    cfg = qwen_vl.QWEN25VL_CONFIGS[shape]
+    plan = dict(qwen_vl.checkpoint_plan(cfg))
     readers: dict[str, Any] = {}
     out = []
-    for key, gname, hname, third in pairs:
+    for key, gname, hname, third in _parity_pairs(cfg):
         if hname not in plan:  # e.g. lm_head of a tied model
             continue
         if key not in readers:  # parsing the text GGUF's 152k-token vocabulary takes seconds: once per file
             readers[key] = gguf.GGUFReader(str(bundle.file("vlm", key)))
-        reader = readers[key]
-        t = next(t for t in reader.tensors if t.name == gname)
-        data = t.data[:rows] if t.data.ndim > 1 else t.data  # dequantizing a whole 545M-entry tensor takes > 10 GB
-        got = np.asarray(dequantize(np.ascontiguousarray(data), t.tensor_type), dtype=np.float32)
-        ref = qwen_vl.random_tensor(hname, plan[hname], seed).float()
-        if third is not None:  # llama.cpp splits the fused vision qkv
-            n = ref.shape[0] // 3
-            ref = ref[third * n : (third + 1) * n]
-        ref_np = ref.reshape(-1, got.shape[-1])[: got.shape[0] if got.ndim > 1 else None].numpy().reshape(got.shape)
-        del ref
-        a, b = got.ravel().astype(np.float64), ref_np.ravel().astype(np.float64)
-        out.append(
-            {
-                "tensor": gname,
-                "type": t.tensor_type.name,
-                "rows_checked": int(got.shape[0]) if got.ndim > 1 else 1,
-                "cos": float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)),
-                "rel_rmse": float(np.sqrt(np.mean((a - b) ** 2)) / max(np.sqrt(np.mean(b**2)), 1e-30)),
-                "exact_f16": bool(np.array_equal(got, ref_np.astype(np.float16).astype(np.float32))),
-            }
-        )
+        t = next(t for t in readers[key].tensors if t.name == gname)
+        out.append(_compare(t, hname, plan[hname], seed, third, rows))
     return out

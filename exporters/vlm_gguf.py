@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from clue2geo_sdk._native import llama_cpp_module
 from clue2geo_sdk.engines.base import portable_model_defaults, silence_native_logs
@@ -176,7 +177,7 @@ def gguf_module(src: Path | None = None) -> Any:
     path = str(src / "gguf-py")
     if path not in sys.path:
         sys.path.insert(0, path)
-    import gguf
+    import gguf  # from the converter's source folder, on sys.path only from the line above
 
     return gguf
 
@@ -244,9 +245,8 @@ CHECK_SCHEMA: dict[str, Any] = {
 def check_gguf_pair(model: Path, mmproj: Path, *, max_tokens: int = 48) -> dict[str, Any]:
     """Load the pair in llama-cpp-python and answer one image prompt under a JSON schema."""
     llama_cpp_module()  # the safe first import (clue2geo_sdk._native)
-    from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import Qwen25VLChatHandler
-    from PIL import Image
+    from llama_cpp import Llama  # native: after llama_cpp_module() (clue2geo_sdk._native)
+    from llama_cpp.llama_chat_format import Qwen25VLChatHandler  # with the line above
 
     buf = io.BytesIO()
     Image.new("RGB", (112, 84), (90, 140, 200)).save(buf, format="PNG")

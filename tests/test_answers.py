@@ -13,9 +13,9 @@ from geopy.distance import great_circle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clue2geo_sdk.geo.reverse import haversine_km
+from clue2geo_sdk.geo.distance import haversine_km
 from clue2geo_sdk.pipeline.answers import GEOCLIP_LOGIT_SCALE, rank_answers, softmax_weights
-from clue2geo_sdk.pipeline.selection import select
+from clue2geo_sdk.pipeline.selection import best_by_cosine as select
 from clue2geo_sdk.results import SOURCES, Answer, Candidate
 from clue2geo_sdk.retrieval.search import GalleryHit
 

@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from clue2geo_sdk import Bundle, BundleFormatError, BundleIntegrityError, BundleNotFoundError
-from clue2geo_sdk.bundle.manifest import ROLES, sha256_file
+from clue2geo_sdk.bundle.components import ROLES
 from clue2geo_sdk.cli import main
+from clue2geo_sdk.files import sha256_file
 
 
 def _manifest(bundle: Path) -> dict:

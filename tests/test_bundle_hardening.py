@@ -22,7 +22,8 @@ from click.testing import CliRunner
 from test_bundle_overwrite import fake_bundle
 
 from clue2geo_sdk import Bundle, BundleExistsError, BundleFormatError, BundleIntegrityError
-from clue2geo_sdk.bundle.manifest import MANIFEST, BundleWriter, remove_bundle
+from clue2geo_sdk.bundle.manifest import MANIFEST_FILE as MANIFEST
+from clue2geo_sdk.bundle.writer import BundleWriter, remove_bundle
 from clue2geo_sdk.cli import main
 
 # -- atomic builds -------------------------------------------------------------------------------
@@ -337,7 +338,7 @@ def test_a_mount_point_as_the_bundle_folder_is_refused_before_any_work(tmp_path,
     """The finished bundle is renamed into place, which a mount point refuses: say so up front."""
     import os
 
-    from clue2geo_sdk.bundle.manifest import BundleWriter
+    from clue2geo_sdk.bundle.writer import BundleWriter
 
     target = tmp_path / "vol"
     target.mkdir()

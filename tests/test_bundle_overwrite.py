@@ -11,7 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from clue2geo_sdk import Bundle, BundleExistsError
-from clue2geo_sdk.bundle.manifest import MANIFEST, ROLES, BundleWriter
+from clue2geo_sdk.bundle.components import ROLES
+from clue2geo_sdk.bundle.manifest import MANIFEST_FILE as MANIFEST
+from clue2geo_sdk.bundle.writer import BundleWriter
 from clue2geo_sdk.cli import main
 
 # the smallest parameters the manifest schema accepts for each role, and the files the runtime opens

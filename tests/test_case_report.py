@@ -29,7 +29,8 @@ from PIL.TiffImagePlugin import IFDRational
 
 from clue2geo_sdk.cli import main
 from clue2geo_sdk.engines.encoders import patch_grid
-from clue2geo_sdk.evidence.report.render import CUE_COLORS, LAND, OCEAN, THUMB_MAX, patch_box, render_report
+from clue2geo_sdk.evidence.report.figures import CUE_COLORS, LAND, OCEAN, THUMB_MAX, patch_box
+from clue2geo_sdk.evidence.report.render import render_report
 from clue2geo_sdk.inputs.image import load_image
 
 CHROMIUM = Path(os.environ.get("CLUE2GEO_CHROMIUM", "/usr/bin/chromium"))

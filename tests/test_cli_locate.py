@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from PIL import Image
 from test_images import make_bad_inputs
 
-from clue2geo_sdk.cli import EXIT_SOME_FAILED, main
+from clue2geo_sdk.cli import main
+from clue2geo_sdk.cli.common import EXIT_SOME_FAILED
 
 QUICK = ["--no-verify", "--device", "cpu", "--max-cue-tokens", "16", "--max-answer-tokens", "16"]
 

@@ -18,11 +18,13 @@ from click.testing import CliRunner
 from PIL import Image
 from test_images import make_bad_inputs
 
-from clue2geo_sdk.cli import EXIT_SOME_FAILED, main
+from clue2geo_sdk.cli import main
+from clue2geo_sdk.cli.common import EXIT_SOME_FAILED
 from clue2geo_sdk.errors import BundleIntegrityError, MissingExtraError
 from clue2geo_sdk.inputs.discover import discover
-from clue2geo_sdk.runs.batch import IDENTITY_FIELDS, run_batch
+from clue2geo_sdk.runs.batch import run_batch
 from clue2geo_sdk.runs.chain import verify_journal
+from clue2geo_sdk.runs.records import IDENTITY_FIELDS
 
 # Small generation budgets: the pipeline is the same, the runs stay short.
 GEN = {"max_cue_tokens": 32, "max_answer_tokens": 32}
@@ -59,7 +61,7 @@ def test_ray_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch, demo_b
 
 def test_actor_plan() -> None:
     pytest.importorskip("ray", reason="the cluster extra: pip install -e '.[cluster]'")
-    from clue2geo_sdk.cluster.job import plan_actors
+    from clue2geo_sdk.cluster.plan import plan_actors
 
     gpu = plan_actors([{"CPU": 16, "GPU": 8}, {"CPU": 16, "GPU": 8}])
     assert (gpu.actors, gpu.num_gpus, gpu.device) == (16, 1.0, "cuda")
@@ -362,7 +364,8 @@ def test_photo_gallery_on_the_cluster(
 
     from clue2geo_sdk import Geolocator
     from clue2geo_sdk.options import Options
-    from clue2geo_sdk.retrieval.photos import build_gallery, read_manifest
+    from clue2geo_sdk.retrieval.photo_build import build_gallery
+    from clue2geo_sdk.retrieval.photos import read_manifest
 
     src = tmp_path / "refs"
     src.mkdir()
@@ -398,9 +401,10 @@ def test_photo_gallery_on_the_cluster(
 
     # a node whose copy has the same rows but another manifest (index settings, a rebuild) is refused
     from clue2geo_sdk.bundle.manifest import Bundle
-    from clue2geo_sdk.cluster.job import GeolocatorActor, _gallery_digest
+    from clue2geo_sdk.cluster.actor import GeolocatorActor
+    from clue2geo_sdk.cluster.job import _gallery_digest
     from clue2geo_sdk.errors import BundleIntegrityError
-    from clue2geo_sdk.runs.batch import identity_of
+    from clue2geo_sdk.runs.records import identity_of
 
     b = Bundle.open(demo_bundle, verify=False)
     digest, driver_manifest = _gallery_digest(gallery, b)

@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from clue2geo_sdk import Bundle, BundleIntegrityError, Geolocator
-from clue2geo_sdk.bundle.manifest import remove_bundle
 from clue2geo_sdk.bundle.signing import (
     SIGNATURES,
     BundleSignatureError,
@@ -25,9 +24,11 @@ from clue2geo_sdk.bundle.signing import (
     load_public_key,
     public_bytes,
 )
+from clue2geo_sdk.bundle.writer import remove_bundle
 from clue2geo_sdk.cli import main
-from clue2geo_sdk.runs.batch import RecordWriter, read_journal, run_batch
+from clue2geo_sdk.runs.batch import run_batch
 from clue2geo_sdk.runs.chain import GENESIS, record_hash, verify_journal
+from clue2geo_sdk.runs.journal import RecordWriter, read_journal
 
 NASTY = ["line\u2028sep", "nul\x00", "surrogate \udcff", "rtl \u202e", "x" * 5000, "tab\there", -0.0, 1e308]
 

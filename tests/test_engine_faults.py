@@ -74,7 +74,7 @@ def engine(paths):
     eng = make_engine("batched", *paths, max_images=2, ctx_per_image=2048)
     faulty = Faulty(eng._lib)
     faulty.n_vocab = eng.n_vocab
-    eng._lib = faulty
+    eng._loop.lib = faulty
     yield eng, faulty
     eng.close(timeout=WAIT)
 
@@ -130,7 +130,7 @@ def test_failed_decode_fails_a_prompt_fed_over_several_steps(paths, image) -> No
     eng = make_engine("batched", *paths, max_images=1, ctx_per_image=2048, n_batch=16)
     faulty = Faulty(eng._lib)
     faulty.n_vocab = eng.n_vocab
-    eng._lib = faulty
+    eng._loop.lib = faulty
     try:
         with eng.open(image) as s:
             faulty.decode_fault = (faulty.decodes + 2, 1)  # the prompt's second prefill step
@@ -149,7 +149,7 @@ def test_dead_engine_thread_fails_pending_and_later_work(engine, image) -> None:
         raise SystemExit("engine thread killed")
 
     with eng.open(image) as s:
-        eng._serve = broken
+        eng._loop._serve = broken
         pending = s.submit("Where is this?", schema=None, max_tokens=4)
         with pytest.raises(VLMError, match="engine thread killed"):
             pending.result(timeout=WAIT)
@@ -191,7 +191,7 @@ def test_sequences_are_reserved_per_image_so_admission_waits_not_fails(paths, im
     eng = make_engine("batched", *paths, max_images=2, ctx_per_image=2048, samples_per_prompt=samples)
     try:
         assert eng.seqs_per_image == seqs_per_image(samples) == 16
-        pool = len(eng._free_seqs)
+        pool = len(eng._loop.free_seqs)
         assert pool == 2 * 16
         a = eng.open(image)
         flood = [
@@ -206,9 +206,9 @@ def test_sequences_are_reserved_per_image_so_admission_waits_not_fails(paths, im
         with eng.open(image) as s:
             s.ask("Where is this?", schema=None, max_tokens=2, timeout=WAIT)
         deadline = time.monotonic() + WAIT  # closing is asynchronous: the engine thread frees them
-        while len(eng._free_seqs) < pool and time.monotonic() < deadline:
+        while len(eng._loop.free_seqs) < pool and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert sorted(eng._free_seqs) == list(range(pool))  # every sequence came back, once
+        assert sorted(eng._loop.free_seqs) == list(range(pool))  # every sequence came back, once
     finally:
         eng.close(timeout=WAIT)
 
@@ -237,13 +237,13 @@ def test_threads_with_three_samples_and_several_images_in_flight(demo_bundle: Pa
 def test_result_and_close_take_timeouts(engine, image) -> None:
     eng, _ = engine
     gate = threading.Event()
-    real = eng._step
+    real = eng._loop._step
 
     def slow(live):
         gate.wait(WAIT)
         return real(live)
 
-    eng._step = slow
+    eng._loop._step = slow
     s = eng.open(image)
     f = s.submit("Where is this?", schema=None, max_tokens=2)
     with pytest.raises(TimeoutError):

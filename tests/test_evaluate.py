@@ -15,7 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from clue2geo_sdk.cli import EXIT_SOME_FAILED, main
+from clue2geo_sdk.cli import main
+from clue2geo_sdk.cli.common import EXIT_SOME_FAILED
 from clue2geo_sdk.evaluation.metrics import compute_metrics, distance_km, geoscore, read_dataset
 from clue2geo_sdk.geo.countries import countries
 

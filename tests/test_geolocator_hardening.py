@@ -33,7 +33,8 @@ from clue2geo_sdk import (
     Prediction,
     RecordFormatError,
 )
-from clue2geo_sdk.geolocator import Geolocator, available_memory, memory_need
+from clue2geo_sdk.engines.memory import available_memory, memory_need
+from clue2geo_sdk.geolocator import Geolocator
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -276,7 +277,8 @@ def test_location_schema_coordinates_are_within_range() -> None:
 def test_prediction_from_a_journal_record(geo: Geolocator, photo: Path, tmp_path: Path) -> None:
     """A record written by the batch journal (the prediction plus path, status, hashes, identity)
     reads back as the same prediction; a failure record or a typo'd key is refused by name."""
-    from clue2geo_sdk.runs.batch import read_records, run_batch
+    from clue2geo_sdk.runs.batch import run_batch
+    from clue2geo_sdk.runs.journal import read_records
 
     out = tmp_path / "r.jsonl"
     run_batch(geo, [photo, tmp_path / "missing.jpg"], out)

@@ -72,7 +72,7 @@ def test_locate_on_gpu(demo_bundle: Path, photo: Path, llama_log: Callable[[], l
     import onnxruntime as ort
 
     from clue2geo_sdk import Bundle, Geolocator
-    from clue2geo_sdk.geolocator import memory_need
+    from clue2geo_sdk.engines.memory import memory_need
 
     before = _gpu_used_mib()
     with Geolocator.load(demo_bundle, device="cuda", max_in_flight=2, max_cue_tokens=96, max_answer_tokens=48) as geo:

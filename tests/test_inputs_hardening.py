@@ -28,7 +28,10 @@ from clue2geo_sdk.errors import BundleFormatError, RegionError
 from clue2geo_sdk.geo.region import Region
 from clue2geo_sdk.inputs.image import load_image
 from clue2geo_sdk.inputs.metadata.photo import read_metadata
-from clue2geo_sdk.retrieval.photos import DB, MANIFEST, VECTORS, PhotoGallery, _Writer, build_gallery
+from clue2geo_sdk.retrieval.photo_build import build_gallery
+from clue2geo_sdk.retrieval.photo_writer import GalleryWriter
+from clue2geo_sdk.retrieval.photos import DB, VECTORS, PhotoGallery
+from clue2geo_sdk.retrieval.photos import GALLERY_MANIFEST_FILE as MANIFEST
 
 # -- item 5: large images ----------------------------------------------------------------------------
 
@@ -313,7 +316,7 @@ def test_an_empty_gallery_is_refused_when_opened(demo_bundle: Path, tmp_path: Pa
     out = tmp_path / "empty"
     tower = Bundle.open(demo_bundle, verify=False).component("gpsclip")
     dim = int(Bundle.open(demo_bundle, verify=False).params("gpsclip")["dim"])
-    writer = _Writer(out, dim=dim, image_sha256=tower.files["image"].sha256)
+    writer = GalleryWriter(out, dim=dim, image_sha256=tower.files["image"].sha256)
     writer.finish()
     writer.close()
     assert json.loads((out / MANIFEST).read_text())["count"] == 0

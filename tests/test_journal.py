@@ -11,18 +11,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from clue2geo_sdk.cli import EXIT_SOME_FAILED, main
+from clue2geo_sdk.cli import main
+from clue2geo_sdk.cli.common import EXIT_SOME_FAILED
 from clue2geo_sdk.geolocator import Geolocator
 from clue2geo_sdk.results import Failure
-from clue2geo_sdk.runs.batch import (
-    JournalWarning,
-    RecordWriter,
-    identity,
-    read_journal,
-    read_records,
-    run_batch,
-)
+from clue2geo_sdk.runs.batch import run_batch
 from clue2geo_sdk.runs.chain import CHAIN_FIELDS
+from clue2geo_sdk.runs.journal import JournalWarning, RecordWriter, read_journal, read_records
+from clue2geo_sdk.runs.records import identity
 
 NASTY = [
     "line\u2028separator",

@@ -15,10 +15,12 @@ from PIL import Image, PngImagePlugin
 from PIL.TiffImagePlugin import IFDRational as R
 
 from clue2geo_sdk.cli import main
-from clue2geo_sdk.geo.reverse import haversine_km
+from clue2geo_sdk.geo.distance import haversine_km
 from clue2geo_sdk.inputs.image import load_image
 from clue2geo_sdk.inputs.metadata.photo import read_metadata
-from clue2geo_sdk.runs.batch import CSV_FIELDS, csv_row, read_journal, run_batch
+from clue2geo_sdk.runs.batch import run_batch
+from clue2geo_sdk.runs.formats import CSV_FIELDS, csv_row
+from clue2geo_sdk.runs.journal import read_journal
 
 # Layouts as the cameras write them: byte order, which IFD holds what, how the rationals are formed.
 IPHONE = {  # big-endian; seconds as hundredths; offset and sub-seconds present; west longitude

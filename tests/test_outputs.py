@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from clue2geo_sdk import Bundle
 from clue2geo_sdk.cli import main
 from clue2geo_sdk.evidence.report.render import render_report
-from clue2geo_sdk.runs.batch import CSV_FIELDS, write_csv
+from clue2geo_sdk.runs.formats import CSV_FIELDS, write_csv
 
 RECORD = {
     "path": "@cmd.jpg",

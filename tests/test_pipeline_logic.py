@@ -13,7 +13,7 @@ import pytest
 
 from clue2geo_sdk import Bundle, Geolocator, Options
 from clue2geo_sdk.engines import Generation
-from clue2geo_sdk.geo.reverse import haversine_km
+from clue2geo_sdk.geo.distance import haversine_km
 from clue2geo_sdk.inputs.image import load_image
 
 PARIS = (48.8584, 2.2945)

@@ -27,24 +27,24 @@ from clue2geo_sdk.bundle.manifest import Bundle
 from clue2geo_sdk.cli import main
 from clue2geo_sdk.errors import BundleFormatError
 from clue2geo_sdk.inputs.image import load_image
+from clue2geo_sdk.retrieval.coordinates import CoordinateGallery
+from clue2geo_sdk.retrieval.photo_build import build_gallery
+from clue2geo_sdk.retrieval.photo_writer import GalleryWriter
 from clue2geo_sdk.retrieval.photos import (
     DB,
     ERRORS,
     INDEX,
     INDEX2,
-    MANIFEST,
     VECTORS,
     PhotoGallery,
-    _Writer,
-    build_gallery,
 )
+from clue2geo_sdk.retrieval.photos import GALLERY_MANIFEST_FILE as MANIFEST
 from clue2geo_sdk.retrieval.search import (
     PHOTO_HNSW_EXPANSION,
     PHOTO_LONE_EXPANSION,
     PHOTO_TWIN_EXPANSION,
     PHOTO_TWIN_RETRY,
-    Gallery,
-    SearchMixin,
+    IndexStore,
     int8_scale,
     to_int8,
 )
@@ -301,8 +301,8 @@ def brute(vectors: np.ndarray, q: np.ndarray, allowed: np.ndarray, k: int) -> tu
     return allowed[order], cos[order]
 
 
-class ArrayGallery(SearchMixin):
-    """A SearchMixin over an in-memory USearch index, to test the search at sizes and settings
+class ArrayGallery(IndexStore):
+    """An IndexStore over an in-memory USearch index, to test the search at sizes and settings
     (exact and HNSW, brute-force subsets and oversampled ones) the demo cannot reach."""
 
     kind = "test"
@@ -318,10 +318,10 @@ class ArrayGallery(SearchMixin):
         self.lat = np.zeros(len(vectors))
         self.lon = np.zeros(len(vectors))
 
-    def _vectors(self, keys: np.ndarray) -> np.ndarray:
+    def vectors_of(self, keys: np.ndarray) -> np.ndarray:
         return self.vectors[keys]
 
-    def _hit(self, key: int, cosine: float):  # noqa: ANN202
+    def hit(self, key: int, cosine: float):  # noqa: ANN202
         from clue2geo_sdk.retrieval.search import GalleryHit
 
         return GalleryHit(key=key, lat=0.0, lon=0.0, cosine=cosine)
@@ -406,7 +406,7 @@ def test_int8_search_path_on_a_gallery_of_thousands(tmp_path: Path, monkeypatch:
     x = clustered(3000, 64, 5)
     out = tmp_path / "g"
     out.mkdir()
-    w = _Writer(out, dim=64, image_sha256="test")
+    w = GalleryWriter(out, dim=64, image_sha256="test")
     for s in range(0, 3000, 500):
         w.add(synthetic_rows(s, s + 500), x[s : s + 500])
     w.finish()
@@ -416,7 +416,7 @@ def test_int8_search_path_on_a_gallery_of_thousands(tmp_path: Path, monkeypatch:
     g = PhotoGallery(out)
     assert g.int8 and not g.exact and g.subset_limit == 100 and g.rerank < len(g)
     for i in (0, 1234, 2999):  # the query goes in as the rows went in
-        assert np.abs(g._query(x[i]).astype(np.int16) - np.asarray(g.index.get(i), dtype=np.int16)).max() <= 1
+        assert np.abs(g.index_query(x[i]).astype(np.int16) - np.asarray(g.index.get(i), dtype=np.int16)).max() <= 1
     stored = g.vectors.astype(np.float32)
     allowed = np.sort(rng.choice(3000, 600, replace=False)).astype(np.int64)
     found, found_allowed = [], []
@@ -434,8 +434,8 @@ def test_int8_search_path_on_a_gallery_of_thousands(tmp_path: Path, monkeypatch:
     assert np.mean(found) >= 0.98 and np.mean(found_allowed) >= 0.98, (np.mean(found), np.mean(found_allowed))
     # the filtered search re-scores as many candidates as the unrestricted one, not just ~2k
     seen: list[int] = []
-    rescore = g._rescore
-    monkeypatch.setattr(g, "_rescore", lambda q, keys, d, k: seen.append(len(keys)) or rescore(q, keys, d, k))
+    rescore = g.rescore
+    monkeypatch.setattr(g, "rescore", lambda q, keys, d, k: seen.append(len(keys)) or rescore(q, keys, d, k))
     g.most_similar(x[7], 15, allowed=allowed)
     g.most_similar(x[7], 15)
     assert len(seen) == 2 and min(seen) >= g.rerank, seen
@@ -449,7 +449,7 @@ def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr("clue2geo_sdk.retrieval.photos.EXACT_LIMIT", 100)
     x = clustered(3100, 64, 6)
     out = tmp_path / "g"
-    w = _Writer(out, dim=64, image_sha256="test")
+    w = GalleryWriter(out, dim=64, image_sha256="test")
     for s in range(0, 3000, 500):
         w.add(synthetic_rows(s, s + 500), x[s : s + 500])
         assert (INDEX2 in w.graphs) == (w.count > 1000), w.count
@@ -466,7 +466,7 @@ def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: py
     assert g.index.expansion_search == g.twin.expansion_search == PHOTO_TWIN_EXPANSION
     assert [g.most_similar(x[i], 1)[0].key for i in (0, 999, 1000, 2999)] == [0, 999, 1000, 2999]
     for i in (0, 1234, 2999):  # the second graph holds the rows as the first does, queried alike
-        assert np.abs(g._query(x[i]).astype(np.int16) - np.asarray(g.twin.get(i), dtype=np.int16)).max() <= 1
+        assert np.abs(g.index_query(x[i]).astype(np.int16) - np.asarray(g.twin.get(i), dtype=np.int16)).max() <= 1
 
     class Stranded:
         """A graph whose search ends in the wrong place (it answers for -q, or for q rolled when
@@ -511,11 +511,11 @@ def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: py
     with pytest.raises(BundleFormatError, match=r"index2\.usearch.*10 vectors for 3000 rows"):
         PhotoGallery(out)
     added: list[tuple[str, int]] = []
-    add_to = _Writer._add_to
+    add_to = GalleryWriter._add_to
     monkeypatch.setattr(
-        _Writer, "_add_to", lambda w, name, k, v: added.append((name, int(k[0]))) or add_to(w, name, k, v)
+        GalleryWriter, "_add_to", lambda w, name, k, v: added.append((name, int(k[0]))) or add_to(w, name, k, v)
     )
-    _Writer(out, dim=64, image_sha256="test").close()
+    GalleryWriter(out, dim=64, image_sha256="test").close()
     assert added == [(INDEX2, 10)]  # resumed after the 10 rows it held, not rebuilt
     g = PhotoGallery(out)
     assert len(g.twin) == 3000
@@ -523,7 +523,7 @@ def test_a_second_graph_above_the_twin_threshold(tmp_path: Path, monkeypatch: py
     # A second graph a build under a lower threshold left behind is removed by the next build, and
     # a large gallery with one graph (one from before second graphs) is searched wider.
     monkeypatch.setattr("clue2geo_sdk.retrieval.photos.PHOTO_TWIN_ABOVE", 5000)
-    w = _Writer(out, dim=64, image_sha256="test")
+    w = GalleryWriter(out, dim=64, image_sha256="test")
     w.add(synthetic_rows(3000, 3100), x[3000:])
     w.finish()
     w.close()
@@ -541,7 +541,7 @@ def test_a_second_graph_is_searched_in_a_forked_child(tmp_path: Path, monkeypatc
     monkeypatch.setattr("clue2geo_sdk.retrieval.photos.PHOTO_TWIN_ABOVE", 100)
     monkeypatch.setattr("clue2geo_sdk.retrieval.photos.EXACT_LIMIT", 100)
     x = clustered(300, 64, 8)
-    w = _Writer(tmp_path / "g", dim=64, image_sha256="test")
+    w = GalleryWriter(tmp_path / "g", dim=64, image_sha256="test")
     w.add(synthetic_rows(0, 300), x)
     w.finish()
     w.close()
@@ -589,7 +589,7 @@ def test_allowed_on_the_photo_and_coordinate_galleries(built: Path, demo_bundle:
     assert [h.key for h in hits] == want.tolist() and all(h.path for h in hits)
     b = Bundle.open(demo_bundle, verify=False)
     p = b.params("gallery")
-    coords = Gallery(
+    coords = CoordinateGallery(
         b.file("gallery", "index"),
         b.file("metadata", "db"),
         dim=int(p["dim"]),
@@ -620,7 +620,7 @@ def test_a_gallery_with_an_older_float16_index_still_opens_and_is_reindexed_on_t
     they are, and the next build rebuilds the index from vectors.f16 in the current layout."""
     out = tmp_path / "g"
     with monkeypatch.context() as m:
-        m.setattr("clue2geo_sdk.retrieval.photos.PHOTO_INDEX_DTYPE", "f16")
+        m.setattr("clue2geo_sdk.retrieval.photo_writer.PHOTO_INDEX_DTYPE", "f16")
         build_gallery(photos, demo_bundle, out)
     old = json.loads((out / MANIFEST).read_text())["index"]
     assert (old["dtype"], old["scale"]) == ("f16", 1.0)
@@ -630,7 +630,7 @@ def test_a_gallery_with_an_older_float16_index_still_opens_and_is_reindexed_on_t
     assert [g.most_similar(g.vectors[i].astype(np.float32), 1)[0].key for i in range(5)] == list(range(5))
     # A build cut short after re-indexing leaves the new int8 index beside the old manifest: the
     # reader follows the index file, not the manifest.
-    _Writer(out, dim=512, image_sha256=json.loads((out / MANIFEST).read_text())["image_tower_sha256"]).close()
+    GalleryWriter(out, dim=512, image_sha256=json.loads((out / MANIFEST).read_text())["image_tower_sha256"]).close()
     assert json.loads((out / MANIFEST).read_text())["index"]["dtype"] == "f16"
     g = PhotoGallery(out)
     assert g.int8 and str(g.index.dtype).endswith("I8")

@@ -10,8 +10,8 @@ from conftest import FAST
 
 from clue2geo_sdk.errors import RegionError
 from clue2geo_sdk.geo.countries import countries
+from clue2geo_sdk.geo.distance import haversine_km
 from clue2geo_sdk.geo.region import Region
-from clue2geo_sdk.geo.reverse import haversine_km
 from clue2geo_sdk.pipeline.stages import within_region
 
 PARIS, LONDON = (48.8566, 2.3522), (51.5074, -0.1278)
@@ -251,7 +251,7 @@ def test_a_bad_geojson_area_is_named(tmp_path) -> None:  # noqa: ANN001
     (tmp_path / "odd.geojson").write_text('{"type": "FeatureCollection", "features": 5}')
     refused(f"geojson:{tmp_path / 'odd.geojson'}", "not a list")
     # a record's region is data: a string geometry is refused, never read as a path, nor shown from one
-    from clue2geo_sdk.evidence.report.render import _region_text
+    from clue2geo_sdk.evidence.report.sections import _region_text
 
     spec = f"geojson:{tmp_path / 'districts.geojson'}"
     _geojson(tmp_path / "districts.geojson", ELL)

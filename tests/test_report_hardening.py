@@ -32,7 +32,8 @@ from clue2geo_sdk.cli import main
 from clue2geo_sdk.evidence.attestation import sign_journal, signature_path
 from clue2geo_sdk.evidence.report.render import render_report, write_report
 from clue2geo_sdk.files import InputFileError
-from clue2geo_sdk.runs.batch import RecordWriter, read_journal, run_batch
+from clue2geo_sdk.runs.batch import run_batch
+from clue2geo_sdk.runs.journal import RecordWriter, read_journal
 
 CHROMIUM = Path(os.environ.get("CLUE2GEO_CHROMIUM", "/usr/bin/chromium"))
 

@@ -21,16 +21,16 @@ from clue2geo_sdk.cli import main
 from clue2geo_sdk.cluster import shards
 from clue2geo_sdk.evidence.attestation import sign_journal
 from clue2geo_sdk.geolocator import Geolocator
-from clue2geo_sdk.runs.batch import (
+from clue2geo_sdk.runs.batch import run_batch
+from clue2geo_sdk.runs.chain import verify_journal
+from clue2geo_sdk.runs.journal import (
     RecordWriter,
     ResultsInUseError,
     ResultsPathError,
     ResultsWriteError,
-    latest,
     read_journal,
-    run_batch,
 )
-from clue2geo_sdk.runs.chain import verify_journal
+from clue2geo_sdk.runs.resume import latest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--no-verify", "--device", "cpu", "--max-cue-tokens", "16", "--max-answer-tokens", "16"]
@@ -69,7 +69,7 @@ def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
 HOLDER = """
 import sys
 from pathlib import Path
-from clue2geo_sdk.runs.batch import RecordWriter
+from clue2geo_sdk.runs.journal import RecordWriter
 w = RecordWriter(Path(sys.argv[1]), "jsonl")
 w.write({"path": "held.jpg", "status": "error", "error": "X", "message": "held"})
 print("holding", flush=True)
@@ -237,7 +237,7 @@ def test_a_failed_write_is_cut_back_off_and_named(tmp_path: Path, monkeypatch: p
             real_write(fd, bytes(data[: len(data) // 2]))  # part of the line reaches the disk
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("clue2geo_sdk.runs.batch.os.write", half_then_full)
+    monkeypatch.setattr("clue2geo_sdk.runs.journal.os.write", half_then_full)
     with pytest.raises(ResultsWriteError) as info:
         w.write({"path": "c.jpg", "status": "error", "message": "y" * 500})
     monkeypatch.undo()
@@ -250,7 +250,7 @@ def test_a_failed_write_is_cut_back_off_and_named(tmp_path: Path, monkeypatch: p
 FILL = """
 import resource, signal, sys
 from pathlib import Path
-from clue2geo_sdk.runs.batch import RecordWriter
+from clue2geo_sdk.runs.journal import RecordWriter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, write() fails with EFBIG instead
 out = Path(sys.argv[1])
 limit = out.stat().st_size + 700
@@ -525,7 +525,7 @@ def test_locate_on_a_full_disk_ends_in_one_line_and_resumes(demo_bundle: Path, p
 def test_two_copies_of_one_photo_stay_two_images_when_one_is_edited(tmp_path) -> None:
     """Byte-identical copies a/p.jpg and b/p.jpg, each named "p.jpg" from its own folder: while both
     files exist they are two images, so editing one never supersedes the other's row."""
-    from clue2geo_sdk.runs.batch import latest
+    from clue2geo_sdk.runs.resume import latest
 
     a, b = tmp_path / "a" / "p.jpg", tmp_path / "b" / "p.jpg"
     for f in (a, b):

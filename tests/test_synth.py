@@ -229,7 +229,7 @@ def test_synth_tiny_builds_marks_and_verifies(synth_tiny: Path) -> None:
     bad = runner.invoke(main, ["bundle", "verify", str(copy)])
     assert bad.exit_code == 1
     # --overwrite removes the sidecars too (they are the bundle's own files), leaving nothing behind
-    from clue2geo_sdk.bundle.manifest import remove_bundle
+    from clue2geo_sdk.bundle.writer import remove_bundle
 
     remove_bundle(copy)
     assert not copy.exists() or not any(copy.rglob("*"))

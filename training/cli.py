@@ -10,6 +10,14 @@ from pathlib import Path
 import click
 import peft  # noqa: F401  (fail at plugin load when the [train] extra is missing)
 import torch  # noqa: F401
+from rich.progress import Progress
+
+from clue2geo_sdk import Geolocator
+
+from .config import StageConfig
+from .dataset import build_dataset
+from .export import export_trained
+from .train import run_stages
 
 
 @click.group("train")
@@ -57,12 +65,6 @@ def dataset_cmd(
     device: str,
 ) -> None:
     """Write rc/rl/ol .train/.val JSONL in the paper's templates, and summary.json."""
-    from rich.progress import Progress
-
-    from clue2geo_sdk import Geolocator
-
-    from .dataset import build_dataset
-
     with Geolocator.load(teacher, device=device) as geo, Progress() as progress:
         task = progress.add_task("building", total=None)
         summary = build_dataset(
@@ -111,9 +113,6 @@ def run_cmd(
     max_steps: int | None,
 ) -> None:
     """Train the stages in order, each from the previous stage's merged weights."""
-    from .config import StageConfig
-    from .train import run_stages
-
     cfgs = [StageConfig.load(c) for c in configs]
     result = run_stages(
         cfgs,
@@ -154,8 +153,6 @@ def export_cmd(
     model_dir: Path, out: Path, name: str, from_bundle: Path | None, data: Path | None, quant: str, overwrite: bool
 ) -> None:
     """Merged model -> GGUF + mmproj + the other components -> a verified bundle."""
-    from .export import export_trained
-
     b = export_trained(
         model_dir,
         out,

@@ -18,6 +18,8 @@ LM_TARGETS = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
 
 @attrs.frozen(kw_only=True)
 class StageConfig:
+    """One stage's LoRA, optimizer and schedule settings, as its TOML file gives them."""
+
     stage: str = attrs.field(validator=attrs.validators.in_(("rc", "rl", "ol")))
     rank: int = 16
     alpha: int = 32
@@ -34,6 +36,7 @@ class StageConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> StageConfig:
+        """Read a stage TOML; an unknown key is refused rather than ignored (a typo would train silently)."""
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         known = {f.name for f in attrs.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -42,4 +45,5 @@ class StageConfig:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as stored in state.json, where a resumed stage checks them."""
         return attrs.asdict(self)

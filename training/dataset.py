@@ -13,12 +13,13 @@ record says where its parts came from.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import attrs
 
@@ -32,12 +33,15 @@ from clue2geo_sdk.sanitize import clean_text
 from .prompts import REASON_TEMPLATES, place_text
 
 STAGES = ("rc", "rl", "ol")
+SPLITS = ("train", "val")
 REASON_MAX_CHARS = 4000
 REASON_MAX_TOKENS = 512  # a step-by-step chain; the answer budget (128) would cut it short
 
 
 @attrs.frozen(kw_only=True)
 class Row:
+    """One usable CSV row: a readable path and valid coordinates, with the names the CSV gives."""
+
     key: str  # the CSV's path, relative to the images folder (how cues / reasons files name it)
     path: Path
     lat: float
@@ -91,10 +95,12 @@ def split_of(path: Path, val_percent: int) -> str:
 
 
 def _coord(x: float) -> str:
+    """A coordinate as the answers and teacher prompts write it: fixed 6 decimals (about 0.1 m)."""
     return f"{x:.6f}"
 
 
 def _record(path: Path, prompt: str, answer: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """One chat-format training record: the image and prompt, the JSON answer, and where its parts came from."""
     return {
         "image": str(path.resolve()),
         "messages": [
@@ -140,6 +146,134 @@ def teacher_reason(
     return clean_text(teacher.ask(image, prompt, max_tokens=max_tokens), REASON_MAX_CHARS) or ""
 
 
+@attrs.define(kw_only=True)
+class _RowBuilder:
+    """What turning a row into records needs (the teacher, the given cues and chains, the settings),
+    with the count of each part's source for the summary."""
+
+    teacher: Geolocator
+    cues_given: dict[str, dict[str, Any]]
+    reasons_given: dict[str, dict[str, Any]]
+    reason_tokens: int
+    val_percent: int
+    sources: dict[str, dict[str, int]] = attrs.Factory(
+        lambda: {"cues": {"teacher": 0, "file": 0}, "reasons": {"teacher": 0, "file": 0}}
+    )
+
+    def location(self, row: Row) -> dict[str, Any]:
+        """The true location: the CSV's names where given, else the reverse geocoder's."""
+        place = self.teacher.geocoder.lookup(row.lat, row.lon)
+        return {
+            "country": row.country or place.country or None,
+            "city": row.city or place.city or None,
+            "landmark": row.landmark,
+            "lat": _coord(row.lat),
+            "lon": _coord(row.lon),
+        }
+
+    def cluemap(self, row: Row, image: Any) -> tuple[str, str]:
+        """The rendered cluemap and where its cues came from (``file`` or ``teacher``)."""
+        given = _given(self.cues_given, row)
+        cues = [(c["cue"], c.get("description", "")) for c in given["cues"]] if given else None
+        cm, _ = self.teacher.cluemap(image, cues=cues)
+        source = "file" if given else "teacher"
+        self.sources["cues"][source] += 1
+        return cm.render(), source
+
+    def reasons(self, row: Row, image: Any, loc: dict[str, Any], cluemap: str) -> tuple[dict[str, str], dict[str, str]]:
+        """The RC and RL chains and their sources: a reviewed chain from the reasons file, else the teacher's."""
+        from_file = _given(self.reasons_given, row) or {}
+        why: dict[str, str] = {}
+        why_src: dict[str, str] = {}
+        for stage in ("rc", "rl"):
+            if from_file.get(stage):
+                why[stage], why_src[stage] = str(from_file[stage]), "file"
+            else:
+                why[stage], why_src[stage] = (
+                    teacher_reason(self.teacher, image, stage, loc, cluemap, self.reason_tokens),
+                    "teacher",
+                )
+            self.sources["reasons"][why_src[stage]] += 1
+        return why, why_src
+
+    def records(self, row: Row, image: Any) -> tuple[dict[str, Any], str, dict[str, dict[str, Any]]]:
+        """The row's review entry, its split, and its record for each stage."""
+        loc = self.location(row)
+        cluemap, cue_src = self.cluemap(row, image)
+        why, why_src = self.reasons(row, image, loc, cluemap)
+        review = {"path": row.key, **why, "source": why_src}
+        split = split_of(row.path, self.val_percent)
+        meta = {
+            "lat": row.lat,
+            "lon": row.lon,
+            "cues_source": cue_src,
+            "country_source": "csv" if row.country else "reverse_geocoder",
+            "city_source": "csv" if row.city else "reverse_geocoder",
+            "split": split,
+        }
+        prompts = self.teacher.prompts
+        recs = {
+            "rc": _record(
+                row.path,
+                prompts["city_reason"].format(),
+                {"country": loc["country"], "city": loc["city"], "Reasons": why["rc"]},
+                {**meta, "reasons_source": why_src["rc"]},
+            ),
+            "rl": _record(
+                row.path,
+                prompts["locate_reason"].format(cluemap=cluemap),
+                {**loc, "Reasons": why["rl"]},
+                {**meta, "reasons_source": why_src["rl"]},
+            ),
+            "ol": _record(row.path, prompts["locate"].format(cluemap=cluemap), loc, meta),
+        }
+        return review, split, recs
+
+
+@contextlib.contextmanager
+def _open_outputs(out_dir: Path) -> Iterator[tuple[dict[tuple[str, str], TextIO], TextIO]]:
+    """The six ``<stage>.<split>.jsonl`` files and ``reasons.jsonl``, closed together however the build ends."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        files = {
+            (s, sp): stack.enter_context(open(out_dir / f"{s}.{sp}.jsonl", "w", encoding="utf-8"))
+            for s in STAGES
+            for sp in SPLITS
+        }
+        review = stack.enter_context(open(out_dir / "reasons.jsonl", "w", encoding="utf-8"))
+        yield files, review
+
+
+def _summary(
+    csv_path: Path,
+    images: Path,
+    teacher: Geolocator,
+    rows: list[Row],
+    bad: dict[str, list[str]],
+    counts: dict[str, int],
+    sources: dict[str, dict[str, int]],
+    val_percent: int,
+) -> dict[str, Any]:
+    """summary.json: what was written and skipped, where the parts came from, and the templates and
+    image-token budget that training and the exported bundle must share."""
+    prompts = teacher.prompts
+    return {
+        "csv": str(csv_path),
+        "images": str(images),
+        "teacher_bundle": teacher.bundle.name,
+        "rows_read": len(rows) + len(bad["missing_file"]) + len(bad["bad_coordinates"]),
+        "written": counts,
+        "skipped": {k: len(v) for k, v in bad.items()},
+        "skipped_detail": bad,
+        "sources": sources,
+        "templates": {k: prompts[k] for k in ("city_reason", "locate_reason", "locate")},
+        "reason_templates": REASON_TEMPLATES,
+        # The image-token budget the student trains with and its bundle infers with (one number).
+        "image_max_tokens": int(teacher.bundle.params("vlm").get("image_max_tokens") or IMAGE_MAX_TOKENS),
+        "val_percent": val_percent,
+    }
+
+
 def build_dataset(
     csv_path: Path,
     images: Path,
@@ -157,100 +291,28 @@ def build_dataset(
     chain for the stages it names."""
     rows, bad = read_rows(csv_path, images)
     bad["unreadable_image"] = []
-    cues_given = _load_jsonl(cues_jsonl)
-    reasons_given = _load_jsonl(reasons_jsonl)
-    prompts = teacher.prompts
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {
-        (s, sp): open(out_dir / f"{s}.{sp}.jsonl", "w", encoding="utf-8") for s in STAGES for sp in ("train", "val")
-    }
-    review = open(out_dir / "reasons.jsonl", "w", encoding="utf-8")
-    counts = {f"{s}.{sp}": 0 for s, sp in files}
-    sources = {"cues": {"teacher": 0, "file": 0}, "reasons": {"teacher": 0, "file": 0}}
-    try:
+    builder = _RowBuilder(
+        teacher=teacher,
+        cues_given=_load_jsonl(cues_jsonl),
+        reasons_given=_load_jsonl(reasons_jsonl),
+        reason_tokens=reason_tokens,
+        val_percent=val_percent,
+    )
+    counts = {f"{s}.{sp}": 0 for s in STAGES for sp in SPLITS}
+    with _open_outputs(out_dir) as (files, review):
         for row in rows:
             try:
                 img = load_image(row.path)
             except ImageLoadError as exc:
                 bad["unreadable_image"].append(str(exc))
                 continue
-            place = teacher.geocoder.lookup(row.lat, row.lon)
-            country = row.country or place.country or None
-            city = row.city or place.city or None
-            name = row.path.name
-            given = _given(cues_given, row)
-            cues = [(c["cue"], c.get("description", "")) for c in given["cues"]] if given else None
-            cm, _ = teacher.cluemap(img.image, cues=cues)
-            cluemap = cm.render()
-            cue_src = "file" if given else "teacher"
-            sources["cues"][cue_src] += 1
-            loc = {
-                "country": country,
-                "city": city,
-                "landmark": row.landmark,
-                "lat": _coord(row.lat),
-                "lon": _coord(row.lon),
-            }
-            from_file = _given(reasons_given, row) or {}
-            why: dict[str, str] = {}
-            why_src: dict[str, str] = {}
-            for stage in ("rc", "rl"):
-                if from_file.get(stage):
-                    why[stage], why_src[stage] = str(from_file[stage]), "file"
-                else:
-                    why[stage], why_src[stage] = (
-                        teacher_reason(teacher, img.image, stage, loc, cluemap, reason_tokens),
-                        "teacher",
-                    )
-                sources["reasons"][why_src[stage]] += 1
-            review.write(json.dumps({"path": row.key, **why, "source": why_src}, ensure_ascii=False) + "\n")
-            split = split_of(row.path, val_percent)
-            meta = {
-                "lat": row.lat,
-                "lon": row.lon,
-                "cues_source": cue_src,
-                "country_source": "csv" if row.country else "reverse_geocoder",
-                "city_source": "csv" if row.city else "reverse_geocoder",
-                "split": split,
-            }
-            recs = {
-                "rc": _record(
-                    row.path,
-                    prompts["city_reason"].format(),
-                    {"country": country, "city": city, "Reasons": why["rc"]},
-                    {**meta, "reasons_source": why_src["rc"]},
-                ),
-                "rl": _record(
-                    row.path,
-                    prompts["locate_reason"].format(cluemap=cluemap),
-                    {**loc, "Reasons": why["rl"]},
-                    {**meta, "reasons_source": why_src["rl"]},
-                ),
-                "ol": _record(row.path, prompts["locate"].format(cluemap=cluemap), loc, meta),
-            }
+            entry, split, recs = builder.records(row, img.image)
+            review.write(json.dumps(entry, ensure_ascii=False) + "\n")
             for stage, rec in recs.items():
                 files[(stage, split)].write(json.dumps(rec, ensure_ascii=False) + "\n")
                 counts[f"{stage}.{split}"] += 1
             if on_row:
-                on_row(name)
-    finally:
-        review.close()
-        for fh in files.values():
-            fh.close()
-    summary = {
-        "csv": str(csv_path),
-        "images": str(images),
-        "teacher_bundle": teacher.bundle.name,
-        "rows_read": len(rows) + len(bad["missing_file"]) + len(bad["bad_coordinates"]),
-        "written": counts,
-        "skipped": {k: len(v) for k, v in bad.items()},
-        "skipped_detail": bad,
-        "sources": sources,
-        "templates": {k: prompts[k] for k in ("city_reason", "locate_reason", "locate")},
-        "reason_templates": REASON_TEMPLATES,
-        # The image-token budget the student trains with and its bundle infers with (one number).
-        "image_max_tokens": int(teacher.bundle.params("vlm").get("image_max_tokens") or IMAGE_MAX_TOKENS),
-        "val_percent": val_percent,
-    }
+                on_row(row.path.name)
+    summary = _summary(csv_path, images, teacher, rows, bad, counts, builder.sources, val_percent)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

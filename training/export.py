@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from clue2geo_sdk.bundle.manifest import Bundle, BundleWriter
+from clue2geo_sdk.bundle.manifest import Bundle
+from clue2geo_sdk.bundle.writer import BundleWriter
 from clue2geo_sdk.engines.image_tokens import IMAGE_MAX_TOKENS
 from clue2geo_sdk.pipeline.prompts import DEFAULT_PROMPTS
 from exporters import vlm_gguf

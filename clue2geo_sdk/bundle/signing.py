@@ -20,14 +20,15 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import attrs
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ..errors import BundleIntegrityError, Clue2GeoError, MissingExtraError
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from ..errors import BundleIntegrityError, Clue2GeoError
+from ..files import atomic_write
 
 SIGNATURES = "signatures.json"
 SIGNATURE_FORMAT = "clue2geo-bundle-signatures/1"
@@ -46,24 +47,9 @@ class SigningKeyError(Clue2GeoError, ValueError):
     """A key cannot be read: the message names where it came from and the formats accepted."""
 
 
-def _ed25519() -> Any:
-    try:
-        from cryptography.hazmat.primitives.asymmetric import ed25519
-    except ImportError as exc:
-        raise MissingExtraError("cryptography", None, "Bundle signatures", install="pip install cryptography") from exc
-    return ed25519
-
-
-def _serialization() -> Any:
-    _ed25519()
-    from cryptography.hazmat.primitives import serialization
-
-    return serialization
-
-
 def public_bytes(key: Ed25519PublicKey) -> bytes:
-    s = _serialization()
-    return key.public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)
+    """The raw 32 bytes of a public key."""
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def key_id(key: Ed25519PublicKey | bytes) -> str:
@@ -96,22 +82,21 @@ _FORMATS = "PEM, an OpenSSH 'ssh-ed25519' line or 64 hex characters"
 def load_private_key(key: KeyInput) -> Ed25519PrivateKey:
     """An Ed25519 private key from a key object, PEM (unencrypted PKCS#8), 64 hex characters (the
     32-byte seed), or the path of a file holding one."""
-    ed = _ed25519()
-    if isinstance(key, ed.Ed25519PrivateKey):
+    if isinstance(key, Ed25519PrivateKey):
         return key
     data, where = _key_text(key, "private key")
     try:
         if data.startswith(b"-----BEGIN"):
-            loaded = _serialization().load_pem_private_key(data, password=None)
+            loaded = serialization.load_pem_private_key(data, password=None)
         elif _HEX.match(data.decode("ascii", "replace")):
-            loaded = ed.Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data.decode("ascii")))
+            loaded = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data.decode("ascii")))
         elif len(data) == 32:
-            loaded = ed.Ed25519PrivateKey.from_private_bytes(data)
+            loaded = Ed25519PrivateKey.from_private_bytes(data)
         else:
             raise ValueError(f"not PEM, nor 64 hex characters ({len(data)} bytes)")
     except (ValueError, TypeError) as exc:
         raise SigningKeyError(f"{where}: not an Ed25519 private key in PEM or hex ({exc})") from None
-    if not isinstance(loaded, ed.Ed25519PrivateKey):
+    if not isinstance(loaded, Ed25519PrivateKey):
         raise SigningKeyError(f"{where}: a {type(loaded).__name__}, not an Ed25519 private key")
     return loaded
 
@@ -119,29 +104,27 @@ def load_private_key(key: KeyInput) -> Ed25519PrivateKey:
 def load_public_key(key: KeyInput) -> Ed25519PublicKey:
     """An Ed25519 public key from a key object (a private key gives its public half), PEM, an OpenSSH
     ``ssh-ed25519`` line, 64 hex characters (the raw 32 bytes), or the path of a file holding one."""
-    ed = _ed25519()
-    if isinstance(key, ed.Ed25519PublicKey):
+    if isinstance(key, Ed25519PublicKey):
         return key
-    if isinstance(key, ed.Ed25519PrivateKey):
+    if isinstance(key, Ed25519PrivateKey):
         return key.public_key()
     data, where = _key_text(key, "public key")
-    s = _serialization()
     try:
         if data.startswith(b"-----BEGIN") and b"PRIVATE KEY" in data.split(b"\n", 1)[0]:
             raise ValueError("this is a private key: give the public key (keygen wrote it beside, as .pub)")
         if data.startswith(b"-----BEGIN"):
-            loaded = s.load_pem_public_key(data)
+            loaded = serialization.load_pem_public_key(data)
         elif data.startswith(b"ssh-ed25519 "):
-            loaded = s.load_ssh_public_key(data)
+            loaded = serialization.load_ssh_public_key(data)
         elif _HEX.match(data.decode("ascii", "replace")):
-            loaded = ed.Ed25519PublicKey.from_public_bytes(bytes.fromhex(data.decode("ascii")))
+            loaded = Ed25519PublicKey.from_public_bytes(bytes.fromhex(data.decode("ascii")))
         elif len(data) == 32:
-            loaded = ed.Ed25519PublicKey.from_public_bytes(data)
+            loaded = Ed25519PublicKey.from_public_bytes(data)
         else:
             raise ValueError(f"not {_FORMATS} ({len(data)} bytes)")
     except (ValueError, TypeError) as exc:
         raise SigningKeyError(f"{where}: not an Ed25519 public key ({exc})") from None
-    if not isinstance(loaded, ed.Ed25519PublicKey):
+    if not isinstance(loaded, Ed25519PublicKey):
         raise SigningKeyError(f"{where}: a {type(loaded).__name__}, not an Ed25519 public key")
     return loaded
 
@@ -149,19 +132,19 @@ def load_public_key(key: KeyInput) -> Ed25519PublicKey:
 def generate_keypair(private_path: Path, public_path: Path | None = None) -> tuple[Path, Path, str]:
     """Write a new private key (PEM, PKCS#8, unencrypted, mode 0600) and its public key (PEM, at
     ``public_path``, default PRIVATE.pub); refuse to overwrite either. Returns both paths and the key id."""
-    ed, s = _ed25519(), _serialization()
     private_path = Path(private_path)
     public_path = Path(public_path) if public_path else private_path.with_name(private_path.name + ".pub")
     for p in (private_path, public_path):
         if p.exists():
             raise SigningKeyError(f"{p} already exists; refusing to overwrite a key")
-    key = ed.Ed25519PrivateKey.generate()
-    pem = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption())
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
     pub = key.public_key()
-    public_path.write_bytes(pub.public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo))
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    public_path.write_bytes(pub.public_bytes(serialization.Encoding.PEM, spki))
     return private_path, public_path, key_id(pub)
 
 
@@ -206,7 +189,7 @@ def read_signatures(root: Path) -> list[Signature]:
 def sign_bundle(root: Path, key: KeyInput, digest: str) -> Signature:
     """Sign the manifest digest ``digest`` of the bundle at ``root`` with ``key`` and store it in
     ``signatures.json`` (replacing an earlier signature by the same key; other keys' are kept).
-    Callers check the bundle first (:func:`clue2geo_sdk.bundle.manifest.sign`)."""
+    Callers check the bundle first (``clue2geo bundle sign`` opens it with every file verified)."""
     private = load_private_key(key)
     pub = private.public_key()
     signed_utc = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
@@ -219,9 +202,7 @@ def sign_bundle(root: Path, key: KeyInput, digest: str) -> Signature:
     )
     kept = [s for s in read_signatures(root) if s.key_id != sig.key_id]
     doc = {"format": SIGNATURE_FORMAT, "signatures": [s.to_dict() for s in [*kept, sig]]}
-    tmp = Path(root) / (SIGNATURES + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, Path(root) / SIGNATURES)
+    atomic_write(Path(root) / SIGNATURES, json.dumps(doc, indent=2) + "\n")
     return sig
 
 
@@ -252,9 +233,6 @@ def check_signatures(root: Path, digest: str, trusted_keys: Iterable[KeyInput], 
     """The ids of the trusted keys whose signature in ``signatures.json`` verifies over ``digest``;
     raise :class:`BundleSignatureError` when there is none (unsigned, signed by other keys only, or a
     signature that does not match: the manifest changed after signing)."""
-    _ed25519()
-    from cryptography.exceptions import InvalidSignature
-
     trusted = trusted_by_id(trusted_keys)
     if not trusted:
         raise BundleSignatureError(f"bundle {name!r}: trusted_keys is empty; give at least one public key")

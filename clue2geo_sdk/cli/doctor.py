@@ -17,11 +17,12 @@ from typing import Any
 
 import click
 
+from .._native import onnxruntime_module
 from .._version import __version__
 from ..bundle.manifest import Bundle
 from ..engines import base as engines_base
 from ..engines.base import load_llama_cpp, use_extra_bufts
-from ..geolocator import available_memory, memory_need
+from ..engines.memory import available_memory, memory_need
 
 # CPU flags that decide which ggml kernels a native build compiles and runs.
 CPU_FLAGS = (
@@ -74,8 +75,7 @@ def llama_info() -> dict[str, Any]:
 
 
 def onnx_info() -> dict[str, Any]:
-    import onnxruntime as ort
-
+    ort = onnxruntime_module()
     return {"onnxruntime": ort.__version__, "providers": list(ort.get_available_providers())}
 
 

@@ -7,10 +7,14 @@ import sys
 from pathlib import Path
 
 import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from ..bundle.manifest import Bundle
 from ..errors import Clue2GeoError
-
-EXIT_SOME_FAILED = 3  # as ``locate``: the gallery was written, but some photos or rows could not be added
+from ..retrieval.photo_build import BuildSummary, build_gallery
+from ..retrieval.photos import PhotoGallery
+from ..retrieval.sources import Problem
+from .common import EXIT_SOME_FAILED, fail, warn
 
 
 @click.group()
@@ -46,16 +50,21 @@ def build_cmd(
     reported as a conflict. Exit 0 when every photo was added or already present, 3 when some could
     not be or had conflicting positions (listed in --out/errors.jsonl), 1 when no photo at all could
     be added (no gallery is written)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-
-    from ..bundle.manifest import Bundle
-    from ..retrieval.photos import Problem, build_gallery
-
     try:
         bundle = Bundle.open(bundle_path, verify=verify)
     except Clue2GeoError as exc:
-        click.secho(f"error: {exc}", fg="red", err=True)
-        sys.exit(1)
+        fail(exc)
+    summary = _build_with_progress(src, bundle, out, batch_size=batch_size, device=device, recursive=recursive)
+    _report(summary, out, as_json)
+    if summary.failed or summary.conflicts:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+def _build_with_progress(
+    src: Path, bundle: Bundle, out: Path, *, batch_size: int, device: str, recursive: bool
+) -> BuildSummary:
+    """:func:`build_gallery` under a progress bar (photos embedded; each graph being indexed in bulk),
+    each photo not added printed above it; a build that cannot be done at all exits 1."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task("embedding", total=None)
@@ -80,7 +89,7 @@ def build_cmd(
             progress.update(indexing[name], completed=rows, total=total)
 
         try:
-            summary = build_gallery(
+            return build_gallery(
                 src,
                 bundle,
                 out,
@@ -93,8 +102,11 @@ def build_cmd(
             )
         except Clue2GeoError as exc:
             progress.stop()
-            click.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(1)
+            fail(exc)
+
+
+def _report(summary: BuildSummary, out: Path, as_json: bool) -> None:
+    """The summary on stdout (a line, or JSON); conflicts and failures pointed to on stderr."""
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
     else:
@@ -104,16 +116,12 @@ def build_cmd(
             + (f"; {summary.conflicts} conflicting positions (first kept)" if summary.conflicts else "")
         )
     if summary.conflicts:
-        click.secho(
+        warn(
             f"{summary.conflicts} row(s) gave a photo already in the gallery another position; each photo keeps its "
-            f"first position (listed in {out / 'errors.jsonl'})",
-            fg="yellow",
-            err=True,
+            f"first position (listed in {out / 'errors.jsonl'})"
         )
     if summary.failed:
-        click.secho(f"failures are listed in {out / 'errors.jsonl'}", fg="yellow", err=True)
-    if summary.failed or summary.conflicts:
-        sys.exit(EXIT_SOME_FAILED)
+        warn(f"failures are listed in {out / 'errors.jsonl'}")
 
 
 @gallery.command("info")
@@ -121,11 +129,8 @@ def build_cmd(
 def info_cmd(path: Path) -> None:
     """Print a gallery's manifest (encoder digest, count, content digest) as JSON, after checking
     that its rows, vectors and index agree."""
-    from ..retrieval.photos import PhotoGallery
-
     try:
         g = PhotoGallery(path)
     except Clue2GeoError as exc:
-        click.secho(f"error: {exc}", fg="red", err=True)
-        sys.exit(1)
+        fail(exc)
     click.echo(json.dumps({**g.manifest, "digest": g.digest, "search": "exact" if g.exact else "hnsw"}, indent=2))

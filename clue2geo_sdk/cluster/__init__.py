@@ -1,7 +1,7 @@
 """The same batch job beyond one machine, on Ray Data (the ``cluster`` extra).
 
 Owns: the cluster run (:func:`locate_on_ray`, ``clue2geo locate SOURCE --out DIR --ray``): listing the
-inputs (a folder tree or a Parquet/CSV manifest of paths), reading and hashing bytes on CPU tasks, an
+inputs (a folder tree or a Parquet/CSV input list of paths), reading and hashing bytes on CPU tasks, an
 actor pool whose actors each hold one :class:`~clue2geo_sdk.Geolocator`, and the result *shards* it
 writes under ``DIR/shards`` (JSONL, each sealed with a Parquet twin), merged into ``DIR/results.jsonl``.
 
@@ -35,7 +35,7 @@ def require_ray(purpose: str = "a cluster run (--ray)") -> None:
 def locate_on_ray(*args: Any, **kwargs: Any) -> ClusterSummary:
     """Geolocate every input on a Ray cluster into the folder ``out``; see :func:`.job.locate_on_ray`."""
     require_ray()
-    from .job import locate_on_ray as run
+    from .job import locate_on_ray as run  # the cluster extra: the job imports ray, this package must not
 
     return run(*args, **kwargs)
 

@@ -1,7 +1,7 @@
 """Result shards of a cluster run and their merge. Reading needs no Ray; sealing writes Parquet (pyarrow).
 
 A run folder ``DIR`` holds ``DIR/shards/part-<seq>-<run>.jsonl``: the same records, one JSON object
-per line, as the single-machine journal (:mod:`clue2geo_sdk.runs.batch`), appended and fsynced by the
+per line, as the single-machine journal (:mod:`clue2geo_sdk.runs.journal`), appended and fsynced by the
 driver as results arrive, so a driver stopped at any moment loses nothing. A shard is *sealed* when
 full (or at the end of the run): its Parquet twin ``part-<seq>-<run>.parquet`` is written beside it
 (atomically), with the key columns and the whole record as JSON. The JSONL shards are the truth; a
@@ -14,7 +14,7 @@ One driver per folder: it holds an advisory lock on ``DIR`` for the whole run (:
 a second one is refused.
 
 Merging takes every shard in name order, then the latest record per path (a rerun supersedes, as in
-:func:`clue2geo_sdk.runs.batch.latest`), sorted by path: one record per input. A record that a retried
+:func:`clue2geo_sdk.runs.resume.latest`), sorted by path: one record per input. A record that a retried
 task made twice carries the same (path, image_sha256, bundle_digest, options_digest) key and the
 driver writes it once; the merge would keep one of them even if both were written.
 
@@ -26,34 +26,28 @@ journal (one record per input, sorted), chained afresh from the genesis.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import attrs
 
-from ..runs.batch import (
-    Format,
-    Journal,
-    ResultsWriteError,
-    _encode,
-    append_durably,
-    latest,
-    lock_results,
-    read_journal,
-    write_csv,
-    write_geojson,
-)
+from ..files import atomic_write, fsync_path
 from ..runs.chain import GENESIS, AuditResult, chain, last_link, verify_journal
+from ..runs.formats import Format, write_csv, write_geojson
+from ..runs.journal import ResultsWriteError, append_durably, encode_record, lock_results, read_journal
+from ..runs.records import Journal, Record, record_keys
+from ..runs.resume import latest_records
 
 SHARDS = "shards"
 MERGED = "results.jsonl"
-KEY_FIELDS = ("path", "image_sha256", "bundle_digest", "options_digest")
-PARQUET_COLUMNS = (
+KEY_FIELDS = record_keys("path", "image_sha256", "bundle_digest", "options_digest")
+PARQUET_COLUMNS = (  # record keys, and the whole record as JSON
     ("path", "string"),
     ("status", "string"),
     ("image_sha256", "string"),
@@ -71,9 +65,14 @@ PARQUET_COLUMNS = (
 )
 
 
-def record_key(rec: Mapping[str, Any]) -> tuple[Any, ...]:
+_PARQUET_KEYS = record_keys(*(name for name, _ in PARQUET_COLUMNS if name != "record"))
+_key_of = operator.attrgetter(*KEY_FIELDS)
+_parquet_values = operator.attrgetter(*_PARQUET_KEYS)
+
+
+def record_key(rec: Record) -> tuple[Any, ...]:
     """What identifies one input's result: the same key twice is the same work done twice."""
-    return tuple(rec.get(k) for k in KEY_FIELDS)
+    return tuple(_key_of(rec))
 
 
 def shard_dir(out: Path) -> Path:
@@ -106,8 +105,8 @@ def shard_files(out: Path) -> list[Path]:
 
 
 def lock_run(out: Path) -> int:
-    """Create the run folder ``out`` if need be and take its lock (:func:`clue2geo_sdk.runs.batch.lock_results`):
-    a descriptor to close when the run ends; :class:`~clue2geo_sdk.runs.batch.ResultsInUseError` when another
+    """Create the run folder ``out`` if need be and take its lock (:func:`clue2geo_sdk.runs.journal.lock_results`):
+    a descriptor to close when the run ends; :class:`~clue2geo_sdk.runs.journal.ResultsInUseError` when another
     driver holds it."""
     out = Path(out)
     try:
@@ -137,10 +136,11 @@ def read_shards(out: Path, *, repair: bool = False) -> Journal:
     return Journal(records, problems, where)
 
 
-def merge(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One record per input: the latest per image (:func:`clue2geo_sdk.runs.batch.latest`), sorted by path
-    (deterministic whatever the order in which the cluster finished them)."""
-    return sorted(latest(records).values(), key=lambda r: (str(r.get("path")), str(r.get("abs_path"))))
+def merge(records: Iterable[Record | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One record per input: the latest per image (:func:`clue2geo_sdk.runs.resume.latest_records`), sorted
+    by path (deterministic whatever the order in which the cluster finished them); each as its dict."""
+    kept = sorted(latest_records(records).values(), key=lambda r: (str(r.path), str(r.abs_path)))
+    return [r.to_dict() for r in kept]
 
 
 def merged_records(out: Path) -> Journal:
@@ -152,16 +152,15 @@ def merged_records(out: Path) -> Journal:
 def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
     """Records as a new JSONL journal, hash-chained from the genesis in this order, written beside and
     renamed over ``path`` (never half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    prev = GENESIS
-    with open(tmp, "wb") as fh:
+
+    def write(fh: IO[bytes]) -> None:
+        prev = GENESIS
         for rec in records:
             linked = chain(rec, prev)
             prev = linked["record_hash"]
-            fh.write(_encode(linked))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+            fh.write(encode_record(linked))
+
+    atomic_write(path, write, text=False)
 
 
 def write_merged(out: Path, dest: Path | None = None, fmt: Format | None = None) -> tuple[Path, Journal]:
@@ -212,23 +211,22 @@ def parquet_twin(shard: Path) -> Path:
 
 def write_parquet_twin(shard: Path) -> Path:
     """Write ``shard``'s Parquet twin: key columns for queries and ``record``, the full record as JSON."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # the cluster extra (with ray[data]): reading and merging shards needs none of it
+    import pyarrow.parquet as pq  # the cluster extra, as above
 
-    recs = read_journal(shard).records
     cols: dict[str, list[Any]] = {name: [] for name, _ in PARQUET_COLUMNS}
-    for r in recs:
-        for name, _ in PARQUET_COLUMNS:
-            if name == "record":
-                cols[name].append(_encode(r).decode("utf-8", "surrogateescape").rstrip("\n"))
-            else:
-                cols[name].append(r.get(name))
+    for line in read_journal(shard).records:
+        for name, value in zip(_PARQUET_KEYS, _parquet_values(Record.from_dict(line, strict=False)), strict=True):
+            cols[name].append(value)
+        cols["record"].append(encode_record(line).decode("utf-8", "surrogateescape").rstrip("\n"))
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in PARQUET_COLUMNS])
     table = pa.table(cols, schema=schema)
     dest = parquet_twin(shard)
     tmp = dest.with_name(dest.name + ".tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp)  # pyarrow writes by path: fsync it before the rename publishes it
+    fsync_path(tmp)
     os.replace(tmp, dest)
+    fsync_path(dest.parent)
     return dest
 
 
@@ -274,7 +272,7 @@ class ShardWriter:
             if self._fh is None:
                 self._open()
             linked = chain(rec, self._prev)
-            lines.append(_encode(linked))
+            lines.append(encode_record(linked))
             self._prev = linked["record_hash"]
             written.append(linked)
             self._n += 1
@@ -286,7 +284,7 @@ class ShardWriter:
 
     def _flush(self, lines: list[bytes]) -> None:
         """Append ``lines`` to the open shard and fsync; a failed write (a full disk) is cut back off
-        the shard and raises :class:`~clue2geo_sdk.runs.batch.ResultsWriteError`."""
+        the shard and raises :class:`~clue2geo_sdk.runs.journal.ResultsWriteError`."""
         if lines and self._fh is not None:
             append_durably(self._fh.fileno(), b"".join(lines), Path(self._fh.name))
         lines.clear()

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .base import EngineStats, Generation, ImageSession, VisionLanguageModel, VLMError
+from .batched import LlamaBatchEngine
+from .chat import LlamaChatVLM
 
 EngineName = Literal["batched", "chat"]
 ENGINES: tuple[str, ...] = ("batched", "chat")
@@ -31,8 +33,6 @@ def make_engine(
     if not kwargs.get("n_threads"):
         kwargs["n_threads"] = max(1, (os.cpu_count() or 2) // 2)
     if name == "batched":
-        from .batched import LlamaBatchEngine
-
         return LlamaBatchEngine(
             model_path,
             mmproj_path,
@@ -42,8 +42,6 @@ def make_engine(
             **kwargs,
         )
     if name == "chat":
-        from .chat import LlamaChatVLM
-
         return LlamaChatVLM(model_path, mmproj_path, n_ctx=ctx_per_image, **kwargs)
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
 

@@ -111,7 +111,7 @@ def silence_native_logs() -> None:
     if _SILENT_CALLBACK is not None:
         return
     llama_cpp = llama_cpp_module()
-    import llama_cpp.mtmd_cpp as mtmd
+    import llama_cpp.mtmd_cpp as mtmd  # native: only after llama_cpp_module() loaded libstdc++ (_native)
 
     @llama_cpp.llama_log_callback
     def _drop(level: int, text: bytes, user_data: Any) -> None:
@@ -128,7 +128,7 @@ def load_llama_cpp(verbose: bool) -> tuple[Any, Any]:
     global _BACKEND_READY
     try:
         llama_cpp = llama_cpp_module()
-        import llama_cpp.mtmd_cpp as mtmd
+        import llama_cpp.mtmd_cpp as mtmd  # native: only after llama_cpp_module() loaded libstdc++ (_native)
     except ImportError as exc:  # a core dependency, so no extra brings it: name the reinstall
         raise MissingExtraError(
             "llama_cpp",

@@ -68,8 +68,8 @@ class LlamaChatVLM:
         verbose: bool = False,
     ) -> None:
         load_llama_cpp(verbose)
-        from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Qwen25VLChatHandler
+        from llama_cpp import Llama  # native: only after load_llama_cpp() loaded libstdc++ (_native)
+        from llama_cpp.llama_chat_format import Qwen25VLChatHandler  # native: likewise
 
         self.temperature, self.seed = temperature, seed
         self.image_max_tokens = int(image_max_tokens)

@@ -12,6 +12,10 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
+from tokenizers import Tokenizer
+
+from .._native import onnxruntime_module
+from ..errors import Clue2GeoError, DeviceError
 
 log = logging.getLogger("clue2geo")
 
@@ -20,9 +24,7 @@ Device = Literal["auto", "cpu", "cuda"]
 
 def providers_for(device: Device) -> list[str]:
     """onnxruntime providers for a device choice; "auto" falls back to CPU with one log line."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
+    available = onnxruntime_module().get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
@@ -37,13 +39,22 @@ def providers_for(device: Device) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def device_providers(device: Device) -> list[str]:
+    """onnxruntime providers for ``device``; an unusable device is a :class:`DeviceError`."""
+    try:
+        return providers_for(device)
+    except Clue2GeoError:
+        raise
+    except RuntimeError as exc:
+        raise DeviceError(str(exc)) from None
+
+
 _LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
 def _session(path: Path, providers: list[str], level: str | None = None) -> Any:
     """An onnxruntime session; a model with external weights (``NAME.onnx.data``) finds them beside it."""
-    import onnxruntime as ort
-
+    ort = onnxruntime_module()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if path.with_name(path.name + ".data").is_file():
@@ -66,15 +77,17 @@ def _tower(files: Mapping[str, Path], params: Mapping[str, Any], key: str, provi
     return _session(files[key], providers)
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
+def unit_rows(x: np.ndarray, dtype: type[np.floating[Any]] = np.float32) -> np.ndarray:
+    """Each row scaled to unit length (a zero row stays zero), as ``dtype``: dot products of unit
+    rows are cosine similarities."""
+    x = np.asarray(x, dtype=dtype)
     return x / np.clip(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12, None)
 
 
 def mean_pool_normalize(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Sentence-transformers' pooling: mask-weighted mean over tokens, then unit length."""
     m = mask[..., None].astype(np.float32)
-    return _normalize((tokens * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None))
+    return unit_rows((tokens * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None))
 
 
 def preprocess(images: Sequence[Image.Image], params: Mapping[str, Any]) -> np.ndarray:
@@ -111,8 +124,6 @@ class ClipEncoder:
     def __init__(
         self, files: Mapping[str, Path], params: Mapping[str, Any], providers: list[str], batch: int = 32
     ) -> None:
-        from tokenizers import Tokenizer
-
         self.params = params
         self.batch = batch
         self._image = _tower(files, params, "image", providers)
@@ -124,7 +135,7 @@ class ClipEncoder:
             self._image.run(None, {"pixel_values": preprocess(images[s : s + self.batch], self.params)})[0]
             for s in range(0, len(images), self.batch)
         ]
-        return _normalize(np.concatenate(chunks))
+        return unit_rows(np.concatenate(chunks))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -133,7 +144,7 @@ class ClipEncoder:
         for s in range(0, len(texts), self.batch):
             ids = np.array([e.ids for e in self._tok.encode_batch(list(texts[s : s + self.batch]))], dtype=np.int64)
             chunks.append(self._text.run(None, {"input_ids": ids})[0])
-        return _normalize(np.concatenate(chunks))
+        return unit_rows(np.concatenate(chunks))
 
 
 class GpsClipEncoder:
@@ -145,13 +156,13 @@ class GpsClipEncoder:
         self._location = _session(files["location"], providers)
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return _normalize(self._image.run(None, {"pixel_values": preprocess(images, self.params)})[0])
+        return unit_rows(self._image.run(None, {"pixel_values": preprocess(images, self.params)})[0])
 
     def encode_locations(self, latlon: np.ndarray) -> np.ndarray:
         latlon = np.asarray(latlon, dtype=np.float32).reshape(-1, 2)
         if len(latlon) == 0:
             return np.zeros((0, int(self.params["dim"])), dtype=np.float32)
-        return _normalize(self._location.run(None, {"latlon": latlon})[0])
+        return unit_rows(self._location.run(None, {"latlon": latlon})[0])
 
 
 class SbertEncoder:
@@ -160,8 +171,6 @@ class SbertEncoder:
     def __init__(
         self, files: Mapping[str, Path], params: Mapping[str, Any], providers: list[str], batch: int = 64
     ) -> None:
-        from tokenizers import Tokenizer
-
         self.params = params
         self.batch = batch
         self._model = _session(files["model"], providers)

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .._native import llguidance_module
+
 # The JSON layout the training data uses (json.dumps defaults) and nothing else.
 JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 
@@ -31,8 +33,7 @@ class GrammarError(RuntimeError):
 def build_tokenizer(lib: Any, vocab: Any) -> Any:
     """llguidance's view of the llama.cpp vocabulary, with every end-of-generation token as EOS
     (~1 s for 152k tokens: build once per engine)."""
-    from llguidance.llamacpp import lltokenizer_from_vocab
-
+    lltokenizer_from_vocab = llguidance_module().llamacpp.lltokenizer_from_vocab
     n = lib.llama_vocab_n_tokens(vocab)
     eog = [t for t in range(n) if lib.llama_vocab_is_eog(vocab, t)]
     with warnings.catch_warnings():  # it calls a binding llama-cpp-python marks deprecated, per token
@@ -44,10 +45,9 @@ class GrammarFactory:
     """Compiles a schema once; ``new()`` gives each sequence its own matcher (a cheap deep copy)."""
 
     def __init__(self, tokenizer: Any, schema: Mapping[str, Any]) -> None:
-        from llguidance import LLMatcher
-
-        grammar = LLMatcher.grammar_from_json_schema(dict(schema), overrides=JSON_LAYOUT)  # type: ignore[arg-type]
-        self._template = LLMatcher(tokenizer, grammar, log_level=0)
+        llg = llguidance_module()
+        grammar = llg.LLMatcher.grammar_from_json_schema(dict(schema), overrides=JSON_LAYOUT)
+        self._template = llg.LLMatcher(tokenizer, grammar, log_level=0)
         if self._template.is_error():
             raise ValueError(
                 f"no grammar for the schema {json.dumps(dict(schema))[:200]}: {self._template.get_error()}"

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..pipeline.answers import GEOCLIP_LOGIT_SCALE, MERGE_KM, rank_answers
 from ..results import Candidate
+from ..runs.records import Record
 from .metrics import THRESHOLD_NAMES, THRESHOLDS_KM
 
 ECE_THRESHOLD_KM = 25.0
@@ -191,25 +192,19 @@ def fit_logit_scale(
     )
 
 
-def record_candidates(record: Mapping[str, Any]) -> list[Candidate]:
-    """A result record's candidates (keys a newer SDK added are ignored)."""
-    fields = {f.name for f in attrs.fields(Candidate)}
-    return [Candidate(**{k: v for k, v in c.items() if k in fields}) for c in record.get("candidates") or ()]
-
-
 def answer_confidences(
-    record: Mapping[str, Any], *, merge_km: float = MERGE_KM, logit_scale: float = GEOCLIP_LOGIT_SCALE
+    record: Record | Mapping[str, Any], *, merge_km: float = MERGE_KM, logit_scale: float = GEOCLIP_LOGIT_SCALE
 ) -> tuple[float, ...]:
     """The answers' confidences of one result record, first answer first: its ``answers`` when it
     has them, else computed from its ``candidates`` with :func:`~clue2geo_sdk.pipeline.answers.rank_answers`.
-    Empty when the record has neither (a failure) or says it has no confidence (a lone fallback
-    point: nothing was weighed), so such images are left out of the table, not binned."""
-    if "confidence" in record and record["confidence"] is None:
+    Empty when the record has neither (a failure) or says it has no confidence (a null ``confidence``:
+    a lone fallback point, nothing was weighed), so such images are left out of the table, not binned."""
+    rec = Record.of(record)
+    if "confidence" in rec.keys and rec.confidence is None:
         return ()
-    answers = record.get("answers")
-    if answers:
-        return tuple(float(a["confidence"]) for a in answers)
-    cands = record_candidates(record)
+    if rec.answers:
+        return tuple(float(a["confidence"]) for a in rec.answers)
+    cands = rec.candidate_objects()
     return tuple(a.confidence for a in rank_answers(cands, merge_km=merge_km, logit_scale=logit_scale))
 
 

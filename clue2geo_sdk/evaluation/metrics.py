@@ -22,7 +22,7 @@ import attrs
 import numpy as np
 
 from ..geo.countries import BORDER_TOLERANCE_DEG
-from ..geo.reverse import EARTH_RADIUS_KM, haversine_km
+from ..geo.distance import EARTH_RADIUS_KM, haversine_km
 
 THRESHOLDS_KM: tuple[float, ...] = (1.0, 25.0, 200.0, 750.0, 2500.0)
 THRESHOLD_NAMES = {1.0: "Street", 25.0: "City", 200.0: "Region", 750.0: "Country", 2500.0: "Continent"}

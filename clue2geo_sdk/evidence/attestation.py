@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -26,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..bundle.manifest import sha256_file
 from ..bundle.signing import KeyInput, key_id, load_private_key, public_bytes, split_by_trust, trusted_by_id
+from ..cluster.shards import shard_files, verify_run
 from ..errors import Clue2GeoError
+from ..files import atomic_write, sha256_file
 from ..runs.chain import AuditResult, verify_journal
 
 SIGNATURE_SUFFIX = ".sig.json"
@@ -53,7 +55,7 @@ class JournalSignature:
     key_id: str
     public_key: str  # hex of the raw 32 bytes
     journal: str  # the journal's (or run folder's) name when signed
-    journal_sha256: str  # the content digest (:func:`content_digest`)
+    journal_sha256: str  # the content digest (:func:`journal_digest`)
     records: int
     head: str  # the last record's record_hash
     signed_utc: str
@@ -84,28 +86,22 @@ def signature_path(target: Path) -> Path:
 def _check(target: Path, anchor: str | None = None) -> AuditResult:
     """The hash chain of a journal, or of a run folder's shards in write order."""
     if target.is_dir():
-        from ..cluster.shards import verify_run
-
         return verify_run(target, anchor=anchor)
     return verify_journal(target, anchor=anchor)
 
 
-def content_digest(target: Path) -> str:
+def journal_digest(target: Path) -> str:
     """A journal's sha256; for a run folder, the sha256 over its shards' names and sha256s in order."""
     if not target.is_dir():
         return sha256_file(target)
-    from ..cluster.shards import shard_files
-
     h = hashlib.sha256(b"clue2geo run shards v1\n")
     for shard in shard_files(target):
         h.update(f"{shard.name}\0{sha256_file(shard)}\n".encode())
     return h.hexdigest()
 
 
-def _stored_key(hex_key: str) -> Any:
+def _stored_key(hex_key: str) -> Ed25519PublicKey:
     """The public key a signature entry carries: 64 hex characters only (never a path)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     return Ed25519PublicKey.from_public_bytes(bytes.fromhex(hex_key))
 
 
@@ -175,11 +171,11 @@ def sign_journal(
     a signature must not vouch for an edited file."""
     target = Path(target)
     examiner, case = _label(examiner, "--examiner"), _label(case, "--case")
-    digest = content_digest(target)
+    digest = journal_digest(target)
     res = _check(target)
     if not res.ok:
         raise ResultsSignatureError(f"not signed: {res.message()}")
-    if content_digest(target) != digest:
+    if journal_digest(target) != digest:
         raise ResultsSignatureError(f"not signed: {target} changed while it was being checked (a run still writing?)")
     private = load_private_key(key)
     pub = private.public_key()
@@ -199,13 +195,7 @@ def sign_journal(
     sig = attrs.evolve(unsigned, signature=private.sign(unsigned.message()).hex())
     kept = [s for s in read_journal_signatures(target) if s.key_id != sig.key_id]
     doc = {"format": SIGNATURE_FORMAT, "signatures": [s.to_dict() for s in [*kept, sig]]}
-    dest = signature_path(target)
-    tmp = dest.with_name(dest.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(signature_path(target), json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     return sig
 
 
@@ -217,8 +207,6 @@ def signature_state(
     signed ones are intact); ``("bad", why)`` otherwise. ``pub`` is the trusted key to check with;
     without it, the key stored in the entry is used, which shows the content is what that key signed,
     not whose key it is."""
-    from cryptography.exceptions import InvalidSignature
-
     if pub is not None and public_bytes(pub).hex() != sig.public_key:
         return "bad", f"key {sig.key_id}: the stored public key is not the trusted one"
     try:
@@ -230,7 +218,7 @@ def signature_state(
         return "bad", why
     if table is not None and sha256_file(table) != sig.table_sha256:
         return "bad", f"{sig.describe()}: the table {table} changed after signing (it is not the one written then)"
-    if content_digest(target) == sig.journal_sha256:
+    if journal_digest(target) == sig.journal_sha256:
         return "holds", None
     now = _check(target, anchor=sig.head)
     if now.ok and now.records > sig.records:
@@ -277,7 +265,7 @@ __all__ = [
     "JournalSignature",
     "ResultsSignatureError",
     "check_journal_signatures",
-    "content_digest",
+    "journal_digest",
     "fault_of",
     "read_journal_signatures",
     "sign_journal",

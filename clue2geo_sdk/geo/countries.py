@@ -16,7 +16,9 @@ from importlib import resources
 
 import attrs
 import numpy as np
+import shapefile
 
+from .._native import shapely_module
 from ..errors import Clue2GeoError, RegionError
 
 #: Points this close to a country (degrees, ~5.5 km north-south) count as in it: the 1:10m coastline
@@ -48,7 +50,7 @@ class Countries:
     share between threads once loaded (each prepared geometry is used once while loading)."""
 
     def __init__(self, items: Iterable[Country]) -> None:
-        import shapely
+        shapely = shapely_module()
 
         self._items = tuple(items)
         self._by_code = {c.code: c for c in self._items}
@@ -56,9 +58,8 @@ class Countries:
 
     @classmethod
     def load(cls) -> Countries:
-        import shapefile
-        import shapely
-        from shapely.geometry import shape
+        shapely = shapely_module()
+        shape = shapely.geometry.shape
 
         try:
             data = resources.files(_PACKAGE).joinpath(_ZIP).read_bytes()
@@ -109,7 +110,7 @@ class Countries:
     def codes_at(self, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
         """The ISO code of the country containing each point, else of the nearest country within
         :data:`BORDER_TOLERANCE_DEG` ("" farther out at sea)."""
-        import shapely
+        shapely = shapely_module()
 
         lat, lon = np.atleast_1d(np.asarray(lat, dtype=np.float64)), np.atleast_1d(np.asarray(lon, dtype=np.float64))
         out = np.full(len(lat), "", dtype=object)
@@ -129,7 +130,7 @@ class Countries:
 
     def contains(self, codes: Iterable[str], lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
         """Whether each point lies in (or within :data:`BORDER_TOLERANCE_DEG` of) any of the countries."""
-        import shapely
+        shapely = shapely_module()
 
         lat, lon = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
         points = shapely.points(lon, lat)
@@ -140,7 +141,7 @@ class Countries:
 
     def outline(self, tolerance_deg: float = 0.2) -> list[list[tuple[float, float]]]:
         """Every ring (exterior and holes) as (lon, lat) pairs, simplified for drawing a world map."""
-        import shapely
+        shapely = shapely_module()
 
         rings: list[list[tuple[float, float]]] = []
         for c in self._items:

@@ -18,10 +18,11 @@ from typing import Any, Literal
 import attrs
 import numpy as np
 
+from .._native import shapely_module
 from ..errors import RegionError
 from ..files import InputFileError, read_regular_bytes
 from .countries import countries
-from .reverse import haversine_km
+from .distance import haversine_km
 
 Kind = Literal["countries", "bbox", "circle", "polygon"]
 #: Every record carries its region, so an area's outline is kept small: simplify larger ones first.
@@ -203,7 +204,7 @@ class Region:
                 return in_lat & (lo >= self.west) & (lo <= self.east)
             return in_lat & ((lo >= self.west) | (lo <= self.east))
         if self.kind == "polygon":
-            import shapely
+            shapely = shapely_module()
 
             return np.asarray(shapely.intersects_xy(_shape(self.geometry), lo, la))
         return np.asarray(haversine_km(self.lat, self.lon, la, lo) <= self.radius_km)
@@ -283,8 +284,8 @@ def _area(polygons: list[Any], what: str) -> dict[str, Any]:
     """The area the polygons cover together (adjacent or overlapping districts merge), as a GeoJSON
     geometry, after refusing what would silently select the wrong area: projected metres, outlines
     across the antimeridian, broken or huge outlines."""
-    import shapely
-    from shapely.geometry import mapping, shape
+    shapely = shapely_module()
+    shape, mapping = shapely.geometry.shape, shapely.geometry.mapping
 
     parts, vertices = [], 0
     for i, coords in enumerate(polygons, start=1):
@@ -330,7 +331,7 @@ def _area(polygons: list[Any], what: str) -> dict[str, Any]:
 @functools.lru_cache(maxsize=16)
 def _shape(geometry: str) -> Any:
     """The polygon, prepared for fast point tests (cached: a batch tests the same area many times)."""
-    import shapely
+    shapely = shapely_module()
 
     shape = shapely.geometry.shape(json.loads(geometry))
     shapely.prepare(shape)

@@ -11,23 +11,8 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-EARTH_RADIUS_KM = 6371.0088
-
-
-def unit_vectors(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-    """(N,) degrees -> (N, 3) float64 unit vectors on the sphere."""
-    la, lo = np.radians(np.asarray(lat, dtype=np.float64)), np.radians(np.asarray(lon, dtype=np.float64))
-    return np.column_stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)])
-
-
-def haversine_km(
-    lat1: float | np.ndarray, lon1: float | np.ndarray, lat2: float | np.ndarray, lon2: float | np.ndarray
-) -> np.ndarray:
-    """Great-circle distance on a sphere of radius 6371.0088 km, (lat, lon) in degrees."""
-    p1, p2 = np.radians(lat1), np.radians(lat2)
-    dp, dl = p2 - p1, np.radians(np.asarray(lon2) - np.asarray(lon1))
-    a = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+from .._native import duckdb_module
+from .distance import haversine_km, unit_vectors
 
 
 @attrs.frozen(kw_only=True)
@@ -50,9 +35,7 @@ class ReverseGeocoder:
     """Loads the cities table once; :meth:`lookup` is then a pure numpy query (thread-safe)."""
 
     def __init__(self, duckdb_path: str | Path) -> None:
-        import duckdb
-
-        with duckdb.connect(str(duckdb_path), read_only=True) as con:
+        with duckdb_module().connect(str(duckdb_path), read_only=True) as con:
             rows = con.execute(
                 "SELECT name, admin1, country, country_code, lat, lon FROM cities ORDER BY rowid"
             ).fetchnumpy()

@@ -105,13 +105,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _heif_available() -> bool:
+def heif_available() -> bool:
     """Register pillow-heif's HEIF/HEIC opener on first use (not at import: no global side effects
     until an image is decoded); False when pillow-heif is not installed."""
     with _heif_lock:
         if not _heif_state:
             try:
-                from pillow_heif import register_heif_opener
+                from pillow_heif import register_heif_opener  # optional extra: HEIF/HEIC decoding
             except ImportError:
                 _heif_state.append(False)
             else:
@@ -140,7 +140,7 @@ def _refuse_format(head: bytes, source: str) -> ImageLoadError:
     fmt = detect_format(head)
     if fmt is None:
         return ImageLoadError(f"{source}: not an image file Pillow can read")
-    if fmt == "HEIF" and not _heif_available():
+    if fmt == "HEIF" and not heif_available():
         return ImageLoadError(f"{source}: HEIF/HEIC image, but pillow-heif is not installed (pip install pillow-heif)")
     if fmt in ALLOWED_FORMATS:
         return ImageLoadError(f"{source}: looks like {fmt} but cannot be decoded")
@@ -239,7 +239,7 @@ def _decode(data: bytes, source: str) -> tuple[Image.Image, tuple[int, int] | No
     """The decoded, upright RGB image, and its full size when it was reduced (else None)."""
     if not data:
         raise ImageLoadError(f"{source}: empty file (0 bytes)")
-    formats = [f for f in ALLOWED_FORMATS if f != "HEIF" or _heif_available()]
+    formats = [f for f in ALLOWED_FORMATS if f != "HEIF" or heif_available()]
     try:
         with Image.open(io.BytesIO(data), formats=formats) as img:
             w, h = img.size

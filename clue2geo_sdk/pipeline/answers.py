@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..geo.reverse import haversine_km
+from ..geo.distance import haversine_km
 from ..results import SOURCES, Answer, Candidate
 
 #: ``exp`` of GeoCLIP's released ``logit_scale`` parameter (3.681035): the inverse temperature its
@@ -78,13 +78,7 @@ def rank_answers(
     exactly a candidate's coordinate (the ``gallery_nearest`` candidate is the top hit) is skipped,
     so it is not counted twice.
     """
-    if not merge_km > 0 or not math.isfinite(merge_km):
-        raise ValueError(f"merge_km must be a positive number of km, got {merge_km!r}")
-    if not logit_scale >= 0 or not math.isfinite(logit_scale):
-        raise ValueError(f"logit_scale must be a finite number >= 0, got {logit_scale!r}")
-    bad = [i for i, c in enumerate(candidates) if not all(map(math.isfinite, (c.lat, c.lon, c.score)))]
-    if bad:
-        raise ValueError(f"candidates {bad}: lat, lon and score must be finite numbers")
+    _check_arguments(candidates, merge_km, logit_scale)
     if not candidates:
         return ()
     taken = {(c.lat, c.lon) for c in candidates}
@@ -93,6 +87,24 @@ def rank_answers(
     if bad:
         raise ValueError(f"references {bad}: lat, lon and cosine must be finite numbers")
     weights = softmax_weights([c.score for c in candidates] + [r.cosine for r in refs], logit_scale)
+    return _merge(candidates, refs, weights, merge_km)
+
+
+def _check_arguments(candidates: Sequence[Candidate], merge_km: float, logit_scale: float) -> None:
+    if not merge_km > 0 or not math.isfinite(merge_km):
+        raise ValueError(f"merge_km must be a positive number of km, got {merge_km!r}")
+    if not logit_scale >= 0 or not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be a finite number >= 0, got {logit_scale!r}")
+    bad = [i for i, c in enumerate(candidates) if not all(map(math.isfinite, (c.lat, c.lon, c.score)))]
+    if bad:
+        raise ValueError(f"candidates {bad}: lat, lon and score must be finite numbers")
+
+
+def _merge(
+    candidates: Sequence[Candidate], refs: Sequence[Reference], weights: np.ndarray, merge_km: float
+) -> tuple[Answer, ...]:
+    """Seed an answer with the best remaining candidate; it takes every remaining candidate, and
+    every remaining reference, closer than ``merge_km``; its confidence is their weights' sum."""
     ref_w = weights[len(candidates) :]
     order = sorted(range(len(candidates)), key=lambda i: _order_key(candidates[i]))
     lat = np.array([c.lat for c in candidates], dtype=np.float64)

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from ..engines.encoders import unit_rows
 from ..results import Cue
 
 N_PRIMARY = 3
@@ -53,11 +54,6 @@ class Cluemap:
         }
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.clip(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12, None)
-
-
 def dedupe(cues: Sequence[tuple[str, str]]) -> tuple[list[tuple[str, str]], int]:
     """Drop exact repeats (case- and whitespace-insensitive), keeping the first; return the count dropped."""
     seen: set[str] = set()
@@ -72,7 +68,7 @@ def dedupe(cues: Sequence[tuple[str, str]]) -> tuple[list[tuple[str, str]], int]
 
 def local_consistency(text_emb: np.ndarray, patch_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eq. 2: per cue, the max cosine over patches, and which patch gave it."""
-    sims = _unit(text_emb) @ _unit(patch_emb).T
+    sims = unit_rows(text_emb, np.float64) @ unit_rows(patch_emb, np.float64).T
     return sims.max(axis=1), sims.argmax(axis=1)
 
 
@@ -81,7 +77,7 @@ def semantic_coherence(sbert_emb: np.ndarray) -> np.ndarray:
     n = len(sbert_emb)
     if n < 2:
         return np.zeros(n)
-    sims = _unit(sbert_emb) @ _unit(sbert_emb).T
+    sims = unit_rows(sbert_emb, np.float64) @ unit_rows(sbert_emb, np.float64).T
     return (sims.sum(axis=1) - np.diag(sims)) / (n - 1)
 
 
@@ -107,7 +103,7 @@ def build_cluemap(
     )
     order = sorted(range(n), key=lambda i: (-s_r[i], i))  # stable: ties keep the original order
     primaries = order[:N_PRIMARY]
-    sims = _unit(sbert_emb) @ _unit(sbert_emb).T
+    sims = unit_rows(sbert_emb, np.float64) @ unit_rows(sbert_emb, np.float64).T
     members: dict[int, list[tuple[float, int]]] = {p: [] for p in primaries}
     for i in order[N_PRIMARY:]:
         best = max(primaries, key=lambda p: (sims[i, p], -primaries.index(p)))

@@ -1,9 +1,9 @@
 """The pipeline's stages as functions with typed inputs and outputs (paper §3, G3 for refinement).
 
-cues -> cluemap -> prompts -> candidates -> selection. Prompt stages only *submit* (they return
-:class:`~clue2geo_sdk.engines.ask.PendingAnswer`s), so :class:`~clue2geo_sdk.geolocator.Geolocator` can
-schedule them by dependency: the RAG prompts need only the image and the retrieved references and
-run beside cue extraction; the direct prompt starts as soon as the cluemap exists.
+cues -> cluemap -> prompts -> proposals (then :mod:`.selection`). Prompt stages only *submit* (they
+return :class:`~clue2geo_sdk.engines.ask.PendingAnswer`s), so :mod:`.run` can schedule them by
+dependency: the RAG prompts need only the image and the retrieved references and run beside cue
+extraction; the direct prompt starts as soon as the cluemap exists.
 """
 
 from __future__ import annotations
@@ -14,16 +14,13 @@ from typing import Any, Literal
 import attrs
 import numpy as np
 
-from ..engines.ask import CUES_SCHEMA, LOCATION_SCHEMA, Constrain, Generation, ImageSession, PendingAnswer, ask, usable
-from ..engines.encoders import ClipEncoder, GpsClipEncoder, SbertEncoder, patch_grid
+from ..engines.ask import CUES_SCHEMA, LOCATION_SCHEMA, Constrain, Generation, ImageSession, PendingAnswer, ask
+from ..engines.encoders import ClipEncoder, SbertEncoder, patch_grid
 from ..geo.region import Region
 from ..inputs.image import LoadedImage
-from ..results import Candidate
-from ..retrieval.search import Gallery, GalleryHit
-from ..sanitize import clean_text
+from ..retrieval.search import GalleryHit, GallerySearch
 from .cluemap import Cluemap, build_cluemap, dedupe
 from .parsing import LocationAnswer, parse_cues, parse_location, salvage_cues
-from .selection import format_references, select
 
 CuesStatus = Literal["ok", "reasked", "truncated", "failed", "skipped", "given"]
 
@@ -90,7 +87,7 @@ def make_cluemap(
 
 
 def retrieve(
-    gallery: Gallery, image_emb: np.ndarray, ks: Sequence[int], allowed: np.ndarray | None = None
+    gallery: GallerySearch, image_emb: np.ndarray, ks: Sequence[int], allowed: np.ndarray | None = None
 ) -> References:
     """``allowed`` (sorted gallery keys) restricts both searches, e.g. to a region; it may be empty."""
     n = max(ks, default=1)
@@ -109,6 +106,11 @@ def within_region(prompt: str, region: Region | None) -> str:
     sentence = f"The photo is known to have been taken {region.describe()}; answer with a location there.\n"
     head, sep, tail = prompt.rpartition("Output only JSON")
     return head + sentence + sep + tail if sep else prompt.rstrip("\n") + "\n" + sentence
+
+
+def format_references(points: Sequence[tuple[float, float]]) -> str:
+    """Reference coordinates for the RAG prompt: '[(48.8584, 2.2945), ...]'."""
+    return "[" + ", ".join(f"({lat:.4f}, {lon:.4f})" for lat, lon in points) + "]"
 
 
 def rag_prompt(template: str, refs: References, k: int) -> str:
@@ -152,80 +154,6 @@ def finish_location(source: str, pending: Sequence[PendingAnswer], raw: dict[str
         raw.setdefault(source, []).extend(generation_dict(g) for g in gens)
         out.append(Proposal(source=source, sample=s, answer=answer))
     return out
-
-
-@attrs.frozen(kw_only=True)
-class Selection:
-    """Scored candidates, the winner's index, and how many proposals were invalid."""
-
-    candidates: tuple[Candidate, ...]
-    best: int
-    invalid: int
-    fallback: bool
-    outside_region: int = 0
-
-
-def choose(
-    proposals: Sequence[Proposal],
-    image_emb: np.ndarray,
-    gpsclip: GpsClipEncoder,
-    nearest: GalleryHit,
-    *,
-    add_nearest: bool,
-    region: Region | None = None,
-) -> Selection:
-    """G3's selection: the candidate whose GPSCLIP location embedding is closest to the image wins.
-    Invalid coordinates are dropped and counted, and so are candidates outside ``region``; with none
-    left the nearest (in-region) gallery point answers."""
-    valid = [p for p in proposals if usable(p.answer)]
-    outside = 0
-    if region is not None and valid:
-        inside = region.contains([p.answer.lat for p in valid], [p.answer.lon for p in valid])
-        outside = int(len(valid) - inside.sum())
-        valid = [p for p, ok in zip(valid, inside, strict=True) if ok]
-    points = [(p.answer.lat, p.answer.lon) for p in valid]
-    use_nearest = add_nearest or not valid
-    if use_nearest:
-        points.append((nearest.lat, nearest.lon))
-    best, scores = select(image_emb, gpsclip.encode_locations(np.asarray(points, dtype=np.float32)))
-    candidates = [
-        Candidate(
-            source=p.source,
-            lat=float(p.answer.lat),  # type: ignore[arg-type]
-            lon=float(p.answer.lon),  # type: ignore[arg-type]
-            score=float(scores[i]),
-            country=clean_text(p.answer.country),
-            city=clean_text(p.answer.city),
-            landmark=clean_text(p.answer.landmark),
-            sample=p.sample,
-        )
-        for i, p in enumerate(valid)
-    ]
-    if use_nearest:
-        candidates.append(
-            Candidate(
-                source=nearest_source(nearest),
-                lat=nearest.lat,
-                lon=nearest.lon,
-                score=float(scores[-1]),
-                country=nearest.country or None,
-                city=nearest.city or None,
-            )
-        )
-    invalid = sum(not usable(p.answer) for p in proposals)
-    return Selection(
-        candidates=tuple(candidates), best=best, invalid=invalid, fallback=not valid, outside_region=outside
-    )
-
-
-def region_anchor(region: Region) -> GalleryHit:
-    """Stands in for the nearest gallery point when the gallery has none inside the region."""
-    lat, lon = region.anchor()
-    return GalleryHit(key=-1, lat=lat, lon=lon, cosine=float("nan"))
-
-
-def nearest_source(hit: GalleryHit) -> str:
-    return "region_anchor" if hit.key < 0 else "gallery_nearest"
 
 
 def generation_dict(g: Generation) -> Mapping[str, Any]:

@@ -1,9 +1,10 @@
-"""Galleries for the similar/dissimilar references: USearch indexes + DuckDB rows.
+"""The search both gallery kinds share: int8 helpers, exact brute force, and the search over a Store.
 
-Two kinds share one search interface (:class:`GallerySearch`): the bundle's *coordinate* gallery
-(:class:`Gallery`, GPSCLIP location embeddings of GPS points, queried with the photo's image
-embedding) and the analyst's *photo* gallery (:class:`clue2geo_sdk.retrieval.photos.PhotoGallery`,
-GPSCLIP image embeddings of geotagged reference photos: image -> image retrieval).
+Two kinds implement :class:`Store`: the bundle's *coordinate* gallery
+(:class:`clue2geo_sdk.retrieval.coordinates.CoordinateGallery`, GPSCLIP location embeddings of GPS
+points, queried with the photo's image embedding) and the analyst's *photo* gallery
+(:class:`clue2geo_sdk.retrieval.photos.PhotoGallery`, GPSCLIP image embeddings of geotagged reference
+photos: image -> image retrieval). Both offer :class:`GallerySearch` to the pipeline.
 
 Most similar: nearest neighbours of the query. Least similar: nearest neighbours of the *negated*
 query, i.e. the largest cosine distance (G3's negative references).
@@ -22,18 +23,14 @@ an exact search over everything, so a result never lacks an allowed row for want
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
 import numpy as np
 
-from ..errors import BundleFormatError
+from .._native import usearch_index
 
 EXACT_LIMIT = 100_000
-# expansion_search of the coordinate gallery when searched by HNSW (cross-modal queries: wide).
-HNSW_EXPANSION = 1024
 # Photo galleries above EXACT_LIMIT (bench/retrieval.py, bench/gallery_scale.py, docs/gallery.md):
 # an int8 HNSW index of scaled vectors (``to_int8``), connectivity 32, expansion_add 128, its top
 # 64 re-scored from the float16 vectors. Up to 1M rows one graph, searched at expansion 192:
@@ -116,160 +113,132 @@ class Matches:
     distances: np.ndarray
 
 
+def no_matches() -> Matches:
+    return Matches(keys=np.zeros(0, dtype=np.int64), distances=np.zeros(0, dtype=np.float32))
+
+
 def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> Matches:
     """Exact top-k by cosine over ``vectors`` (row numbers as keys), with USearch's SIMD kernels
     (float16 rows are not converted to float32 first, which would cost more than the search)."""
-    from .._native import usearch_index
-
     k = min(k, len(vectors))
     if k <= 0:
-        return Matches(keys=np.zeros(0, dtype=np.int64), distances=np.zeros(0, dtype=np.float32))
+        return no_matches()
     q = np.asarray(query, dtype=vectors.dtype)
     m = usearch_index().search(np.ascontiguousarray(vectors), q, k, "cos", exact=True, threads=1)
     return Matches(keys=np.asarray(m.keys, dtype=np.int64), distances=np.asarray(m.distances, dtype=np.float32))
 
 
-class SearchMixin:
-    """The search logic both gallery kinds share. Subclasses set ``index`` (a USearch index or
-    view), ``exact``, ``lat``, ``lon`` and may override :meth:`_vectors`, :meth:`_candidates`,
-    :meth:`_unrestricted` and :meth:`_rescore`."""
+def index_search(index: Any, query: np.ndarray, count: int, exact: bool) -> Matches:
+    """A USearch index's top ``count`` for ``query`` (already in the index's own form)."""
+    m = index.search(query, count, exact=exact)
+    return Matches(keys=np.asarray(m.keys, dtype=np.int64), distances=np.asarray(m.distances, dtype=np.float32))
+
+
+class Store(Protocol):
+    """What :func:`search_store` needs from a gallery: its size and settings, and five hooks."""
+
+    exact: bool  # the whole gallery is searched exactly (no HNSW)
+    subset_limit: int  # allowed subsets up to this size are brute-forced over :meth:`vectors_of`
+    rerank: int  # how many index results :meth:`rescore` re-scores (0: the index's own distances)
+
+    def __len__(self) -> int: ...
+
+    def vectors_of(self, keys: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``keys`` (sorted), one row each."""
+        ...
+
+    def candidates(self, q: np.ndarray, count: int, exact: bool) -> Matches:
+        """The index's top ``count`` for the float query ``q`` (any order)."""
+        ...
+
+    def unrestricted(self, q: np.ndarray, k: int) -> Matches:
+        """Top k of the whole gallery, best first."""
+        ...
+
+    def rescore(self, q: np.ndarray, keys: np.ndarray, distances: np.ndarray, k: int) -> Matches:
+        """The best k of candidate ``keys``, best first."""
+        ...
+
+    def hit(self, key: int, cosine: float) -> GalleryHit:
+        """Row ``key`` as a reference at ``cosine`` to the query."""
+        ...
+
+
+def search_store(store: Store, query: np.ndarray, k: int, allowed: np.ndarray | None) -> Matches:
+    """The top k of ``store`` for ``query``; ``allowed`` (sorted keys) restricts it to those rows."""
+    q = np.asarray(query, dtype=np.float32)
+    n = len(store)
+    if allowed is None:
+        return store.unrestricted(q, k)
+    allowed = np.asarray(allowed, dtype=np.int64)
+    if len(allowed) == 0 or k <= 0:
+        return no_matches()
+    if allowed[0] < 0 or allowed[-1] >= n:
+        raise ValueError(f"allowed keys must lie in [0, {n}); got {allowed[0]}..{allowed[-1]}")
+    if len(allowed) <= store.subset_limit:
+        m = brute_force(store.vectors_of(allowed), q, k)
+        return Matches(keys=allowed[m.keys], distances=m.distances)
+    # Oversample by the inverse of the allowed fraction, filter, and widen until enough are
+    # found (k, or the top ``rerank`` for re-scoring, as an unrestricted search would).
+    # HNSW's search widens its own expansion to the count asked for; the last try is exact.
+    target = max(k, store.rerank)
+    want = min(n, int(np.ceil(2 * target * n / len(allowed))) + target)
+    while True:
+        m = store.candidates(q, want, store.exact or want >= n)
+        pos = np.minimum(np.searchsorted(allowed, m.keys), len(allowed) - 1)
+        ok = allowed[pos] == m.keys
+        if ok.sum() >= min(target, len(allowed)) or want >= n:
+            return store.rescore(q, m.keys[ok], m.distances[ok], k)
+        want = min(n, want * 4)
+
+
+def nearest(store: Store, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[GalleryHit]:
+    """The k rows most similar to ``query``; ``allowed`` (sorted keys) restricts the search."""
+    m = search_store(store, query, k, allowed)
+    return [store.hit(int(key), float(1.0 - d)) for key, d in zip(m.keys, m.distances, strict=True)]
+
+
+def farthest(store: Store, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[GalleryHit]:
+    """Nearest to -query: cos(x, -q) = -cos(x, q), so these have the lowest cosine to ``query``."""
+    m = search_store(store, -np.asarray(query, dtype=np.float32), k, allowed)
+    return [store.hit(int(key), float(-(1.0 - d))) for key, d in zip(m.keys, m.distances, strict=True)]
+
+
+class IndexStore:
+    """A :class:`Store` whose vectors live in one USearch index (``index``, a view or in memory): the
+    coordinate gallery, and in-memory galleries in tests. A subclass sets ``index``, ``exact``,
+    ``lat``, ``lon`` and implements :meth:`hit`."""
 
     index: Any
     exact: bool
     lat: np.ndarray
     lon: np.ndarray
-    # Allowed subsets up to this size are brute-forced over their own vectors (:meth:`_vectors`).
     subset_limit: int = SUBSET_BRUTE_FORCE
-    # How many index results :meth:`_rescore` re-scores (0: the index's own distances are kept).
-    rerank: int = 0
+    rerank: int = 0  # the index's own distances are kept
 
     def __len__(self) -> int:
         return len(self.lat)
 
-    def _vectors(self, keys: np.ndarray) -> np.ndarray:
-        """The stored vectors of ``keys`` (sorted), one row each."""
+    def vectors_of(self, keys: np.ndarray) -> np.ndarray:
         got = self.index.get(np.asarray(keys, dtype=np.uint64))
         return np.asarray(got, dtype=np.float32).reshape(len(keys), -1)
 
-    def _hit(self, key: int, cosine: float) -> GalleryHit:
+    def hit(self, key: int, cosine: float) -> GalleryHit:
         raise NotImplementedError
 
-    def _query(self, q: np.ndarray) -> np.ndarray:
-        """``q`` as the index takes it (an int8 index: scaled as its vectors were)."""
-        return q
+    def candidates(self, q: np.ndarray, count: int, exact: bool) -> Matches:
+        return index_search(self.index, q, count, exact)
 
-    def _candidates(self, q: np.ndarray, count: int, exact: bool) -> Matches:
-        """The index's top ``count`` for ``q`` (a float query; the index's own form is made here)."""
-        m = self.index.search(self._query(q), count, exact=exact)
-        return Matches(keys=np.asarray(m.keys, dtype=np.int64), distances=np.asarray(m.distances, dtype=np.float32))
+    def unrestricted(self, q: np.ndarray, k: int) -> Matches:
+        return self.candidates(q, min(k, len(self)), self.exact)
 
-    def _unrestricted(self, q: np.ndarray, k: int) -> Matches:
-        """Top k of the whole gallery (the index's own exact or HNSW search)."""
-        return self._candidates(q, min(k, len(self)), self.exact)
-
-    def _rescore(self, q: np.ndarray, keys: np.ndarray, distances: np.ndarray, k: int) -> Matches:
-        """The best k of candidate ``keys`` (best first); a gallery whose index distances are
-        coarse (int8) re-scores them from its exact vectors."""
+    def rescore(self, q: np.ndarray, keys: np.ndarray, distances: np.ndarray, k: int) -> Matches:
         return Matches(keys=keys[:k], distances=distances[:k])
-
-    def _search(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> Matches:
-        q = np.asarray(query, dtype=np.float32)
-        n = len(self)
-        if allowed is None:
-            return self._unrestricted(q, k)
-        allowed = np.asarray(allowed, dtype=np.int64)
-        if len(allowed) == 0 or k <= 0:
-            return Matches(keys=np.zeros(0, dtype=np.int64), distances=np.zeros(0, dtype=np.float32))
-        if allowed[0] < 0 or allowed[-1] >= n:
-            raise ValueError(f"allowed keys must lie in [0, {n}); got {allowed[0]}..{allowed[-1]}")
-        if len(allowed) <= self.subset_limit:
-            m = brute_force(self._vectors(allowed), q, k)
-            return Matches(keys=allowed[m.keys], distances=m.distances)
-        # Oversample by the inverse of the allowed fraction, filter, and widen until enough are
-        # found (k, or the top ``rerank`` for re-scoring, as an unrestricted search would).
-        # HNSW's search widens its own expansion to the count asked for; the last try is exact.
-        target = max(k, self.rerank)
-        want = min(n, int(np.ceil(2 * target * n / len(allowed))) + target)
-        while True:
-            m = self._candidates(q, want, self.exact or want >= n)
-            pos = np.minimum(np.searchsorted(allowed, m.keys), len(allowed) - 1)
-            ok = allowed[pos] == m.keys
-            if ok.sum() >= min(target, len(allowed)) or want >= n:
-                return self._rescore(q, m.keys[ok], m.distances[ok], k)
-            want = min(n, want * 4)
 
     def most_similar(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[GalleryHit]:
         """The k nearest rows; ``allowed`` (sorted keys) restricts the search to those rows."""
-        m = self._search(query, k, allowed)
-        return [self._hit(int(key), float(1.0 - d)) for key, d in zip(m.keys, m.distances, strict=True)]
+        return nearest(self, query, k, allowed)
 
     def least_similar(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[GalleryHit]:
-        """Nearest to -query: cos(x, -q) = -cos(x, q), so these have the lowest cosine to q."""
-        m = self._search(-np.asarray(query, dtype=np.float32), k, allowed)
-        return [self._hit(int(key), float(-(1.0 - d))) for key, d in zip(m.keys, m.distances, strict=True)]
-
-
-class Gallery(SearchMixin):
-    """The bundle's coordinate gallery. Read-only; safe to query from several threads (USearch
-    search and numpy lookups don't mutate)."""
-
-    kind = "coordinates"
-
-    def __init__(
-        self,
-        index_path: Path,
-        db_path: Path,
-        *,
-        dim: int,
-        encoder_sha256: str,
-        location_sha256: str,
-        digest: str | None = None,
-    ) -> None:
-        """``digest`` names this gallery in records (the bundle manifest's sha256 of the index
-        file); None hashes the index file's size and first MiB instead (cheap, and enough to tell
-        galleries apart)."""
-        import duckdb
-
-        from .._native import usearch_index
-
-        if encoder_sha256 != location_sha256:
-            raise BundleFormatError(
-                f"gallery {index_path} was built with location encoder {encoder_sha256[:12]}…, but the bundle's "
-                f"GPSCLIP location tower is {location_sha256[:12]}…; rebuild the gallery with this encoder"
-            )
-        self.index = usearch_index().Index.restore(str(index_path), view=True)
-        if self.index is None or self.index.ndim != dim:
-            raise BundleFormatError(f"{index_path}: not a USearch index of dimension {dim}")
-        with duckdb.connect(str(db_path), read_only=True) as con:
-            rows = con.execute("SELECT key, lat, lon, country, city FROM gallery ORDER BY key").fetchnumpy()
-        keys = np.asarray(rows["key"], dtype=np.int64)
-        if len(keys) != len(self.index) or (len(keys) and (keys[0] != 0 or keys[-1] != len(keys) - 1)):
-            raise BundleFormatError(f"{db_path}: gallery rows do not match the {len(self.index)} index keys")
-        self.exact = len(self.index) <= EXACT_LIMIT
-        if not self.exact:
-            self.index.expansion_search = HNSW_EXPANSION
-        # Reading vectors back from a USearch view is slow (~5 us a key): past ~2K keys, an
-        # oversampled exact search of the whole (exact) gallery is cheaper than fetching a subset.
-        self.subset_limit = 2_000 if self.exact else 5_000
-        self.lat = np.asarray(rows["lat"], dtype=np.float64)
-        self.lon = np.asarray(rows["lon"], dtype=np.float64)
-        self.country = rows["country"]
-        self.city = rows["city"]
-        self.digest = digest or _file_digest(Path(index_path))
-
-    def _hit(self, key: int, cosine: float) -> GalleryHit:
-        return GalleryHit(
-            key=key,
-            lat=float(self.lat[key]),
-            lon=float(self.lon[key]),
-            cosine=cosine,
-            country=str(self.country[key] or ""),
-            city=str(self.city[key] or ""),
-        )
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256(str(path.stat().st_size).encode())
-    with path.open("rb") as f:
-        h.update(f.read(1 << 20))
-    return h.hexdigest()
+        """The k rows of lowest cosine to ``query`` (see :func:`farthest`)."""
+        return farthest(self, query, k, allowed)

@@ -1,6 +1,6 @@
 """Chain of custody for results journals: every record is hash-chained to the one before it.
 
-Each record written by :class:`clue2geo_sdk.runs.batch.RecordWriter` carries ``prev_hash`` (the previous
+Each record written by :class:`clue2geo_sdk.runs.journal.RecordWriter` carries ``prev_hash`` (the previous
 record's ``record_hash``; :data:`GENESIS` for the first) and ``record_hash``: the sha256 of the
 record's canonical JSON (sorted keys, no spaces, ASCII escapes) without ``record_hash`` itself.
 Editing a record changes its hash; removing, inserting or reordering records breaks the link of the

@@ -1,0 +1,44 @@
+"""What a bundle is made of: its roles, and per role a component (files pinned by sha256, parameters).
+
+The lowest module of the bundle package: the parser builds these, :class:`~clue2geo_sdk.bundle.manifest.
+Bundle` holds them and the writer records them, so none of those three needs another to name them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+ROLES: tuple[str, ...] = ("vlm", "clip", "gpsclip", "sbert", "gallery", "metadata")
+
+
+@attrs.frozen(kw_only=True)
+class ComponentFile:
+    """One file of a component: where it is (relative to the bundle) and what its bytes must be."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+
+@attrs.frozen(kw_only=True)
+class Component:
+    """One role of the bundle: its files, the parameters the runtime needs, and where it came from."""
+
+    role: str
+    files: Mapping[str, ComponentFile]
+    params: Mapping[str, Any] = attrs.field(factory=dict)
+    provenance: Mapping[str, Any] = attrs.field(factory=dict)
+    random_weights: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The component as the manifest stores it."""
+        return {
+            "role": self.role,
+            "files": {k: attrs.asdict(f) for k, f in self.files.items()},
+            "params": dict(self.params),
+            "provenance": dict(self.provenance),
+            "random_weights": self.random_weights,
+        }

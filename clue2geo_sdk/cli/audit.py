@@ -1,0 +1,140 @@
+"""``clue2geo audit``: the chain of custody of results (their hash chain, the examiner's signature)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..cluster import is_run_dir
+from ..cluster.shards import verify_run
+from ..errors import Clue2GeoError
+from ..evidence.attestation import (
+    check_journal_signatures,
+    read_journal_signatures,
+    sign_journal,
+    signature_path,
+    signature_state,
+)
+from ..files import regular_file
+from ..runs.chain import AuditResult, verify_journal
+from ..runs.journal import journal_path
+from .common import fail, key_files, reason
+
+
+@click.group()
+def audit() -> None:
+    """Check the chain of custody of results."""
+
+
+def journal_of(results: Path) -> Path:
+    """What RESULTS' hash chain and signatures are over: a JSONL journal itself, the .records.jsonl
+    beside a .csv/.geojson (the table is derived from it), or a 'locate --ray' run folder (its shards)."""
+    if results.is_dir():
+        if not is_run_dir(results):
+            raise click.UsageError(f"{results} is a folder (not a 'locate --ray' run); pass a JSONL journal")
+        return results
+    try:  # a FIFO or a device would block the read for ever
+        regular_file(results, "results")
+        if results.suffix.lower() in (".csv", ".geojson"):
+            sidecar = journal_path(results, "csv")
+            if not sidecar.is_file():
+                raise click.UsageError(f"{results} has no journal beside it ({sidecar.name}); pass the JSONL journal")
+            return regular_file(sidecar, "results journal")
+    except Clue2GeoError as exc:
+        fail(exc)
+    return results
+
+
+@audit.command("verify")
+@click.argument("results", type=click.Path(exists=True, path_type=Path))
+@click.option("--anchor", default=None, help="A record_hash noted earlier: the chain must still hold that record.")
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    help="Examiner's Ed25519 public key (as for bundles): the results must be signed by it (audit sign), unchanged "
+    "since; repeatable.",
+)
+def audit_verify(results: Path, anchor: str | None, trusted_keys: tuple[str, ...]) -> None:
+    """Check the hash chain of a JSONL results journal (for a .csv or .geojson run, its .records.jsonl;
+    for a 'locate --ray' run folder, its shards in write order): exit 0 when every record is intact and
+    in order, 1 naming the first bad line and why. With --trusted-key, also the examiner's signature.
+
+    The chain shows that no record was edited, removed or reordered since it was written, not who
+    wrote it: anyone can write a new valid chain and sign it with a key of their own. Only
+    --trusted-key says whose signature it is; without it the output says so."""
+    key_files(trusted_keys, "--trusted-key")
+    journal = journal_of(results)
+    try:
+        res = verify_run(journal, anchor=anchor) if journal.is_dir() else verify_journal(journal, anchor=anchor)
+    except OSError as exc:
+        fail(f"cannot read {journal}: {reason(exc)}")
+    if not res.ok:
+        click.secho(res.message(), fg="red", err=True)
+        sys.exit(1)
+    table = results if results != journal and not journal.is_dir() else None
+    try:
+        if trusted_keys:
+            good = check_journal_signatures(journal, trusted_keys, table=table)
+            click.echo(res.message())
+            for sig in good:
+                click.echo(f"ok: {journal} signed by trusted {sig.describe()}, unchanged since")
+            return
+        _untrusted_signatures(journal, table, res)
+    except Clue2GeoError as exc:
+        fail(exc)
+
+
+def _untrusted_signatures(journal: Path, table: Path | None, res: AuditResult) -> None:
+    """Without --trusted-key: the chain's verdict, then what each signature beside it is (none checked
+    against a key the examiner trusts); exit 1 when one does not hold."""
+    sigs = read_journal_signatures(journal)
+    click.echo(res.message())
+    if not sigs:
+        click.secho(
+            f"unsigned: the chain shows no record was changed since it was written, not who wrote {journal} "
+            "(anyone can write a valid chain); sign with 'clue2geo audit sign', check with --trusted-key",
+            fg="yellow",
+        )
+    bad = False
+    for sig in sigs:
+        state, why = signature_state(journal, sig, table=table)
+        if state == "holds":
+            click.secho(
+                f"signature by {sig.describe()} is self-consistent but NOT checked against a key you trust "
+                "(it was checked with the key stored beside it, which anyone can make): pass --trusted-key",
+                fg="yellow",
+            )
+        elif state == "appended":  # the signed records are intact; later ones are not covered
+            click.secho(f"signature NOT checked against a key you trust; it covers only part: {why}", fg="yellow")
+        else:
+            bad = True
+            click.secho(f"signature NOT checked against a key you trust, and it does not hold: {why}", fg="red")
+    if bad:
+        sys.exit(1)
+
+
+@audit.command("sign")
+@click.argument("results", type=click.Path(exists=True, path_type=Path))
+@click.option("--key", required=True, help="Ed25519 private key (PEM or 64 hex, or its file); see 'bundle keygen'.")
+@click.option("--examiner", default=None, help="Who signs (name, badge number): stored and signed with the hash.")
+@click.option("--case", "case_id", default=None, help="The case reference: stored and signed with the hash.")
+def audit_sign(results: Path, key: str, examiner: str | None, case_id: str | None) -> None:
+    """Check the results' hash chain, then sign them as they are now (sha256, record count, head
+    hash, examiner, case) into RESULTS.sig.json beside the journal (a .csv or .geojson run: its
+    .records.jsonl; a 'locate --ray' run folder: its shards, into RUN/run.sig.json);
+    'audit verify --trusted-key' checks it."""
+    key_files((key,), "--key")
+    journal = journal_of(results)
+    table = results if results != journal and not journal.is_dir() else None
+    try:
+        sig = sign_journal(journal, key, examiner=examiner, case=case_id, table=table)
+    except Clue2GeoError as exc:
+        fail(exc)
+    what = "the shards of " if journal.is_dir() else ""
+    click.echo(f"signed {what}{journal} ({sig.records} records, head {sig.head}) with {sig.describe()}")
+    if table is not None:
+        click.echo(f"with the table {table} written from it (sha256 {sig.table_sha256})")
+    click.echo(f"signature: {signature_path(journal)}")

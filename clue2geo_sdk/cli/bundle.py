@@ -1,0 +1,139 @@
+"""``clue2geo bundle``: inspect, verify, sign and build bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..bundle.manifest import Bundle
+from ..bundle.signing import generate_keypair, load_public_key, public_bytes, read_signatures, sign_bundle
+from ..errors import Clue2GeoError
+from .common import fail, key_files
+from .flags import trusted_key_flag
+from .plugins import plugin
+
+
+@click.group()
+def bundle() -> None:
+    """Inspect, verify and build bundles."""
+
+
+@bundle.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--verify/--no-verify", default=False, help="Also check every file's sha256.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def bundle_info(path: Path, verify: bool, as_json: bool) -> None:
+    """Show a bundle's identity and components."""
+    try:
+        b = Bundle.open(path, verify=verify)
+    except Clue2GeoError as exc:
+        fail(exc)
+    info = b.info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"bundle {info['name']}  format {info['format_version']}  written by clue2geo {info['sdk_version']}")
+    click.echo(f"path {info['path']}  created {info['created']}  demo={info['demo']}  {info['bytes'] / 1e6:.1f} MB")
+    for comp in info["components"]:
+        size = sum(f["bytes"] for f in comp["files"].values()) / 1e6
+        flag = "  [random weights]" if comp["random_weights"] else ""
+        click.echo(f"  {comp['role']:<9} {size:8.1f} MB  {', '.join(f['path'] for f in comp['files'].values())}{flag}")
+
+
+@bundle.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@trusted_key_flag
+def bundle_verify(path: Path, trusted_keys: tuple[str, ...]) -> None:
+    """Check the manifest and every file's sha256 (and, with --trusted-key, the bundle's signature);
+    exit 0 when intact, 1 otherwise."""
+    key_files(trusted_keys, "--trusted-key")
+    try:
+        b = Bundle.open(path, verify=True, trusted_keys=trusted_keys or None)
+        sigs = read_signatures(b.root)
+    except Clue2GeoError as exc:
+        fail(exc)
+    n = sum(len(c.files) for c in b.components.values())
+    click.echo(f"ok: bundle {b.name!r}, {n} files verified (manifest sha256 {b.digest})")
+    if b.signed_by:
+        click.echo(f"ok: signed by trusted key(s) {', '.join(b.signed_by)}")
+    elif sigs:
+        ids = ", ".join(f"{x.key_id} ({x.signed_utc})" for x in sigs)
+        click.echo(f"signatures by key(s) {ids} not checked: pass --trusted-key")
+    else:
+        click.echo("unsigned (sign with 'clue2geo bundle sign')")
+
+
+@bundle.command("sign")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--key", "key", required=True, help="Ed25519 private key (PEM or 64 hex, or its file).")
+def bundle_sign(path: Path, key: str) -> None:
+    """Check every file's sha256, then sign the bundle's manifest digest into PATH/signatures.json
+    (a signature by the same key is replaced, others are kept)."""
+    key_files((key,), "--key")
+    try:
+        b = Bundle.open(path, verify=True)
+        sig = sign_bundle(b.root, key, b.digest)
+    except Clue2GeoError as exc:
+        fail(exc)
+    click.echo(f"signed bundle {b.name!r} (manifest sha256 {sig.manifest_sha256}) with key {sig.key_id}")
+
+
+@bundle.command("keygen")
+@click.argument("private_key", type=click.Path(path_type=Path))
+@click.option("--pub", "public_key", type=click.Path(path_type=Path), default=None, help="Default: PRIVATE_KEY.pub.")
+def bundle_keygen(private_key: Path, public_key: Path | None) -> None:
+    """Write a new Ed25519 key pair: PRIVATE_KEY (PEM, unencrypted, mode 0600: keep it off the evidence
+    workstation) and its public key (PEM), which analysts pass as --trusted-key."""
+    try:
+        priv, pub, kid = generate_keypair(private_key, public_key)
+    except Clue2GeoError as exc:
+        fail(exc)
+    click.echo(f"key {kid}: private {priv}, public {pub} (hex {public_bytes(load_public_key(pub)).hex()})")
+
+
+@bundle.command("demo")
+@click.argument("path", type=click.Path(path_type=Path), default=Path("artifacts/demo"))
+@click.option("--seed", default=0, show_default=True, help="Seed for the random-weight stand-ins.")
+@click.option(
+    "--overwrite/--no-overwrite",
+    default=False,
+    show_default=True,
+    help="Replace a bundle already in PATH (only its own files; a folder holding anything else is refused).",
+)
+def bundle_demo(path: Path, seed: int, overwrite: bool) -> None:
+    """Build the demo bundle (real SBERT, GeoCLIP location tower, gallery; tiny random VLM/CLIP).
+
+    PATH must be new or empty, or (with --overwrite) hold only a previous bundle."""
+    try:
+        build = plugin("build-demo")
+        build(path, seed=seed, overwrite=overwrite)
+    except Clue2GeoError as exc:
+        fail(exc)
+
+
+@bundle.command("synth")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--shape", type=click.Choice(["tiny", "3b", "7b"]), default="tiny", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed for the random weights.")
+@click.option("--overwrite/--no-overwrite", default=False, show_default=True, help="Replace a bundle already in PATH.")
+@click.option(
+    "--external-data-above",
+    type=click.IntRange(0),
+    default=None,
+    help="ONNX towers with more weight bytes than this get a .data file (default: just under 2 GiB).",
+)
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Scratch folder (default: beside PATH).")
+def bundle_synth(
+    path: Path, shape: str, seed: int, overwrite: bool, external_data_above: int | None, workdir: Path | None
+) -> None:
+    """Build a bundle with random weights at the published shapes (Qwen2.5-VL-3B/7B, ViT-H-14, ViT-L/14)
+    through the real-weights exporters. Its predictions are meaningless: it proves size and plumbing."""
+    try:
+        build = plugin("build-synth")
+        build(
+            path, shape=shape, seed=seed, overwrite=overwrite, external_data_above=external_data_above, workdir=workdir
+        )
+    except Clue2GeoError as exc:
+        fail(exc)

@@ -17,7 +17,8 @@ from ..evidence.attestation import (
     signature_path,
     signature_state,
 )
-from ..files import regular_file
+from ..evidence.timestamps import TimestampError, check_stamp, query_path, write_query
+from ..files import read_regular_bytes, regular_file
 from ..runs.chain import AuditResult, verify_journal
 from ..runs.journal import journal_path
 from .common import fail, key_files, reason
@@ -138,3 +139,81 @@ def audit_sign(results: Path, key: str, examiner: str | None, case_id: str | Non
     if table is not None:
         click.echo(f"with the table {table} written from it (sha256 {sig.table_sha256})")
     click.echo(f"signature: {signature_path(journal)}")
+
+
+STAMP_MAX = 1 << 20  # a query, a response, a CA chain: a few KB each
+
+
+def _stamp_target(results: Path) -> Path:
+    """What a timestamp is over (as for 'audit sign'), its hash chain checked: a broken chain is not stamped."""
+    journal = journal_of(results)
+    try:
+        res = verify_run(journal) if journal.is_dir() else verify_journal(journal)
+    except OSError as exc:
+        fail(f"cannot read {journal}: {reason(exc)}")
+    if not res.ok:
+        fail(f"not stamped: {res.message()}")
+    return journal
+
+
+@audit.command("stamp-request")
+@click.argument("results", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="The query file [default: RESULTS.tsq].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing query file.")
+def audit_stamp_request(results: Path, out: Path | None, overwrite: bool) -> None:
+    """Write an RFC 3161 timestamp query (.tsq: SHA-256, a nonce, certReq) over the digest 'audit sign'
+    covers, to send from any networked machine to a time-stamping authority (TSA); check its
+    answer (.tsr) with 'audit stamp-verify'. Nothing leaves this machine but the digest."""
+    journal = _stamp_target(results)
+    out = out or query_path(results)
+    try:
+        digest = write_query(journal, out, overwrite=overwrite)
+    except (Clue2GeoError, OSError) as exc:
+        fail(reason(exc))
+    tsr = out.with_suffix(".tsr")
+    click.echo(f"timestamp query over {journal} (sha256 {digest}): {out}")
+    click.echo("send it to a TSA from a networked machine, e.g.:")
+    click.echo(
+        f"  curl -sS -H 'Content-Type: application/timestamp-query' --data-binary @{out} https://freetsa.org/tsr "
+        f"-o {tsr}"
+    )
+    click.echo("(with the TSA's CA certificate, e.g. https://freetsa.org/files/cacert.pem, kept beside the results)")
+    click.echo(f"then: clue2geo audit stamp-verify {results} --tsr {tsr} --ca TSA_CA.pem")
+
+
+@audit.command("stamp-verify")
+@click.argument("results", type=click.Path(exists=True, path_type=Path))
+@click.option("--tsr", "tsr", required=True, type=click.Path(exists=True, path_type=Path), help="The TSA's response.")
+@click.option("--ca", "ca", required=True, type=click.Path(exists=True, path_type=Path), help="The TSA's CA (PEM).")
+@click.option(
+    "--tsq",
+    "tsq",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="The query [default: the .tsq beside --tsr "
+    "or RESULTS.tsq, when there]: the response must answer it (its nonce).",
+)
+def audit_stamp_verify(results: Path, tsr: Path, ca: Path, tsq: Path | None) -> None:
+    """Check an RFC 3161 timestamp response for RESULTS: granted, over their digest as it is now
+    (so records appended or edited since fail), answering the query, and signed by a TSA whose
+    certificate chains to --ca. Prints the time (the TSA's clock, UTC) and the TSA; exit 1 naming
+    the fault."""
+    journal = journal_of(results)
+    if tsq is None:
+        tsq = next((q for q in (tsr.with_suffix(".tsq"), query_path(results)) if q.is_file()), None)
+    try:
+        query = None if tsq is None else read_regular_bytes(tsq, "timestamp query", max_bytes=STAMP_MAX)
+        stamp = check_stamp(
+            journal,
+            read_regular_bytes(tsr, "timestamp response", max_bytes=STAMP_MAX),
+            read_regular_bytes(ca, "--ca", max_bytes=STAMP_MAX),
+            query,
+        )
+    except TimestampError as exc:
+        fail(f"{tsr}: {exc}")
+    except (Clue2GeoError, OSError) as exc:
+        fail(reason(exc))
+    click.echo(f"ok: {journal} (sha256 {stamp.digest}) existed as it is now at {stamp.when()}")
+    click.echo(f"stamped by {stamp.tsa}, whose certificate chains to {ca}")
+    if not stamp.nonce_checked:
+        click.secho("the query (.tsq) was not found: the response's nonce was not checked", fg="yellow")

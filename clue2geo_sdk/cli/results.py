@@ -11,6 +11,8 @@ from ..bundle.manifest import Bundle
 from ..cluster import is_run_dir, read_shards
 from ..cluster.shards import merge, shard_files, write_jsonl
 from ..errors import Clue2GeoError
+from ..evidence.case import write_case
+from ..evidence.kml import write_kml, write_kmz
 from ..evidence.report.render import write_report
 from ..files import regular_file
 from ..runs.formats import write_csv, write_geojson
@@ -18,6 +20,9 @@ from ..runs.journal import read_journal
 from ..runs.records import Record, valid_records
 from ..runs.resume import latest_records
 from .common import fail, key_files, reason, same_file, warn
+
+#: What ``export --to`` writes, by the file's suffix (lower-cased).
+EXPORT_SUFFIXES = (".jsonl", ".geojson", ".csv", ".html", ".htm", ".kml", ".kmz", ".jsonld")
 
 
 def inputs_of(records: Path) -> list[Path]:
@@ -54,17 +59,28 @@ def read_results(records: Path) -> tuple[list[Record], list[str]]:
 @click.command("export")
 @click.argument("records", type=click.Path(exists=True, path_type=Path))
 @click.option(
-    "--to", "dest", required=True, type=click.Path(path_type=Path), help=".geojson, .csv, .jsonl or .html (report)."
+    "--to",
+    "dest",
+    required=True,
+    type=click.Path(path_type=Path),
+    help=".geojson, .csv, .jsonl, .html (report), .kml / .kmz (Google Earth, GIS) or .jsonld (CASE/UCO).",
 )
 @click.option(
     "--bundle", "bundle_path", type=click.Path(path_type=Path), help="For .html: the bundle (its CLIP patch grid)."
 )
-def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
+@click.option(
+    "--image-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="For .kmz: folder that relative image paths in the records are read from (default: the current folder).",
+)
+def export_records(records: Path, dest: Path, bundle_path: Path | None, image_root: Path | None) -> None:
     """Convert a JSONL results file, or a 'locate --ray' run folder (its shards merged), into GeoJSON,
-    CSV, JSONL or the HTML map report (latest record per image)."""
+    CSV, JSONL, the HTML map report, KML / KMZ (with thumbnails) or CASE/UCO JSON-LD (latest record
+    per image). The format is the --to file's suffix."""
     suffix = dest.suffix.lower()
-    if suffix not in (".jsonl", ".geojson", ".csv", ".html", ".htm"):
-        raise click.UsageError(f"cannot export to {dest.suffix!r}; use .geojson, .csv, .jsonl or .html")
+    if suffix not in EXPORT_SUFFIXES:
+        raise click.UsageError(f"cannot export to {dest.suffix!r}; use {', '.join(EXPORT_SUFFIXES)}")
     refuse_own_input(dest, records, "--to")
     recs, problems = read_results(records)
     try:
@@ -74,6 +90,12 @@ def export_records(records: Path, dest: Path, bundle_path: Path | None) -> None:
             write_geojson(dest, recs)
         elif suffix == ".csv":
             write_csv(dest, recs)
+        elif suffix == ".kml":
+            write_kml(dest, recs)
+        elif suffix == ".kmz":
+            write_kmz(dest, recs, image_root)
+        elif suffix == ".jsonld":
+            write_case(dest, recs)
         else:
             bundle = Bundle.open(bundle_path, verify=False) if bundle_path is not None else None
             write_report(dest, recs, bundle, results_path=records, problems=problems)

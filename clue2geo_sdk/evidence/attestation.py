@@ -90,14 +90,21 @@ def _check(target: Path, anchor: str | None = None) -> AuditResult:
     return verify_journal(target, anchor=anchor)
 
 
+def journal_digest_input(target: Path) -> bytes:
+    """The bytes whose sha256 is :func:`journal_digest`: a journal's own bytes; for a run folder, a short
+    statement of its shards' names and sha256s in order (what a timestamp query is built over)."""
+    if not target.is_dir():
+        return target.read_bytes()
+    lines = [b"clue2geo run shards v1\n"]
+    lines += [f"{shard.name}\0{sha256_file(shard)}\n".encode() for shard in shard_files(target)]
+    return b"".join(lines)
+
+
 def journal_digest(target: Path) -> str:
-    """A journal's sha256; for a run folder, the sha256 over its shards' names and sha256s in order."""
+    """A journal's sha256 (read in chunks); for a run folder, the sha256 of its shard statement."""
     if not target.is_dir():
         return sha256_file(target)
-    h = hashlib.sha256(b"clue2geo run shards v1\n")
-    for shard in shard_files(target):
-        h.update(f"{shard.name}\0{sha256_file(shard)}\n".encode())
-    return h.hexdigest()
+    return hashlib.sha256(journal_digest_input(target)).hexdigest()
 
 
 def _stored_key(hex_key: str) -> Ed25519PublicKey:

@@ -1,1 +1,2 @@
-"""What an examiner checks: journal signatures (attestation) and the HTML case report."""
+"""What an examiner checks and hands on: journal signatures (attestation), RFC 3161 timestamps,
+the KML/KMZ and CASE/UCO exports, and the HTML case report."""

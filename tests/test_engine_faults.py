@@ -236,16 +236,18 @@ def test_threads_with_three_samples_and_several_images_in_flight(demo_bundle: Pa
 
 def test_result_and_close_take_timeouts(engine, image) -> None:
     eng, _ = engine
-    gate = threading.Event()
+    gate, stepping = threading.Event(), threading.Event()
     real = eng._loop._step
 
     def slow(live):
+        stepping.set()
         gate.wait(WAIT)
         return real(live)
 
     eng._loop._step = slow
     s = eng.open(image)
     f = s.submit("Where is this?", schema=None, max_tokens=2)
+    assert stepping.wait(WAIT)  # the image prefix is evaluated first (seconds on a loaded host): wait for the step
     with pytest.raises(TimeoutError):
         f.result(timeout=0.5)
     with pytest.raises(VLMError, match="did not stop within 0.5 s"):  # the thread is stuck in a step

@@ -221,7 +221,7 @@ def _malformed(good: dict[str, Any]) -> list[Any]:
     """Records of a real run, each with one field of the wrong type (or fields missing)."""
 
     def bad(name: str, **change: Any) -> dict[str, Any]:
-        # abs_path dropped: records are grouped per image by it (see batch.latest), and each must stay apart
+        # abs_path dropped: records are grouped per image by it (see runs.resume.latest), and each must stay apart
         rec = {k: v for k, v in good.items() if k not in ("record_hash", "prev_hash", "abs_path")}
         return {**rec, "path": name, **change}
 

@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from clue2geo_sdk.cli import main
 from clue2geo_sdk.cluster.shards import ShardWriter
 from clue2geo_sdk.evidence.attestation import journal_digest
+from clue2geo_sdk.evidence.report.render import render_report
 from clue2geo_sdk.evidence.timestamps import TimestampError, build_query, parse_query
-from clue2geo_sdk.runs.journal import RecordWriter
+from clue2geo_sdk.runs.journal import RecordWriter, read_journal
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -219,3 +220,15 @@ def test_openssl_checks_the_same_response_over_the_journal_itself(journal: Path,
     journal.write_bytes(journal.read_bytes() + b"\n")
     changed = subprocess.run([*cmd, "-untrusted", str(pki["good"] / "tsa.crt")], capture_output=True, text=True)
     assert changed.returncode != 0
+
+
+def test_the_report_names_the_digest_that_is_stamped_and_signed(journal: Path, tmp_path: Path) -> None:
+    """The case report says which results it was made from by the same digest stamp-request covers."""
+    html = render_report(read_journal(journal).records, results_path=journal)
+    assert f"sha256 <code>{journal_digest(journal)}</code>" in html
+    run = tmp_path / "run"
+    w = ShardWriter(run, records_per_shard=2, parquet=False)
+    w.write([{"path": f"img{i}.jpg", "status": "ok", "lat": float(i)} for i in range(3)])
+    w.close()
+    html = render_report([], results_path=run)
+    assert f"run digest over its shards <code>{journal_digest(run)}</code>" in html

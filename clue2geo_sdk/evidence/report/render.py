@@ -26,7 +26,6 @@ The page prints one image per page (``@media print``).
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import html
 import json
 import os
@@ -36,7 +35,9 @@ from typing import Any
 
 from ..._version import __version__
 from ...bundle.manifest import MANIFEST_FILE, Bundle
+from ...cluster import is_run_dir
 from ...runs.records import Record
+from ..attestation import journal_digest
 from .custody import audit_line, load_trusted_keys
 from .figures import BORDER, LAND, PREDICTION_COLOR, SOURCE_COLORS, map_svg, overview_points, world_path
 from .sections import problems_html, record_entry, unshown_entry
@@ -106,13 +107,17 @@ def _entries(
 
 
 def _source(results_path: Path | None) -> str:
-    """The results the records came from: a file with its sha256, or a run folder by name."""
-    if results_path is not None and Path(results_path).is_file():
-        digest = hashlib.sha256(Path(results_path).read_bytes()).hexdigest()
-        return f"<br>Results file: {code(results_path)} (sha256 {code(digest)})"
-    if results_path is not None:
-        return f"<br>Results: {code(results_path)}"
-    return ""
+    """The results the records came from, with the digest ``audit sign`` and ``audit stamp-request``
+    cover (:func:`~clue2geo_sdk.evidence.attestation.journal_digest`): a journal's sha256, or a run
+    folder's digest over its shards."""
+    if results_path is None:
+        return ""
+    path = Path(results_path)
+    if path.is_file():
+        return f"<br>Results file: {code(results_path)} (sha256 {code(journal_digest(path))})"
+    if is_run_dir(path):
+        return f"<br>Results: {code(results_path)} (run digest over its shards {code(journal_digest(path))})"
+    return f"<br>Results: {code(results_path)}"
 
 
 def _header(title: str, counts: Mapping[str, int], demo: bool, facts: str, checks: str, overview: str) -> str:

@@ -31,6 +31,7 @@ from .errors import (
     RegionError,
 )
 from .evidence.attestation import ResultsSignatureError
+from .evidence.timestamps import TimestampError
 from .files import InputFileError
 from .geo.region import Region
 from .geolocator import Geolocator
@@ -83,6 +84,7 @@ __all__ = [  # ClusterJobError too, on first use (see __getattr__), left out her
     "ResultsSignatureError",
     "ResultsWriteError",
     "SigningKeyError",
+    "TimestampError",
     "VLMError",
     "__version__",
     "memory_need",

@@ -24,13 +24,13 @@ from .engines.ask import VisionLanguageModel
 from .engines.encoders import ClipEncoder, Device, GpsClipEncoder, SbertEncoder, device_providers
 from .engines.image_tokens import IMAGE_MAX_TOKENS
 from .engines.memory import check_memory
-from .engines.settings import N_CTX_DEFAULT, vlm_int, vlm_temperature, whole_number
+from .engines.settings import N_CTX_DEFAULT, vlm_int, vlm_temperature
 from .errors import Clue2GeoError, ImageLoadError, InvalidArgumentError, OptionsError
 from .geo.countries import countries
 from .geo.region import Region
 from .geo.reverse import ReverseGeocoder
 from .inputs.image import ImageInput, LoadedImage, load_image
-from .options import Options
+from .options import Options, whole_number
 from .pipeline import stages
 from .pipeline.cluemap import Cluemap
 from .pipeline.prompts import resolve

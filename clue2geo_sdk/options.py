@@ -53,6 +53,11 @@ def flag_of(field: attrs.Attribute[Any]) -> Flag:
     return found
 
 
+def whole_number(value: Any) -> bool:
+    """An int (numpy's too) and not a bool: what every count setting must be."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 def _opt_bool(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, bool):
         raise OptionsError(f"option {attr.name}={value!r}: must be True or False")
@@ -60,7 +65,7 @@ def _opt_bool(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
 
 def _opt_int(low: int, high: int | None = None) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
     def check(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        if not whole_number(value):
             raise OptionsError(f"option {attr.name}={value!r}: must be a whole number")
         if value < low or (high is not None and value > high):
             span = f"from {low} to {high}" if high is not None else f"at least {low}"
@@ -89,7 +94,7 @@ def _references(value: Any) -> tuple[int, ...]:
         raise OptionsError(f"option references={value!r}: must be a list of reference counts, e.g. [5, 10, 15]")
     refs = tuple(value)
     for k in refs:
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_REFERENCES:
+        if not whole_number(k) or not 1 <= k <= MAX_REFERENCES:
             raise OptionsError(
                 f"option references={list(refs)!r}: each count must be a whole number from 1 to {MAX_REFERENCES}"
             )

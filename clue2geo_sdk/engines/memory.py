@@ -12,12 +12,13 @@ import attrs
 from .._native import llama_cpp_module
 from ..bundle.manifest import Bundle
 from ..errors import InsufficientMemoryError
+from ..options import whole_number
 from . import base
 from .batched import MAX_SEQUENCES, seqs_per_image
 from .encoders import Device, device_providers
 from .gguf_header import TextModelShape, read_header, tensor_bytes, text_model_shape
 from .image_tokens import IMAGE_MAX_TOKENS
-from .settings import N_CTX_DEFAULT, vlm_int, whole_number
+from .settings import N_CTX_DEFAULT, vlm_int
 
 N_UBATCH = 512  # the engines' micro-batch (llama.cpp's default): sizes the compute buffers
 GiB = 2**30

@@ -3,18 +3,9 @@ temperature). ``Bundle.open`` has checked their types and ranges (bundle/parse.p
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
-
 from ..bundle.manifest import Bundle
 
 N_CTX_DEFAULT = 4096  # KV cells per image when the bundle does not say
-
-
-def whole_number(value: Any) -> bool:
-    """An int (numpy's too) and not a bool: what every count setting must be."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def vlm_int(bundle: Bundle, key: str, default: int) -> int:

@@ -6,12 +6,18 @@ Bundle` holds them and the writer records them, so none of those three needs ano
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
 ROLES: tuple[str, ...] = ("vlm", "clip", "gpsclip", "sbert", "gallery", "metadata")
+#: Roles a bundle may carry besides its models, added after the build (``bundle attach-validation``,
+#: the demo's known-answer set): hashed and signed with the bundle, but not part of what it computes,
+#: so :func:`models_digest` leaves them out.
+ATTACHED_ROLES: tuple[str, ...] = ("validation", "selftest")
 
 
 @attrs.frozen(kw_only=True)
@@ -42,3 +48,11 @@ class Component:
             "provenance": dict(self.provenance),
             "random_weights": self.random_weights,
         }
+
+
+def models_digest(components: Mapping[str, Component]) -> str:
+    """sha256 of what computes the answers: every model component as the manifest records it (files'
+    sha256, parameters), attached roles left out. Attaching a validation changes the manifest digest
+    but not this one, so a validation names the models it measured and stays true after it is attached."""
+    body = [components[r].to_dict() for r in sorted(components) if r not in ATTACHED_ROLES]
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

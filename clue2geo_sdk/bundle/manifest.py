@@ -22,7 +22,7 @@ import attrs
 from .._version import __version__
 from ..errors import BundleFormatError, BundleIntegrityError, BundleNotFoundError, InvalidArgumentError
 from ..files import sha256_file
-from .components import Component
+from .components import Component, models_digest
 from .parse import check_header, check_paths, load_manifest, parse_components, read_manifest_bytes
 from .signing import check_signatures
 
@@ -130,6 +130,12 @@ class Bundle:
         of the bytes that were parsed (and signature-checked) at open, never of a second read, which a
         concurrent writer could have changed in between."""
         return self.manifest_sha256 or sha256_file(self.root / MANIFEST_FILE)
+
+    @property
+    def models_digest(self) -> str:
+        """sha256 of the model components alone (:func:`~clue2geo_sdk.bundle.components.models_digest`):
+        what a validation or known-answer set was measured on; unchanged when one is attached."""
+        return models_digest(self.components)
 
     def verify(self) -> None:
         """Check every component file exists with the recorded size and sha256; raise on the first fault."""

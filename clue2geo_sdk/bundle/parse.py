@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BundleFormatError, BundleNotFoundError
-from .components import ROLES, Component, ComponentFile
+from .components import ATTACHED_ROLES, ROLES, Component, ComponentFile
 
 MAX_MANIFEST_BYTES = 64 << 20  # real manifests are tens of KB; this only stops an endless read
 
@@ -90,6 +90,8 @@ _FILES: dict[str, tuple[str, ...]] = {
     "sbert": ("model", "tokenizer"),
     "gallery": ("index",),
     "metadata": ("db",),
+    "validation": ("report",),  # validation.json; its page and others may follow
+    "selftest": ("answers",),  # the expected records; the photos follow as photo-N
 }
 _PARAMS: dict[str, dict[str, tuple[bool, _Check]]] = {
     "vlm": {
@@ -117,6 +119,8 @@ _PARAMS: dict[str, dict[str, tuple[bool, _Check]]] = {
     "sbert": {"dim": (True, _DIM), "max_length": (False, _int(1, 65536))},
     "gallery": {"dim": (True, _DIM), "encoder_sha256": (True, _hex64)},
     "metadata": {},
+    "validation": {"models_digest": (True, _hex64)},
+    "selftest": {"models_digest": (True, _hex64)},
 }
 
 
@@ -176,8 +180,9 @@ def _parse_component(raw: Any, where: str) -> Component:
     if not isinstance(raw, dict):
         raise BundleFormatError(f"{where}: a component must be a JSON object, got {shown(raw)}")
     role = raw.get("role")
-    if role not in ROLES:
-        raise BundleFormatError(f"{where}: unknown role {role!r}; known roles are {', '.join(ROLES)}")
+    if role not in ROLES + ATTACHED_ROLES:
+        known = ", ".join(ROLES + ATTACHED_ROLES)
+        raise BundleFormatError(f"{where}: unknown role {role!r}; known roles are {known}")
     files = parse_files(raw.get("files"), role, where)
     missing = [k for k in _FILES[role] if k not in files]
     if missing:

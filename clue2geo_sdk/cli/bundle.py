@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
+from ..bundle.attach import attach
 from ..bundle.manifest import Bundle
 from ..bundle.signing import generate_keypair, load_public_key, public_bytes, read_signatures, sign_bundle
+from ..bundle.validation import load_report, summary_line
 from ..errors import Clue2GeoError
 from .common import fail, key_files
 from .flags import trusted_key_flag
@@ -78,6 +80,27 @@ def bundle_sign(path: Path, key: str) -> None:
     except Clue2GeoError as exc:
         fail(exc)
     click.echo(f"signed bundle {b.name!r} (manifest sha256 {sig.manifest_sha256}) with key {sig.key_id}")
+
+
+@bundle.command("attach-validation")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("report_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def bundle_attach_validation(path: Path, report_dir: Path) -> None:
+    """Add REPORT_DIR's validation.json (and validation.html) from 'clue2geo validate' to the bundle's
+    manifest, so it is verified and signed with the bundle; refused when it measured other models."""
+    files = {"report": report_dir / "validation.json"}
+    if (report_dir / "validation.html").is_file():
+        files["page"] = report_dir / "validation.html"
+    try:
+        b = Bundle.open(path, verify=True)
+        data = load_report(files["report"])
+        signed = read_signatures(b.root)
+        b = attach(b, "validation", files, params={"models_digest": data["bundle"]["models_digest"]})
+    except (Clue2GeoError, OSError, ValueError) as exc:
+        fail(exc)
+    click.echo(f"attached to bundle {b.name!r} (manifest sha256 now {b.digest}): {summary_line(data)}")
+    if signed:
+        click.echo("the manifest changed: its signatures no longer cover it; sign it again with 'clue2geo bundle sign'")
 
 
 @bundle.command("keygen")

@@ -127,13 +127,31 @@ def export_records(records: Path, dest: Path, bundle_path: Path | None, image_ro
     multiple=True,
     help="Examiner's Ed25519 public key (as for audit verify): only a signature by it is shown as holding; repeatable.",
 )
+@click.option(
+    "--tsa-ca",
+    "tsa_cas",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A time-stamping authority's CA certificate (PEM, as for audit stamp-verify --ca): each timestamp beside "
+    "the results is verified against it; repeatable.",
+)
 def report_cmd(
-    records: Path, dest: Path, bundle_path: Path | None, image_root: Path | None, trusted_keys: tuple[str, ...]
+    records: Path,
+    dest: Path,
+    bundle_path: Path | None,
+    image_root: Path | None,
+    trusted_keys: tuple[str, ...],
+    tsa_cas: tuple[Path, ...],
 ) -> None:
-    """Write the case report: one self-contained offline HTML file (photos with the matched patches,
-    cluemap, candidates and metadata position on a map, chain of custody) of a JSONL results file or a
+    """Write the case report: one self-contained offline HTML file (the bundle's validation, photos with
+    the matched patches, each image's investigative lead with its ranked alternatives, cluemap,
+    candidates and metadata position on a map, chain of custody) of a JSONL results file or a
     'locate --ray' run folder. Photos are read again and shown only if their sha256 still matches.
-    Without --trusted-key, the report says a signature was not checked against a key you trust."""
+    Without --trusted-key, the report says a signature was not checked against a key you trust.
+
+    RFC 3161 timestamps are found beside the results as RESULTS.tsr, RESULTS.*.tsr (one per TSA) or
+    STEM.tsr (RESULTS' name without its suffix), with the query RESULTS.tsq ('audit stamp-request');
+    each is verified against the --tsa-ca certificates, and without them shown as not verified."""
     key_files(trusted_keys, "--trusted-key")
     refuse_own_input(dest, records, "--out")
     recs, problems = read_results(records)
@@ -150,6 +168,7 @@ def report_cmd(
             results_path=records,
             trusted_keys=trusted_keys or None,
             problems=problems,
+            tsa_cas=tsa_cas,
         )
     except Clue2GeoError as exc:
         fail(exc)

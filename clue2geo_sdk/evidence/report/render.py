@@ -9,13 +9,19 @@ as ``data:`` URIs. Per image it shows
   when its sha256 is still the record's ``image_sha256``; a missing or changed file is said instead;
 * the CLIP patch that matched each primary cue, outlined: patches are cut exactly as
   :func:`clue2geo_sdk.engines.encoders.patch_grid` cuts them, on the bundle's ``clip.patch_grid``;
-* the cluemap (clue sets), the candidates, the prediction and the photo's own metadata position on a
+* the investigative lead (rank 1 of the record's answers) and its ranked alternatives, each with its
+  distance from the lead, confidence and score;
+* the cluemap (clue sets), the candidates, the lead and the photo's own metadata position on a
   world map of Natural Earth country outlines (:mod:`clue2geo_sdk.geo.countries`), with the distances;
 * the model's raw answers, folded away (unfolded when printed);
 * a chain-of-custody block: UTC start/end, image sha256, bundle digest, SDK version, options, the
   record's hash links (recomputed here), and how to check the whole chain (``clue2geo audit verify``).
 
-At the top, the results' hash chain is checked, and each examiner's signature (``audit sign``): shown
+At the top: the bundle and its validation in one line (its known error rates,
+:func:`clue2geo_sdk.bundle.validation.headline`), or that no bundle was given; what kind of opinion a
+result is (an investigative lead with ranked alternatives, never a conclusion: :mod:`.leads`); each
+RFC 3161 timestamp saved beside the results, verified against the TSA's CA when one is given
+(:mod:`.stamps`). The results' hash chain is checked, and each examiner's signature (``audit sign``): shown
 as holding (green) only when made by a key the user trusts (``trusted_keys``, ``report --trusted-key``);
 one that verifies only with the public key stored in the signatures file is said to be *not checked
 against a key you trust*. Failed records appear with their error; a record with fields of the wrong
@@ -35,12 +41,15 @@ from typing import Any
 
 from ..._version import __version__
 from ...bundle.manifest import MANIFEST_FILE, Bundle
+from ...bundle.validation import headline
 from ...cluster import is_run_dir
 from ...runs.records import Record
 from ..attestation import journal_digest
 from .custody import audit_line, load_trusted_keys
 from .figures import BORDER, LAND, PREDICTION_COLOR, SOURCE_COLORS, map_svg, overview_points, world_path
+from .leads import OPINION
 from .sections import problems_html, record_entry, unshown_entry
+from .stamps import load_tsa_cas, stamps_html
 from .style import CSP, STYLE, code, esc, json_text
 
 #: The bundle a report is drawn with: an opened Bundle, its folder, or a file inside it; None: no bundle.
@@ -84,7 +93,20 @@ def _grid_note(b: Bundle | None) -> str:
     if b is None:
         return "3x3 assumed (no bundle given)"
     (rows, cols), fault = _grid(b)
-    return f"{rows}x{cols} from bundle {esc(b.name)} ({code(b.digest)}){esc(fault)}"
+    return f"{rows}x{cols} from bundle {esc(b.name)} ({code(b.digest)}){esc(fault) if fault else ''}"
+
+
+def _bundle_note(b: Bundle | None) -> str:
+    """The bundle the report was given, and its validation (known error rates) in one line."""
+    if b is None:
+        return (
+            '<br><span id="bundle-validation" class="warn">No bundle was given to this report: the validation '
+            "(known error rates) of the bundle that made these results is not stated here (pass --bundle).</span>"
+        )
+    return (
+        f"<br>Bundle: {esc(b.name)} (manifest digest {code(b.digest)}, models digest {code(b.models_digest)})"
+        f'<br>Validation: <span id="bundle-validation">{esc(headline(b))}</span>'
+    )
 
 
 def _entries(
@@ -130,8 +152,9 @@ def _header(title: str, counts: Mapping[str, int], demo: bool, facts: str, check
 {_DEMO_BANNER if demo else ""}
 <p>{counts["ok"]} located, {counts["failed"]} failed{unshown}. Generated {generated} by clue2geo SDK {esc(__version__)}.{facts}.</p>
 {checks}
+{OPINION}
 {overview}
-<p class="legend"><span><span style="color:{PREDICTION_COLOR}">●</span> prediction (numbered)</span>
+<p class="legend"><span><span style="color:{PREDICTION_COLOR}">●</span> investigative lead (numbered)</span>
 <span>◇ position in the photo's metadata</span>{legend}</p>
 <p><small>Country outlines: Natural Earth 1:10m admin-0 (public domain), drawn offline.</small></p>
 </header>"""
@@ -151,7 +174,7 @@ def _page(title: str, summary: Mapping[str, Any], header: str, index_rows: str, 
  vector-effect="non-scaling-stroke" stroke-linejoin="round"/></defs></svg>
 {header}
 <h2>Images</h2>
-<table class="index"><thead><tr><th>#</th><th>image</th><th>status</th><th>prediction</th><th>confidence</th>
+<table class="index"><thead><tr><th>#</th><th>image</th><th>status</th><th>investigative lead</th><th>confidence</th>
 <th>metadata distance</th></tr></thead><tbody>{index_rows}</tbody></table>
 {sections}
 </body></html>
@@ -167,6 +190,7 @@ def render_report(
     results_path: Path | None = None,
     trusted_keys: Sequence[str] | None = None,
     problems: Sequence[str] | None = None,
+    tsa_cas: Sequence[str | os.PathLike[str]] | None = None,
 ) -> str:
     """The case report of ``records`` (latest record per image) as one HTML string.
 
@@ -179,18 +203,21 @@ def render_report(
     shown as far as it can be, and a part (or a record) that cannot be drawn is named, never failing
     the whole report. ``problems``: what was wrong reading the results (records left out, unreadable
     or torn lines), one line each, listed at the top so that a reader of the report knows what it
-    does not show.
+    does not show. ``tsa_cas``: the TSAs' CA certificates (PEM files, ``report --tsa-ca``) each
+    timestamp beside the results is verified against; without them a stamp is shown as not verified.
+    A CA file that cannot be read, or holds no certificate, raises before anything is drawn.
     """
     # read leniently: a malformed record is shown part by part; what is no record at all is named
     records = [Record.of(r) if isinstance(r, Record | Mapping) else r for r in records]
     trusted = load_trusted_keys(trusted_keys)
+    ca_pem = load_tsa_cas(tsa_cas)
     b = _open_bundle(bundle)
     demo = any(isinstance(r, Record) and r.demo for r in records)
     results_label = str(results_path) if results_path is not None else "RESULTS"
     overview = map_svg(overview_points(records), zoom=False, css_class="world", label="all predictions")
     counts, index_rows, sections = _entries(records, b, results_label, image_root)
-    facts = f"{_source(results_path)}\n<br>CLIP patch grid: {_grid_note(b)}"
-    checks = f"{problems_html(problems)}\n{audit_line(results_path, trusted)}"
+    facts = f"{_source(results_path)}{_bundle_note(b)}\n<br>CLIP patch grid: {_grid_note(b)}"
+    checks = f"{problems_html(problems)}\n{audit_line(results_path, trusted)}\n{stamps_html(results_path, ca_pem)}"
     header = _header(title, counts, demo, facts, checks, overview)
     return _page(title, {**counts, "demo": demo}, header, index_rows, sections)
 
@@ -205,10 +232,11 @@ def write_report(
     results_path: Path | None = None,
     trusted_keys: Sequence[str] | None = None,
     problems: Sequence[str] | None = None,
+    tsa_cas: Sequence[str | os.PathLike[str]] | None = None,
 ) -> Path:
     """Write :func:`render_report` to ``path`` (UTF-8); returns ``path``. ``trusted_keys``: the public
     keys (files or key text, as ``report --trusted-key`` takes them) a signature must be made with to
-    be shown as holding; a key that cannot be read raises before anything is written."""
+    be shown as holding; a key (or a ``tsa_cas`` CA file) that cannot be read raises before anything is written."""
     text = render_report(
         records,
         bundle,
@@ -217,6 +245,7 @@ def write_report(
         results_path=results_path,
         trusted_keys=trusted_keys,
         problems=problems,
+        tsa_cas=tsa_cas,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

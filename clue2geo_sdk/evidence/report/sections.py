@@ -8,7 +8,6 @@ and a section that say so (:func:`unshown_entry`). Nothing here raises past :fun
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from ...geo.region import Region
 from ...runs.records import Record
 from .custody import custody_html
 from .figures import SOURCE_COLORS, Thumbnail, clue_sets, cue_color, load_thumbnail, map_svg, photo_svg, record_points
+from .leads import leads_html
 from .style import esc, finite, json_kind, json_text, km, list_field, num, table_rows
 
 
@@ -82,40 +82,9 @@ def _candidates_html(rec: Record) -> str:
         return "<p>No valid candidates.</p>"
     return (
         '<table class="candidates"><thead><tr><th>source</th><th>lat, lon</th><th>score</th>'
-        '<th class="text">model\'s country / city / landmark</th><th>to prediction</th><th>to metadata</th></tr></thead>'
+        '<th class="text">model\'s country / city / landmark</th><th>to the lead</th><th>to metadata</th></tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table>"
         f"<p><small>{int(rec.invalid_candidates or 0)} invalid candidate(s) dropped.</small></p>"
-    )
-
-
-def _answers_html(rec: Record) -> str:
-    """The ranked distinct answers (candidates merged within 25 km) with their confidence."""
-    rows = [
-        f"<tr><td>{esc(a.get('rank'))}</td><td>{num(a.get('lat'))}, {num(a.get('lon'))}</td>"
-        f"<td>{num(a.get('confidence'), '.3f')}</td><td>{num(a.get('score'), '.3f')}</td>"
-        f'<td class="text">{esc(", ".join(map(str, a.get("sources") or [])))}</td><td>{km(a.get("extent_km"))}</td></tr>'
-        for a in list_field(rec.answers, "answers")
-        if isinstance(a, Mapping)
-    ]
-    if not rows:
-        return "<p>No ranked answers in this record.</p>"
-    refs = rec.references
-    photos = isinstance(refs, Mapping) and refs.get("gallery") == "photos"
-    over = "candidates'" if photos else "candidates' and the nearest gallery points'"
-    note = (
-        "There was nothing to weigh the winner against (a lone fallback point): the prediction has no confidence. "
-        if rec.confidence is None
-        else ""
-    )
-    candidates = list_field(rec.candidates, "candidates")
-    if any(str(c.get("source")) == "region_anchor" for c in candidates if isinstance(c, Mapping)):
-        note += "region_anchor is a point inside the region chosen because nothing else was in it, not a model answer. "
-    return (
-        '<table class="answers"><thead><tr><th>#</th><th>lat, lon</th><th>confidence</th><th>best score</th>'
-        '<th class="text">merged candidates</th><th>extent</th></tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table><p><small>{html.escape(note)}Confidence: the share of a softmax over "
-        f"the {esc(over)} GPSCLIP cosines that falls on the answer; read it against a reliability table "
-        "(<code>clue2geo eval --calibration</code>), not as a probability.</small></p>"
     )
 
 
@@ -136,7 +105,7 @@ def _metadata_html(rec: Record) -> str:
     problems = "".join(f"<li>{esc(p)}</li>" for p in list_field(meta.get("problems"), "problems"))
     pairs = [
         ("Position in the photo's metadata", where),
-        ("Distance metadata position → prediction", km(rec.metadata_distance_km)),
+        ("Distance metadata position → lead", km(rec.metadata_distance_km)),
         ("Captured (DateTimeOriginal)", esc(meta.get("datetime_original"))),
         ("GPS time (UTC)", esc(meta.get("gps_time_utc"))),
         ("Camera", esc(camera)),
@@ -146,7 +115,7 @@ def _metadata_html(rec: Record) -> str:
     return (
         f'<table class="kv">{table_rows(pairs)}</table>'
         + (f'<p class="warn">Malformed metadata:</p><ul>{problems}</ul>' if problems else "")
-        + "<p><small>The prediction never uses the metadata: it can be forged or stripped, and a large "
+        + "<p><small>The lead never uses the metadata: it can be forged or stripped, and a large "
         "distance between the two is evidence either way.</small></p>"
     )
 
@@ -287,7 +256,9 @@ def _place(rec: Record) -> str | None:
 
 
 def _summary(rec: Record) -> str:
-    where = f"<b>{num(rec.lat)}, {num(rec.lon)}</b> · {esc(_place(rec))}"
+    where = (
+        f"<b>{num(rec.lat)}, {num(rec.lon)}</b> · {esc(_place(rec))} <small>(a lead to check, not a conclusion)</small>"
+    )
     if not finite(rec.lat, rec.lon):
         where += (
             f' <span class="bad">the record\'s lat/lon ({esc(json_text(rec.lat))}, '
@@ -301,12 +272,12 @@ def _summary(rec: Record) -> str:
     answer = f"{esc(rec.model_country)} / {esc(rec.model_city)} / {esc(rec.landmark)}"
     return table_rows(
         [
-            ("Prediction", where),
+            ("Investigative lead", where),
             ("Model's answer", answer),
             ("Confidence", num(rec.confidence, ".3f")),
             ("Won by", f"{esc(rec.source)}{' · fallback' if rec.fallback else ''}"),
             ("Candidate spread", km(rec.spread_km)),
-            ("Metadata position → prediction", km(rec.metadata_distance_km)),
+            ("Metadata position → lead", km(rec.metadata_distance_km)),
             ("Cues", esc(rec.cues_status)),
             *region,
         ]
@@ -331,7 +302,7 @@ def _ok_section(
 <h2>#{n} {esc(rec.path)}</h2>
 <div class="top">{figure}<div>{summary}{local}</div></div>
 <h3>Cluemap</h3>{_guarded("The cluemap", lambda: _cluemap_html(rec, grid))}
-<h3>Answers</h3>{_guarded("The answers", lambda: _answers_html(rec))}
+<h3>Investigative lead and ranked alternatives</h3>{_guarded("The answers", lambda: leads_html(rec))}
 <h3>Candidates</h3>{_guarded("The candidates", lambda: _candidates_html(rec))}
 <h3>Photo metadata</h3>{_guarded("The photo metadata", lambda: _metadata_html(rec))}
 {_guarded("The raw answers", lambda: _raw_html(rec))}

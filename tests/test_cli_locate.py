@@ -176,3 +176,48 @@ def test_bad_bundle_and_unknown_option(tmp_path: Path, photo: Path) -> None:
 def test_usage_errors(args: list[str], tmp_path: Path, photo: Path) -> None:
     res = CliRunner().invoke(main, ["locate", str(photo), "--bundle", "b", "--out", str(tmp_path / "r"), *args])
     assert res.exit_code == 2
+
+
+def _validated_copy(demo_bundle: Path, dest: Path) -> str:
+    """The demo bundle (hard links: its models are not copied) with a validation attached; its headline."""
+    from clue2geo_sdk.bundle.attach import attach
+    from clue2geo_sdk.bundle.manifest import Bundle
+    from clue2geo_sdk.bundle.validation import VALIDATION_FORMAT
+
+    shutil.copytree(demo_bundle, dest, copy_function=os.link)
+    bundle = Bundle.open(dest, verify=False)
+    acc = {km: {"value": v, "low": v - 0.05, "high": v + 0.05} for km, v in (("25", 0.42), ("750", 0.61))}
+    data = {"format": VALIDATION_FORMAT, "evalset": {"name": "tiny-set", "n": 12}, "accuracy": acc}
+    data["bundle"] = {"models_digest": bundle.models_digest}
+    report = dest.parent / "validation.json"
+    report.write_text(json.dumps(data))
+    attach(bundle, "validation", {"report": report}, params={"models_digest": bundle.models_digest})
+    return "validated on tiny-set (n = 12): 25 km 42 % [37–47], 750 km 61 % [56–66]"
+
+
+def test_locate_states_the_validation_and_records_sha3(demo_bundle: Path, photo: Path, tmp_path: Path) -> None:
+    """The run states the bundle's validation once on stderr, first; --hash sha3-512 records hashlib's
+    SHA3-512 of each file beside its sha256; without it, no such field."""
+    import hashlib
+
+    imgs = _variants(photo, tmp_path / "in", 2)
+    expected = _validated_copy(demo_bundle, tmp_path / "validated")
+    out = tmp_path / "res.jsonl"
+    args = ["locate", *map(str, imgs), "--bundle", str(tmp_path / "validated"), "--out", str(out), *QUICK]
+    res = CliRunner().invoke(main, [*args, "--hash", "sha3-512"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count(expected) == 1 and expected not in res.stdout, res.stderr
+    assert res.stderr.index("meaningless") < res.stderr.index(expected)  # with the demo warning, at the start
+    for rec in _records(out):
+        data = Path(rec["path"]).read_bytes()
+        assert rec["image_sha3_512"] == hashlib.sha3_512(data).hexdigest()
+        assert rec["image_sha256"] == hashlib.sha256(data).hexdigest()
+
+    plain = tmp_path / "plain.jsonl"
+    res = CliRunner().invoke(main, ["locate", str(imgs[0]), "--bundle", str(demo_bundle), "--out", str(plain), *QUICK])
+    assert res.exit_code == 0 and "no validation on record for this bundle" in res.stderr, res.output
+    assert all("image_sha3_512" not in r for r in _records(plain))
+    bad = CliRunner().invoke(main, [*args, "--hash", "md5"])
+    assert bad.exit_code == 2 and "sha3-512" in bad.output
+    ray = CliRunner().invoke(main, [*args, "--hash", "sha3-512", "--ray", "local"])
+    assert ray.exit_code == 2 and "--ray" in ray.output

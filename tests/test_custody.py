@@ -455,3 +455,52 @@ def test_a_signed_csv_run_covers_its_table(keys: dict[str, Path], tmp_path: Path
     CliRunner().invoke(main, ["audit", "sign", str(journal), "--key", str(keys["priv"])])  # the journal alone
     alone = _audit(table, "--trusted-key", str(keys["pub"]))
     assert alone.exit_code == 1 and "is not covered" in alone.output, alone.output
+
+
+def test_a_signed_report_is_checked_with_the_results(journal: Path, keys: dict[str, Path], tmp_path: Path) -> None:
+    """`audit sign --report` puts the report's sha256 in the signature: verify fails naming the report
+    when it was edited or is missing, holds when it is passed where it was moved; a signature made
+    without a report (the old kind) still verifies, and does not vouch for a report passed to it."""
+    from clue2geo_sdk.evidence.attestation import signature_path
+    from clue2geo_sdk.evidence.report.render import render_report
+
+    trusted = ("--trusted-key", str(keys["pub"]))
+    plain = CliRunner().invoke(main, ["audit", "sign", str(journal), "--key", str(keys["priv"])])
+    assert plain.exit_code == 0 and _audit(journal, *trusted).exit_code == 0
+    (entry,) = json.loads(signature_path(journal).read_text())["signatures"]
+    assert "report" not in entry and "report_sha256" not in entry  # the old entry, byte for byte
+
+    report = tmp_path / "case" / "report.html"
+    report.parent.mkdir()
+    report.write_text(render_report(read_journal(journal).records, results_path=journal), encoding="utf-8")
+    unsigned = _audit(journal, *trusted, "--report", str(report))
+    assert unsigned.exit_code == 1 and "report.html is not covered" in unsigned.output, unsigned.output
+
+    res = CliRunner().invoke(main, ["audit", "sign", str(journal), "--key", str(keys["priv"]), "--report", str(report)])
+    assert res.exit_code == 0 and "with the report" in res.output and "does not name" not in res.stderr, res.output
+    (entry,) = json.loads(signature_path(journal).read_text())["signatures"]
+    assert entry["report"] == "case/report.html"
+    assert entry["report_sha256"] == hashlib.sha256(report.read_bytes()).hexdigest()
+    ok = _audit(journal, *trusted)
+    assert ok.exit_code == 0 and "with the report case/report.html" in ok.output, ok.output
+
+    original = report.read_bytes()
+    report.write_bytes(original.replace(b"img1.jpg", b"img9.jpg", 1))
+    for args in (trusted, ()):
+        edited = _audit(journal, *args)
+        assert edited.exit_code == 1 and f"the report {report} changed after signing" in edited.output, edited.output
+    moved = tmp_path / "elsewhere.html"
+    moved.write_bytes(original)
+    report.unlink()
+    missing = _audit(journal, *trusted)
+    assert missing.exit_code == 1 and f"the report {report} signed with the results is missing" in missing.output
+    assert _audit(journal, *trusted, "--report", str(moved)).exit_code == 0
+
+    other = tmp_path / "other.html"
+    other.write_text("<html>made from other results</html>")
+    res = CliRunner().invoke(main, ["audit", "sign", str(journal), "--key", str(keys["priv"]), "--report", str(other)])
+    assert res.exit_code == 0 and "does not name these results' digest" in res.stderr
+    res = CliRunner().invoke(
+        main, ["audit", "sign", str(journal), "--key", str(keys["priv"]), "--report", str(journal)]
+    )
+    assert res.exit_code == 1 and "is the results" in res.output

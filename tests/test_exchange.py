@@ -3,6 +3,7 @@ by independent readers: fastkml for KML, case_validate (SHACL against CASE 1.5.0
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -32,14 +33,15 @@ LOCATION = "https://ontology.unifiedcyberontology.org/uco/location/"
 
 @pytest.fixture(scope="module")
 def journal(geo, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real run over the example images plus one broken file (a failed record). One located record
-    is given a second answer, an extent and a metadata position (the demo models give none of them)."""
+    """A real run over the example images plus one broken file (a failed record), recording SHA3-512s
+    too. One located record is given a second answer, an extent and a metadata position (the demo
+    models give none of them)."""
     d = tmp_path_factory.mktemp("exchange")
     broken = d / "broken.jpg"
     broken.write_bytes(b"not an image")
     out = d / "run.jsonl"
     images = sorted(p for p in EXAMPLE_IMAGES.iterdir() if p.suffix in (".jpg", ".png"))
-    summary = run_batch(geo, [*images, broken], out)
+    summary = run_batch(geo, [*images, broken], out, hashes=("sha3-512",))
     assert (summary.ok, summary.error) == (len(images), 1)
     recs = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     rich = next(r for r in recs if r["status"] == "ok")
@@ -131,7 +133,19 @@ def test_kmz_leaves_out_a_photo_that_changed(journal: Path, tmp_path: Path) -> N
         assert 'src="files/0.jpg"' not in z.read("doc.kml").decode("utf-8")
 
 
+def test_the_run_records_sha3_512_of_each_input(journal: Path) -> None:
+    """run_batch(hashes=("sha3-512",)) records, beside the sha256, hashlib's SHA3-512 of each file's bytes."""
+    recs = _records(journal)
+    assert len(recs) == len({r["path"] for r in recs}) >= 2
+    for r in recs:
+        data = Path(r["path"]).read_bytes()
+        assert r["image_sha3_512"] == hashlib.sha3_512(data).hexdigest(), r["path"]
+        assert r["image_sha256"] == hashlib.sha256(data).hexdigest(), r["path"]
+
+
 def test_jsonld_conforms_to_case(journal: Path, tmp_path: Path) -> None:
+    """Conforms to CASE 1.5.0 (case_validate), with each prediction, its ranked alternatives, the
+    relationships from each File to its Locations, and both digests of each file."""
     dest = tmp_path / "case.jsonld"
     _export(journal, dest)
     validate = Path(sys.executable).with_name("case_validate")
@@ -141,13 +155,45 @@ def test_jsonld_conforms_to_case(journal: Path, tmp_path: Path) -> None:
     lat, lon = rdflib.URIRef(LOCATION + "latitude"), rdflib.URIRef(LOCATION + "longitude")
     got = sorted((float(g.value(f, lat)), float(g.value(f, lon))) for f in g.subjects(lat, None))
     ok = [r for r in _records(journal) if r["status"] == "ok"]
-    assert got == sorted((r["lat"], r["lon"]) for r in ok)
+    assert got == sorted([(r["lat"], r["lon"]) for r in ok] + [(ALTERNATIVE["lat"], ALTERNATIVE["lon"])])
     doc = json.loads(dest.read_text(encoding="utf-8"))
     actions = [n for n in doc["@graph"] if n["@type"] == "case-investigation:InvestigativeAction"]
     assert len(actions) == 1  # one run
-    assert len(actions[0]["uco-action:object"]) == len(ok) + 1 and len(actions[0]["uco-action:result"]) == len(ok)
-    hashes = {n["uco-types:hashValue"]["@value"] for n in _nodes(doc) if n.get("@type") == "uco-types:Hash"}
-    assert hashes == {r["image_sha256"] for r in _records(journal) if r.get("image_sha256")}
+    assert len(actions[0]["uco-action:object"]) == len(ok) + 1 and len(actions[0]["uco-action:result"]) == len(ok) + 1
+    hashes = {
+        (n["uco-types:hashMethod"], n["uco-types:hashValue"]["@value"])
+        for n in _nodes(doc)
+        if n.get("@type") == "uco-types:Hash"
+    }
+    recs = _records(journal)
+    assert hashes == {("SHA256", r["image_sha256"]) for r in recs} | {("SHA3-512", r["image_sha3_512"]) for r in recs}
+
+
+def test_jsonld_ties_each_file_to_its_ranked_locations(journal: Path, tmp_path: Path) -> None:
+    """Read back with rdflib: every Location of the action's results is the target of one directional
+    Relationship from an input File; the record with a second answer has two, named rank 1 and 2 of 2."""
+    dest = tmp_path / "case.jsonld"
+    _export(journal, dest)
+    g = rdflib.Graph().parse(dest, format="json-ld")
+    core = rdflib.Namespace("https://ontology.unifiedcyberontology.org/uco/core/")
+    action = rdflib.Namespace("https://ontology.unifiedcyberontology.org/uco/action/")
+    files = set(g.objects(None, action.object))
+    results = set(g.objects(None, action.result))
+    rels = list(g.subjects(rdflib.RDF.type, core.Relationship))
+    assert {g.value(r, core.target) for r in rels} == results and len(rels) == len(results)
+    for r in rels:
+        assert g.value(r, core.source) in files and g.value(r, core.isDirectional).toPython() is True
+        assert str(g.value(r, core.kindOfRelationship)) == "Estimated_Depicted_Location"
+    by_file: dict[Any, list[str]] = {}
+    for r in rels:
+        by_file.setdefault(g.value(r, core.source), []).append(str(g.value(g.value(r, core.target), core.name)))
+    ok = [r for r in _records(journal) if r["status"] == "ok"]
+    assert sorted(map(sorted, by_file.values())) == sorted(
+        [["rank 1 of 1"]] * (len(ok) - 1) + [["rank 1 of 2", "rank 2 of 2"]]
+    )
+    (alt,) = [loc for loc in results if str(g.value(loc, core.name)) == "rank 2 of 2"]
+    desc = str(g.value(alt, core.description))
+    assert f"score {ALTERNATIVE['score']:.6f}" in desc and "sources rag5" in desc
 
 
 def _nodes(value: Any) -> list[dict[str, Any]]:

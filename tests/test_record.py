@@ -214,3 +214,41 @@ def test_any_json_object_round_trips(raw: dict[str, Any]) -> None:
         with pytest.raises(RecordFormatError) as caught:
             Record.from_dict(raw)
         assert str(caught.value) == why
+
+
+# -- further digests of the input (locate --hash sha3-512) --------------------------------------
+
+
+def test_input_digests_are_hashlib_digests_of_the_bytes() -> None:
+    import hashlib
+
+    from clue2geo_sdk.runs.records import EXTRA_HASHES, input_digests
+
+    data = (EXAMPLE_IMAGES / "summer_palace_beijing.jpg").read_bytes()
+    want = hashlib.sha3_512(data).hexdigest()
+    assert input_digests(data, ["sha3-512"]) == {"image_sha3_512": want} and len(want) == 128
+    assert input_digests(data, ["sha256"]) == {} and input_digests(data, ()) == {}  # sha256 is always recorded
+    assert input_digests(None, ["sha3-512"]) == {}  # unreadable: no digest, as for the sha256
+    assert set(EXTRA_HASHES.values()) <= set(FIELDS_OF_KIND["text"])
+    with pytest.raises(ValueError, match="unknown hash.*md5"):
+        input_digests(data, ["md5"])
+    rec = record_of(Failure(image="x.jpg", error="E", message="m"), "x.jpg", 0.5, identity_of(_bundle(), Options()),
+                    digests={"image_sha3_512": want})  # fmt: skip
+    assert rec["image_sha3_512"] == want and list(rec).index("image_sha3_512") > list(rec).index("image_sha256")
+
+
+def test_a_record_without_the_sha3_field_still_reads_and_its_chain_holds(tmp_path: Path) -> None:
+    """Journals written before the field existed: read strictly, given back equal, chain intact; a
+    malformed value of the new field is named like any other."""
+    out = tmp_path / "old.jsonl"
+    w = RecordWriter(out, "jsonl")
+    w.write({"path": "a.jpg", "status": "ok", "lat": 1.0, "lon": 2.0, "image_sha256": "ab" * 32})
+    w.write({"path": "b.jpg", "status": "ok", "lat": 1.0, "lon": 2.0, "image_sha3_512": "cd" * 64})
+    w.close()
+    lines = read_journal(out).records
+    old, new = (Record.from_dict(r) for r in lines)
+    assert old.image_sha3_512 is None and "image_sha3_512" not in old.to_dict() and old.to_dict() == lines[0]
+    assert new.image_sha3_512 == "cd" * 64 and new.extra == {}
+    assert all(record_hash(r) == r["record_hash"] for r in lines) and verify_journal(out).ok
+    with pytest.raises(RecordFormatError, match="'image_sha3_512' is int"):
+        Record.from_dict({"path": "c.jpg", "status": "error", "image_sha3_512": 5})

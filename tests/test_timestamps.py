@@ -4,6 +4,7 @@ covers; a TSA (here `openssl ts -reply` with a CA and TSA certificate made in th
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 
 from clue2geo_sdk.cli import main
 from clue2geo_sdk.cluster.shards import ShardWriter
-from clue2geo_sdk.evidence.attestation import journal_digest
+from clue2geo_sdk.evidence.attestation import journal_digest, results_digest
 from clue2geo_sdk.evidence.report.render import render_report
 from clue2geo_sdk.evidence.timestamps import TimestampError, build_query, parse_query
 from clue2geo_sdk.runs.journal import RecordWriter, read_journal
@@ -232,3 +233,40 @@ def test_the_report_names_the_digest_that_is_stamped_and_signed(journal: Path, t
     w.close()
     html = render_report([], results_path=run)
     assert f"run digest over its shards <code>{journal_digest(run)}</code>" in html
+
+
+def test_a_csv_run_is_stamped_with_its_table(pki: dict[str, Path], tmp_path: Path) -> None:
+    """`stamp-request results.csv` stamps what `audit sign results.csv` signs: the journal beside it and
+    the table written from it. An edited table fails though the journal is intact; a stamp over the
+    journal alone is said to be one."""
+    table = tmp_path / "results.csv"
+    w = RecordWriter(table, "csv")
+    for i in range(3):
+        w.write({"path": f"img{i}.jpg", "status": "ok", "lat": i / 3, "lon": 2.0})
+    w.close()
+    journal = tmp_path / "results.csv.records.jsonl"
+    res = _cli("stamp-request", table)
+    tsq = tmp_path / "results.csv.tsq"
+    digest = results_digest(journal, table)
+    assert res.exit_code == 0 and digest in res.output and "the table" in res.output, res.output
+    assert digest not in (journal_digest(journal), hashlib.sha256(table.read_bytes()).hexdigest())
+    table_sha = hashlib.sha256(table.read_bytes()).hexdigest()
+    statement = f"clue2geo journal and table v1\n{journal_digest(journal)}\n{table_sha}\n"
+    assert parse_query(tsq.read_bytes()).digest.hex() == hashlib.sha256(statement.encode()).hexdigest() == digest
+    tsr = _answer(tsq, pki["good"], tmp_path / "results.csv.tsr")
+    ok = _verify(table, tsr, pki["good"] / "ca.crt")
+    assert ok.exit_code == 0 and f"ok: {table} with its journal {journal}" in ok.output, ok.output
+
+    original = table.read_bytes()
+    table.write_bytes(original.replace(b"img1", b"IMG1"))
+    res = _verify(table, tsr, pki["good"] / "ca.crt")
+    assert res.exit_code == 1 and "the results changed after they were stamped" in res.output
+    assert str(table) in res.output and "Traceback" not in res.output
+    table.write_bytes(original)
+    assert _verify(table, tsr, pki["good"] / "ca.crt").exit_code == 0
+
+    assert _cli("stamp-request", journal).exit_code == 0  # the journal alone
+    alone = _answer(tmp_path / "results.csv.records.jsonl.tsq", pki["good"], tmp_path / "alone.tsr")
+    assert _verify(journal, alone, pki["good"] / "ca.crt").exit_code == 0
+    res = _verify(table, alone, pki["good"] / "ca.crt", "--tsq", str(tmp_path / "results.csv.records.jsonl.tsq"))
+    assert res.exit_code == 1 and "covers the journal" in res.output and "alone, not the table" in res.output

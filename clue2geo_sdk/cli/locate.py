@@ -12,6 +12,7 @@ import attrs
 import click
 
 from ..bundle.manifest import Bundle
+from ..bundle.validation import headline
 from ..cluster import locate_on_ray, merged_records
 from ..errors import Clue2GeoError
 from ..evidence.report.render import write_report
@@ -19,7 +20,7 @@ from ..geolocator import Geolocator
 from ..inputs.discover import discover
 from ..runs.batch import BatchSummary, run_batch
 from ..runs.journal import check_not_in_use, journal_path, read_journal
-from ..runs.records import Record
+from ..runs.records import EXTRA_HASHES, Record
 from ..runs.resume import latest_records
 from .common import EXIT_SOME_FAILED, check_trusted_keys, fail, progress, reason, same_file, warn, warn_if_demo
 from .flags import F, LoadSettings, engine_flags, gallery_flag, options_flags, trusted_key_flag
@@ -41,6 +42,7 @@ class Job:
     resume: bool
     retry_failed: bool
     report: Path | None
+    hashes: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -78,6 +80,14 @@ def job_flags(f: F) -> F:
             ),
             click.option(
                 "--retry-failed", is_flag=True, help="With --resume: also run again images whose latest record failed."
+            ),
+            click.option(
+                "--hash",
+                "hashes",
+                multiple=True,
+                type=click.Choice(["sha256", *EXTRA_HASHES]),
+                help="Also record this digest of each input (sha3-512: 'image_sha3_512', from the same bytes as the "
+                "sha256, which is always recorded); repeatable. Images a --resume skips keep what they hold.",
             ),
         )
     ):
@@ -123,6 +133,7 @@ def locate(
     recursive: bool,
     resume: bool,
     retry_failed: bool,
+    hashes: tuple[str, ...],
     gallery: Path | None,
     report: Path | None,
     device: str,
@@ -143,7 +154,14 @@ def locate(
         raise click.UsageError("--retry-failed runs again the failures recorded in --out; pass --resume with it")
     check_trusted_keys(trusted_keys, verify)
     job = Job(
-        paths=paths, out=out, fmt=fmt, recursive=recursive, resume=resume, retry_failed=retry_failed, report=report
+        paths=paths,
+        out=out,
+        fmt=fmt,
+        recursive=recursive,
+        resume=resume,
+        retry_failed=retry_failed,
+        report=report,
+        hashes=tuple(dict.fromkeys(hashes)),
     )
     load = LoadSettings(
         bundle_path=bundle_path,
@@ -157,6 +175,8 @@ def locate(
         verbose=verbose,
     )
     if ray_address is not None:
+        if set(job.hashes) - {"sha256"}:
+            raise click.UsageError("--hash sha3-512 is recorded by local runs only, not yet with --ray")
         run_on_ray(job, load, RaySettings(address=ray_address, actors=actors, batch_size=batch_size))
     else:
         run_local(job, load)
@@ -171,12 +191,19 @@ def run_local(job: Job, load: LoadSettings) -> None:
         geo = load.load()
     except (Clue2GeoError, TypeError, RuntimeError) as exc:
         fail(exc)
-    warn_if_demo(geo.bundle)
+    announce(geo.bundle)
     summary = _run_batch(geo, inputs, job, fmt)
     if job.report is not None:
         recs = latest_records(read_journal(journal).records).values()
         _write_report(job.report, lambda: recs, geo.bundle, journal, load.trusted_keys)
     _finish(summary, job.report, f"(already in {job.out})")
+
+
+def announce(bundle: Bundle) -> None:
+    """What a run states first, on stderr: that a demo bundle means nothing, and the bundle's
+    validation in one line (its measured accuracy, or that none is on record)."""
+    warn_if_demo(bundle)
+    click.echo(headline(bundle), err=True)
 
 
 def _check_out(out: Path, fmt: str, report: Path | None) -> Path:
@@ -209,6 +236,7 @@ def _run_batch(geo: Geolocator, inputs: list[Any], job: Job, fmt: str) -> BatchS
                 retry_failed=job.retry_failed,
                 on_record=tick,
                 on_notice=warn,
+                hashes=job.hashes,
             )
     except (Clue2GeoError, FileExistsError) as exc:  # another writer, a full disk, results already there
         fail(exc)
@@ -225,7 +253,7 @@ def run_on_ray(job: Job, load: LoadSettings, ray: RaySettings) -> None:
             bundle = Bundle.open(load.bundle_path, verify=False)
     except Clue2GeoError as exc:
         fail(exc)
-    warn_if_demo(bundle)
+    announce(bundle)
     summary = _run_ray_job(job, load, ray)
     if job.report is not None:
         _write_report(job.report, lambda: merged_records(job.out).records, bundle, job.out, load.trusted_keys)

@@ -11,6 +11,12 @@ for a ``locate --ray`` run folder its shards, in write order (the merged ``resul
 derived from them and rewritten by ``--resume``). Signatures live in ``RESULTS.sig.json`` beside a
 journal, or ``RUN/run.sig.json``; several keys may sign (the examiner, a reviewer). Each is over
 ``MESSAGE_PREFIX`` + the canonical JSON of its other fields.
+
+A signature may also cover files written from the results: the ``.csv``/``.geojson`` table (``table``,
+``table_sha256``) and the HTML case report (``report``: its path from the signatures file's folder,
+``report_sha256``); ``audit verify`` then fails when one was edited or, for the report, is missing.
+The report fields are left out of the signed message when absent, so signatures made before they
+existed still verify.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -31,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ..bundle.signing import KeyInput, key_id, load_private_key, public_bytes, split_by_trust, trusted_by_id
 from ..cluster.shards import shard_files, verify_run
 from ..errors import Clue2GeoError
-from ..files import atomic_write, sha256_file
+from ..files import atomic_write, regular_file, sha256_file
 from ..runs.chain import AuditResult, verify_journal
 
 SIGNATURE_SUFFIX = ".sig.json"
@@ -63,11 +70,18 @@ class JournalSignature:
     case: str | None = None
     table: str | None = None  # a .csv/.geojson written from the journal, signed with it
     table_sha256: str | None = None
+    report: str | None = None  # the HTML report signed with the results: its path from the signatures' folder
+    report_sha256: str | None = None
     signature: str = ""  # hex
 
+    def body(self) -> dict[str, Any]:
+        """The signed fields: all but the signature, and the report's only when there is one (a signature
+        made before reports were signed has no such field, and its message must stay the same)."""
+        d = {k: v for k, v in attrs.asdict(self).items() if k != "signature"}
+        return {k: v for k, v in d.items() if k not in _OPTIONAL or v is not None}
+
     def message(self) -> bytes:
-        body = {k: v for k, v in attrs.asdict(self).items() if k != "signature"}
-        return MESSAGE_PREFIX + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        return MESSAGE_PREFIX + json.dumps(self.body(), sort_keys=True, separators=(",", ":")).encode()
 
     def describe(self) -> str:
         who = [f"examiner {self.examiner!r}" if self.examiner else "", f"case {self.case!r}" if self.case else ""]
@@ -75,7 +89,10 @@ class JournalSignature:
         return f"key {self.key_id}{f' ({names})' if names else ''} on {self.signed_utc}, {self.records} records"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"algorithm": "ed25519", **attrs.asdict(self)}
+        return {"algorithm": "ed25519", **self.body(), "signature": self.signature}
+
+
+_OPTIONAL = ("report", "report_sha256")  # fields that are absent, not null, when unused (see JournalSignature.body)
 
 
 def signature_path(target: Path) -> Path:
@@ -107,6 +124,22 @@ def journal_digest(target: Path) -> str:
     return hashlib.sha256(journal_digest_input(target)).hexdigest()
 
 
+def results_digest_input(target: Path, table: Path | None = None) -> bytes:
+    """What a timestamp is over: :func:`journal_digest_input` of ``target``; with ``table`` (the
+    .csv/.geojson written from the journal, which ``audit sign`` covers with it), a short statement of
+    the journal's and the table's sha256s, in that order (no names: a renamed copy still verifies)."""
+    if table is None:
+        return journal_digest_input(target)
+    return f"clue2geo journal and table v1\n{journal_digest(target)}\n{sha256_file(table)}\n".encode()
+
+
+def results_digest(target: Path, table: Path | None = None) -> str:
+    """The sha256 of :func:`results_digest_input`: :func:`journal_digest` when there is no ``table``."""
+    if table is None:
+        return journal_digest(target)
+    return hashlib.sha256(results_digest_input(target, table)).hexdigest()
+
+
 def _stored_key(hex_key: str) -> Ed25519PublicKey:
     """The public key a signature entry carries: 64 hex characters only (never a path)."""
     return Ed25519PublicKey.from_public_bytes(bytes.fromhex(hex_key))
@@ -119,9 +152,12 @@ def _entry(e: Any) -> JournalSignature:
     fields = {f.name: e.get(f.name) for f in attrs.fields(JournalSignature)}
     text = ("key_id", "public_key", "journal", "journal_sha256", "head", "signed_utc", "signature")
     bad = [k for k in text if not isinstance(fields[k], str)]
-    bad += [k for k in ("examiner", "case", "table") if fields[k] is not None and not isinstance(fields[k], str)]
-    if fields["table_sha256"] is not None and not _HEX64.match(str(fields["table_sha256"])):
-        bad.append("table_sha256")
+    bad += [
+        k for k in ("examiner", "case", "table", "report") if fields[k] is not None and not isinstance(fields[k], str)
+    ]
+    bad += [k for k in ("table_sha256", "report_sha256") if fields[k] is not None and not _HEX64.match(str(fields[k]))]
+    if (fields["report"] is None) != (fields["report_sha256"] is None) or "\0" in str(fields["report"]):
+        bad.append("report")
     if not isinstance(fields["records"], int) or isinstance(fields["records"], bool):
         bad.append("records")
     if bad:
@@ -171,13 +207,15 @@ def sign_journal(
     examiner: str | None = None,
     case: str | None = None,
     table: Path | None = None,
+    report: Path | None = None,
 ) -> JournalSignature:
     """Check the hash chain of ``target`` (a JSONL journal, or a run folder's shards), then sign its
     current state with ``key`` (an earlier signature by the same key is replaced, others are kept),
-    and ``table`` (the .csv/.geojson written from the journal) with it. A broken chain is refused:
-    a signature must not vouch for an edited file."""
+    and ``table`` (the .csv/.geojson written from the journal) and ``report`` (the HTML case report)
+    with it. A broken chain is refused: a signature must not vouch for an edited file."""
     target = Path(target)
     examiner, case = _label(examiner, "--examiner"), _label(case, "--case")
+    report_name = None if report is None else _report_name(target, report)
     digest = journal_digest(target)
     res = _check(target)
     if not res.ok:
@@ -198,6 +236,8 @@ def sign_journal(
         case=case,
         table=None if table is None else Path(table).name,
         table_sha256=None if table is None else sha256_file(Path(table)),
+        report=report_name,
+        report_sha256=None if report is None else sha256_file(Path(report)),
     )
     sig = attrs.evolve(unsigned, signature=private.sign(unsigned.message()).hex())
     kept = [s for s in read_journal_signatures(target) if s.key_id != sig.key_id]
@@ -206,14 +246,55 @@ def sign_journal(
     return sig
 
 
+def _report_name(target: Path, report: Path) -> str:
+    """How a signature names the report: its path from the signatures file's folder (so the pair can be
+    moved together), or its absolute path when there is none (another drive); refused unless it is a
+    regular file other than the results."""
+    report = regular_file(Path(report), "--report")
+    if report.resolve() == target.resolve() or report.name.endswith(SIGNATURE_SUFFIX):
+        raise ResultsSignatureError(f"--report {report} is the results or their signatures, not an HTML report")
+    try:
+        return Path(os.path.relpath(report.resolve(), signature_path(target).parent.resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path
+        return str(report.resolve())
+
+
+def signed_report(target: Path, sig: JournalSignature) -> Path | None:
+    """Where the report ``sig`` covers should be: its stored path, from the signatures file's folder."""
+    return None if sig.report is None else signature_path(target).parent / sig.report
+
+
+def _report_fault(target: Path, sig: JournalSignature, report: Path | None) -> str | None:
+    """Why the HTML report does not hold for ``sig`` (None: it does, or none is signed nor asked for):
+    ``report`` given but not signed, or the signed one (at ``report``, else where it was) missing or edited."""
+    if sig.report_sha256 is None:
+        if report is None:
+            return None
+        return f"{sig.describe()}: the report {report} is not covered (signed without --report); sign with --report"
+    path = report or signed_report(target, sig)
+    if path is None or not path.is_file():
+        return (
+            f"{sig.describe()}: the report {path} signed with the results is missing "
+            "(moved? pass its path with --report)"
+        )
+    now = sha256_file(path)
+    if now != sig.report_sha256:
+        return f"{sig.describe()}: the report {path} changed after signing (sha256 {now}, signed {sig.report_sha256})"
+    return None
+
+
 def signature_state(
-    target: Path, sig: JournalSignature, pub: Any | None = None, table: Path | None = None
+    target: Path,
+    sig: JournalSignature,
+    pub: Any | None = None,
+    table: Path | None = None,
+    report: Path | None = None,
 ) -> tuple[str, str | None]:
-    """Whether ``sig`` vouches for ``target`` (and ``table``, the .csv/.geojson written from it) as they
-    are now: ``("holds", None)``; ``("appended", why)`` when records were appended after signing (the
-    signed ones are intact); ``("bad", why)`` otherwise. ``pub`` is the trusted key to check with;
-    without it, the key stored in the entry is used, which shows the content is what that key signed,
-    not whose key it is."""
+    """Whether ``sig`` vouches for ``target`` (and ``table``, the .csv/.geojson written from it, and the
+    HTML report it signed, at ``report`` or where it was signed) as they are now: ``("holds", None)``;
+    ``("appended", why)`` when records were appended after signing (the signed ones are intact);
+    ``("bad", why)`` otherwise. ``pub`` is the trusted key to check with; without it, the key stored in
+    the entry is used, which shows the content is what that key signed, not whose key it is."""
     if pub is not None and public_bytes(pub).hex() != sig.public_key:
         return "bad", f"key {sig.key_id}: the stored public key is not the trusted one"
     try:
@@ -225,6 +306,8 @@ def signature_state(
         return "bad", why
     if table is not None and sha256_file(table) != sig.table_sha256:
         return "bad", f"{sig.describe()}: the table {table} changed after signing (it is not the one written then)"
+    if (why := _report_fault(target, sig, report)) is not None:
+        return "bad", why
     if journal_digest(target) == sig.journal_sha256:
         return "holds", None
     now = _check(target, anchor=sig.head)
@@ -236,17 +319,20 @@ def signature_state(
     return "bad", f"{sig.describe()}: the results changed after signing ({now.message()})"
 
 
-def fault_of(target: Path, sig: JournalSignature, pub: Any | None = None, table: Path | None = None) -> str | None:
-    """Why ``sig`` does not vouch for ``target`` (and ``table``) as they are now (None: it does); see
-    :func:`signature_state`."""
-    return signature_state(target, sig, pub, table)[1]
+def fault_of(
+    target: Path, sig: JournalSignature, pub: Any | None = None, table: Path | None = None, report: Path | None = None
+) -> str | None:
+    """Why ``sig`` does not vouch for ``target`` (and ``table``, and its report) as they are now (None:
+    it does); see :func:`signature_state`."""
+    return signature_state(target, sig, pub, table, report)[1]
 
 
 def check_journal_signatures(
-    target: Path, trusted_keys: Iterable[KeyInput], *, table: Path | None = None
+    target: Path, trusted_keys: Iterable[KeyInput], *, table: Path | None = None, report: Path | None = None
 ) -> list[JournalSignature]:
-    """The signatures by trusted keys that vouch for ``target`` (and ``table``) as they are now;
-    raise :class:`ResultsSignatureError` when there is none, saying why."""
+    """The signatures by trusted keys that vouch for ``target`` (and ``table``, and the report each
+    signed, at ``report`` when given) as they are now; raise :class:`ResultsSignatureError` when there
+    is none, saying why."""
     target = Path(target)
     trusted = trusted_by_id(trusted_keys)
     if not trusted:
@@ -257,7 +343,7 @@ def check_journal_signatures(
             f"{target} is not signed (no {signature_path(target)}); "
             f"sign it with 'clue2geo audit sign {target} --key PRIVATE_KEY'"
         )
-    good, faults = split_by_trust(sigs, trusted, lambda sig, pub: fault_of(target, sig, pub, table))
+    good, faults = split_by_trust(sigs, trusted, lambda sig, pub: fault_of(target, sig, pub, table, report))
     if good:
         return good
     if not faults:
@@ -274,8 +360,11 @@ __all__ = [
     "check_journal_signatures",
     "journal_digest",
     "fault_of",
+    "results_digest",
+    "results_digest_input",
     "read_journal_signatures",
     "sign_journal",
     "signature_path",
     "signature_state",
+    "signed_report",
 ]

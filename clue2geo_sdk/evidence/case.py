@@ -4,10 +4,15 @@
 per run (the records made under one identity: bundle, options, gallery, SDK version), whose
 ``instrument`` is a ``uco-tool:ConfiguredTool`` (clue2geo, its SDK version, a configuration holding the
 bundle digest, options digest, gallery digest, demo flag and the options themselves), whose ``object``\\ s
-are the input files (``uco-observable:File`` with a SHA256 ``types:Hash`` in a ContentDataFacet) and
-whose ``result``\\ s are one ``uco-location:Location`` per located image (a LatLongCoordinatesFacet:
-latitude and longitude as ``xsd:decimal``; a ConfidenceFacet: the confidence in percent, rounded; the
-exact confidence, source and image in its description). Failed images are objects without a result.
+are the input files (``uco-observable:File`` with a SHA256 ``types:Hash`` in a ContentDataFacet, and a
+SHA3-512 one when the record holds it: ``locate --hash sha3-512``) and whose ``result``\\ s are the
+``uco-location:Location``\\ s of each located image: the winner (rank 1) and its ranked alternatives
+(the record's answers of rank 2 and on), each named "rank N of M", with a LatLongCoordinatesFacet
+(latitude and longitude as ``xsd:decimal``), a ConfidenceFacet (the confidence in percent, rounded) and
+the exact confidence, score, source and image in its description. Each Location is tied to its File by
+a ``uco-core:Relationship`` (directional, source the File, target the Location, kindOfRelationship
+:data:`RELATIONSHIP`, an open string in CASE 1.5.0), whose description says the rank: the results are
+investigative leads, ranked, not findings. Failed images are objects without a result.
 Identifiers are UUID v5 of what they name, so exporting the same records again gives the same graph.
 Checked against CASE 1.5.0 with ``case_validate`` (the tests). Written with ``json``; all or nothing.
 """
@@ -27,6 +32,7 @@ from ..runs.records import IDENTITY_FIELDS, Record, is_finite_number
 from ..sanitize import clean_text
 
 KB = "http://example.org/kb/"  # CASE's conventional knowledge-base prefix for the graph's own nodes
+RELATIONSHIP = "Estimated_Depicted_Location"  # File -> Location: where clue2geo estimates the photo shows
 NAMESPACE = uuid.UUID("6c1e6f43-8d0b-5a52-9a43-6b1c2e0a9f10")  # clue2geo's UUID v5 namespace
 CONTEXT: dict[str, str] = {
     "kb": KB,
@@ -95,8 +101,26 @@ def tool_nodes(rec: Record) -> list[dict[str, Any]]:
     return [tool, config]
 
 
+def hash_nodes(rec: Record) -> list[dict[str, Any]]:
+    """The input's recorded digests as ``types:Hash`` nodes: its SHA256, then its SHA3-512 when recorded."""
+    sha = rec.image_sha256 if isinstance(rec.image_sha256, str) else None
+    sha3 = rec.image_sha3_512 if isinstance(rec.image_sha3_512, str) else None
+    out = []
+    for method, value in (("SHA256", sha), ("SHA3-512", sha3)):
+        if value:
+            out.append(
+                {
+                    "@id": node_id("Hash", value) if method == "SHA256" else node_id("Hash", method, value),
+                    "@type": "uco-types:Hash",
+                    "uco-types:hashMethod": method,  # plain: the shapes compare it to plain literals
+                    "uco-types:hashValue": typed(value, "xsd:hexBinary"),
+                }
+            )
+    return out
+
+
 def file_node(rec: Record) -> dict[str, Any]:
-    """The input image as an observable File: its name and, when recorded, its SHA256."""
+    """The input image as an observable File: its name and, when recorded, its SHA256 (and SHA3-512)."""
     sha = rec.image_sha256 if isinstance(rec.image_sha256, str) else None
     ident = node_id("File", sha or "", rec.abs_path or rec.path or "")
     facets: list[dict[str, Any]] = [
@@ -107,50 +131,105 @@ def file_node(rec: Record) -> dict[str, Any]:
             "uco-observable:filePath": _text(rec.abs_path or rec.image or rec.path),
         }
     ]
-    if sha:
-        hash_node = {
-            "@id": node_id("Hash", sha),
-            "@type": "uco-types:Hash",
-            "uco-types:hashMethod": "SHA256",  # plain: the shapes compare it to plain literals
-            "uco-types:hashValue": typed(sha, "xsd:hexBinary"),
-        }
+    if hashes := hash_nodes(rec):
         facets.append(
             {
                 "@id": node_id("ContentDataFacet", ident),
                 "@type": "uco-observable:ContentDataFacet",
-                "uco-observable:hash": [hash_node],
+                "uco-observable:hash": hashes,
             }
         )
     return {"@id": ident, "@type": "uco-observable:File", "uco-core:hasFacet": facets}
 
 
-def location_node(rec: Record, file_id: str) -> dict[str, Any]:
-    """A located record as a Location: coordinates, confidence (percent, rounded) and what it is of."""
-    ident = node_id("Location", file_id, rec.lat, rec.lon, rec.finished_utc)
-    conf = rec.confidence if is_finite_number(rec.confidence) else None
+def _location_facets(ident: str, lat: float, lon: float, conf: float | None) -> list[dict[str, Any]]:
+    """A Location's coordinates and, when known, its confidence (percent, rounded)."""
     facets: list[dict[str, Any]] = [
         {
             "@id": node_id("LatLongCoordinatesFacet", ident),
             "@type": "uco-location:LatLongCoordinatesFacet",
-            "uco-location:latitude": decimal(rec.lat),
-            "uco-location:longitude": decimal(rec.lon),
+            "uco-location:latitude": decimal(lat),
+            "uco-location:longitude": decimal(lon),
         }
     ]
     if conf is not None:
-        pct = min(100, max(0, round(conf * 100)))
         facets.append(
             {
                 "@id": node_id("ConfidenceFacet", ident),
                 "@type": "uco-core:ConfidenceFacet",
-                "uco-core:confidence": typed(pct, "xsd:nonNegativeInteger"),
+                "uco-core:confidence": typed(min(100, max(0, round(conf * 100))), "xsd:nonNegativeInteger"),
             }
         )
+    return facets
+
+
+def _number(value: Any, spec: str = ".6f") -> str:
+    return format(value, spec) if is_finite_number(value) else "unknown"
+
+
+def _of(rec: Record) -> str:
+    return f"{_text(rec.image or rec.path)} (sha256 {_text(rec.image_sha256) or 'unrecorded'})"
+
+
+def location_node(rec: Record, file_id: str, total: int = 1) -> dict[str, Any]:
+    """A located record's prediction (the winner, rank 1 of ``total`` answers) as a Location: coordinates,
+    confidence (percent, rounded) and what it is of."""
+    ident = node_id("Location", file_id, rec.lat, rec.lon, rec.finished_utc)
+    conf = rec.confidence if is_finite_number(rec.confidence) else None
+    answers = rec.answers if isinstance(rec.answers, list) else ()
+    first = next((a for a in answers if isinstance(a, Mapping) and a.get("rank") == 1), {})
     demo = " DEMO bundle: meaningless (random models)." if rec.demo else ""
     desc = (
-        f"clue2geo prediction for {_text(rec.image or rec.path)} (sha256 {_text(rec.image_sha256) or 'unrecorded'}): "
-        f"confidence {'unknown' if conf is None else f'{conf:.6f}'}, source {_text(rec.source) or 'unknown'}.{demo}"
+        f"clue2geo prediction (answer rank 1 of {total}, score {_number(first.get('score'))}) for {_of(rec)}: "
+        f"confidence {_number(conf)}, source {_text(rec.source) or 'unknown'}. An investigative lead.{demo}"
     )
-    return {"@id": ident, "@type": "uco-location:Location", "uco-core:description": desc, "uco-core:hasFacet": facets}
+    return {
+        "@id": ident,
+        "@type": "uco-location:Location",
+        "uco-core:name": f"rank 1 of {total}",
+        "uco-core:description": desc,
+        "uco-core:hasFacet": _location_facets(ident, rec.lat, rec.lon, conf),
+    }
+
+
+def alternative_node(rec: Record, file_id: str, answer: Mapping[str, Any], total: int) -> dict[str, Any]:
+    """One of the record's ranked alternatives (an answer of rank 2 and on) as a Location."""
+    rank = int(answer["rank"])
+    ident = node_id("Location", file_id, rank, answer["lat"], answer["lon"], rec.finished_utc)
+    conf = answer.get("confidence") if is_finite_number(answer.get("confidence")) else None
+    sources = ", ".join(_text(x) for x in answer.get("sources") or () if isinstance(x, str)) or "unknown"
+    demo = " DEMO bundle: meaningless (random models)." if rec.demo else ""
+    desc = (
+        f"clue2geo alternative (answer rank {rank} of {total}, score {_number(answer.get('score'))}) for "
+        f"{_of(rec)}: confidence {_number(conf)}, sources {sources}. A lower-ranked lead than rank 1.{demo}"
+    )
+    return {
+        "@id": ident,
+        "@type": "uco-location:Location",
+        "uco-core:name": f"rank {rank} of {total}",
+        "uco-core:description": desc,
+        "uco-core:hasFacet": _location_facets(ident, float(answer["lat"]), float(answer["lon"]), conf),
+    }
+
+
+def relationship_node(file_id: str, location: Mapping[str, Any]) -> dict[str, Any]:
+    """The tie from an input File to one of its Locations (:data:`RELATIONSHIP`), with the rank in words."""
+    return {
+        "@id": node_id("Relationship", file_id, location["@id"]),
+        "@type": "uco-core:Relationship",
+        "uco-core:source": [{"@id": file_id}],
+        "uco-core:target": {"@id": location["@id"]},
+        "uco-core:isDirectional": True,
+        "uco-core:kindOfRelationship": RELATIONSHIP,
+        "uco-core:description": f"estimated location of what the image shows, answer {location['uco-core:name']}",
+    }
+
+
+def result_nodes(rec: Record, file_id: str) -> list[dict[str, Any]]:
+    """A located record's Locations, best first: its prediction, then its ranked alternatives."""
+    alts = rec.alternatives()
+    total = 1 + len(alts)
+    return [location_node(rec, file_id, total), *(alternative_node(rec, file_id, a, total) for a in alts)]
 
 
 def located(rec: Record) -> bool:
@@ -173,19 +252,24 @@ def action_nodes(recs: Sequence[Record]) -> list[dict[str, Any]]:
     """One run (records of one identity) as an InvestigativeAction and the nodes it names."""
     tool, config = tool_nodes(recs[0])
     files = [file_node(r) for r in recs]
-    locations = [location_node(r, f["@id"]) for r, f in zip(recs, files, strict=True) if located(r)]
-    failed = len(recs) - len(locations)
+    per_file = [(f["@id"], result_nodes(r, f["@id"])) for r, f in zip(recs, files, strict=True) if located(r)]
+    locations = [loc for _, locs in per_file for loc in locs]
+    relationships = [relationship_node(fid, loc) for fid, locs in per_file for loc in locs]
+    failed = len(recs) - len(per_file)
     action = {
         "@id": node_id("InvestigativeAction", *run_key(recs[0]), *(f["@id"] for f in files)),
         "@type": "case-investigation:InvestigativeAction",
         "uco-core:name": "clue2geo photo geolocation",
-        "uco-core:description": f"{len(recs)} image(s): {len(locations)} located, {failed} not located (no result)",
+        "uco-core:description": (
+            f"{len(recs)} image(s): {len(per_file)} located, {failed} not located (no result); "
+            f"{len(locations) - len(per_file)} ranked alternative location(s) besides the predictions"
+        ),
         **_times(recs),
         "uco-action:instrument": {"@id": tool["@id"]},
         "uco-action:object": [{"@id": f["@id"]} for f in files],
         "uco-action:result": [{"@id": loc["@id"]} for loc in locations],
     }
-    return [action, tool, config, *files, *locations]
+    return [action, tool, config, *files, *locations, *relationships]
 
 
 def case_graph(records: Sequence[Record]) -> dict[str, Any]:

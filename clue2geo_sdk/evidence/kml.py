@@ -134,13 +134,9 @@ def prediction_html(rec: Record, thumbnail: str | None = None) -> str:
 
 
 def alternatives(rec: Record) -> list[Mapping[str, Any]]:
-    """The record's answers of rank 2 and on that hold a finite position (its top-k alternatives)."""
-    out = []
-    for a in rec.answers if isinstance(rec.answers, list) else ():
-        if isinstance(a, Mapping) and is_finite_number(a.get("rank")) and a["rank"] >= 2:
-            if is_finite_number(a.get("lat")) and is_finite_number(a.get("lon")):
-                out.append(a)
-    return out
+    """The record's answers of rank 2 and on that hold a position (its top-k alternatives; see
+    :meth:`Record.alternatives`)."""
+    return rec.alternatives()
 
 
 def winning_extent_km(rec: Record) -> float | None:

@@ -6,7 +6,10 @@ signer's own clock. A timestamp token says *when*, on the TSA's clock, under the
 machine that holds the results may be offline: ``audit stamp-request`` writes a timestamp query
 (``.tsq``) over the same digest ``audit sign`` covers (:func:`journal_digest`), the examiner carries
 it to a networked machine and sends it (curl, ``openssl ts``), and ``audit stamp-verify`` checks the
-response (``.tsr``) against the results as they are now and the TSA's CA certificate.
+response (``.tsr``) against the results as they are now and the TSA's CA certificate. For a ``.csv``
+or ``.geojson`` run, which ``audit sign`` signs with its journal, the stamp covers both
+(:func:`~.attestation.results_digest`: a statement of the journal's and the table's sha256s), so an
+edited table fails as an edited journal does.
 
 Nothing is stored besides the .tsq and the .tsr: the query holds the digest and the nonce.
 """
@@ -34,7 +37,7 @@ from rfc3161_client._rust import (
 
 from ..errors import Clue2GeoError
 from ..files import atomic_write
-from .attestation import journal_digest, journal_digest_input
+from .attestation import journal_digest, results_digest, results_digest_input
 
 QUERY_SUFFIX = ".tsq"
 SHA256_OID = "2.16.840.1.101.3.4.2.1"
@@ -74,14 +77,15 @@ def query_path(results: Path) -> Path:
     return results.with_name(results.name + QUERY_SUFFIX)
 
 
-def build_query(target: Path) -> bytes:
-    """A DER TimeStampReq (RFC 3161 §2.4.1) over ``target``'s digest (:func:`journal_digest`), built by
-    rfc3161-client: SHA-256, a random nonce, certReq true (the response then carries the TSA
-    certificate to check). A journal is stamped over its own bytes, so ``openssl ts -verify -data
-    results.jsonl`` checks the same response."""
+def build_query(target: Path, table: Path | None = None) -> bytes:
+    """A DER TimeStampReq (RFC 3161 §2.4.1) over ``target``'s digest (:func:`results_digest`: with
+    ``table``, over the journal and the table written from it), built by rfc3161-client: SHA-256, a
+    random nonce, certReq true (the response then carries the TSA certificate to check). A journal
+    alone is stamped over its own bytes, so ``openssl ts -verify -data results.jsonl`` checks the same
+    response."""
     request = (
         TimestampRequestBuilder()
-        .data(journal_digest_input(target))
+        .data(results_digest_input(target, table))
         .hash_algorithm(HashAlgorithm.SHA256)
         .nonce(nonce=True)
         .cert_request(cert_request=True)
@@ -127,14 +131,14 @@ def _children(buf: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def write_query(target: Path, out: Path, *, overwrite: bool = False) -> str:
-    """Write a timestamp query over ``target``'s digest (a journal, or a run folder's shards: what
-    ``audit sign`` covers) to ``out``; return the digest (hex). An existing ``out`` is kept unless
-    ``overwrite``: a response to it may still be on its way."""
+def write_query(target: Path, out: Path, *, overwrite: bool = False, table: Path | None = None) -> str:
+    """Write a timestamp query over ``target``'s digest (a journal, or a run folder's shards, and
+    ``table`` when given: what ``audit sign`` covers) to ``out``; return the digest (hex). An existing
+    ``out`` is kept unless ``overwrite``: a response to it may still be on its way."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise TimestampError(f"{out} exists (a query sent earlier?); pass --overwrite to replace it, or --out")
-    data = build_query(Path(target))
+    data = build_query(Path(target), table)
     atomic_write(out, data, text=False)
     return parse_query(data).digest.hex()
 
@@ -208,10 +212,27 @@ def signer_name(resp: TimeStampResponse) -> str:
         return "(unnamed TSA)"
 
 
-def check_stamp(target: Path, response: bytes, ca_pem: bytes, query: bytes | None = None) -> Stamp:
-    """Check a timestamp response against ``target`` as it is now: granted, over its current digest,
-    answering ``query`` (its nonce and digest) when given, and signed by a TSA whose certificate
-    chains to the CA in ``ca_pem``; raise :class:`TimestampError` naming the first fault."""
+def _changed(target: Path, table: Path | None, now: str, stamped: bytes, asked: StampQuery | None) -> str:
+    """Why the stamped digest is not the results' digest now, in words."""
+    if table is not None and stamped.hex() == journal_digest(target):
+        return (
+            f"the timestamp covers the journal {target} alone, not the table {table}: check it with "
+            f"'clue2geo audit stamp-verify {target}', or stamp {table} itself"
+        )
+    what = f"{target} has sha256" if table is None else f"the table {table} with its journal {target} have digest"
+    other = "" if asked else " (or the response is for other results)"
+    return (
+        f"the results changed after they were stamped: {what} {now} now, the timestamp is over {stamped.hex()}{other}"
+    )
+
+
+def check_stamp(
+    target: Path, response: bytes, ca_pem: bytes, query: bytes | None = None, *, table: Path | None = None
+) -> Stamp:
+    """Check a timestamp response against ``target`` (and ``table``, the .csv/.geojson written from it)
+    as it is now: granted, over its current digest (:func:`results_digest`), answering ``query`` (its
+    nonce and digest) when given, and signed by a TSA whose certificate chains to the CA in
+    ``ca_pem``; raise :class:`TimestampError` naming the first fault."""
     resp = read_response(response)
     stamped = resp.tst_info.message_imprint.message
     asked = None if query is None else parse_query(query)
@@ -219,12 +240,9 @@ def check_stamp(target: Path, response: bytes, ca_pem: bytes, query: bytes | Non
         raise TimestampError("the response answers another query (it is over another digest than the .tsq)")
     if asked is not None and asked.nonce is not None and resp.tst_info.nonce != asked.nonce:
         raise TimestampError("the response answers another query (its nonce is not the .tsq's)")
-    now = journal_digest(Path(target))
+    now = results_digest(Path(target), table)
     if stamped.hex() != now:
-        raise TimestampError(
-            f"the results changed after they were stamped: {target} has sha256 {now} now, the timestamp is over "
-            f"{stamped.hex()}" + ("" if asked else " (or the response is for other results)")
-        )
+        raise TimestampError(_changed(Path(target), table, now, stamped, asked))
     roots, intermediates = load_ca(ca_pem)
     builder = VerifierBuilder(roots=roots, intermediates=intermediates)
     try:

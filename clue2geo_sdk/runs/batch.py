@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from .journal import (
     journal_path,
     read_journal,
 )
-from .records import Record, absolute, identity, record_of, utc_now
+from .records import Record, absolute, identity, input_digests, record_of, utc_now
 from .resume import ImageIndex, resume_index, resume_state
 
 _Task = tuple[Path | Failure, str, str, str | None, bytes | None]  # input, path, absolute path, sha256, bytes
@@ -118,10 +118,14 @@ def _pending(
         yield item, path, ab, sha, data
 
 
-def _locate_one(geo: Geolocator, opts: Options, ident: Mapping[str, Any], task: _Task) -> dict[str, Any]:
+def _locate_one(
+    geo: Geolocator, opts: Options, ident: Mapping[str, Any], hashes: Collection[str], task: _Task
+) -> dict[str, Any]:
     """One input's record: the failure its listing gave, or the image located from the bytes read for
-    its digest (those are the ones decoded; an unreadable path reports why)."""
+    its digest (those are the ones decoded, and the ones ``hashes`` are computed over: one read for
+    every digest; an unreadable path reports why)."""
     item, path, ab, sha, data = task
+    digests = input_digests(data, hashes)
     t0, started = time.perf_counter(), utc_now()
     if isinstance(item, Failure):
         result: Prediction | Failure = item
@@ -130,7 +134,9 @@ def _locate_one(geo: Geolocator, opts: Options, ident: Mapping[str, Any], task: 
         if isinstance(result, Failure):
             result = attrs.evolve(result, image_sha256=sha)
     seconds, finished = time.perf_counter() - t0, utc_now()
-    return record_of(result, path, seconds, ident, started_utc=started, finished_utc=finished, abs_path=ab)
+    return record_of(
+        result, path, seconds, ident, started_utc=started, finished_utc=finished, abs_path=ab, digests=digests
+    )
 
 
 def run_batch(
@@ -145,6 +151,7 @@ def run_batch(
     in_flight: int | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     on_notice: Callable[[str], None] | None = None,
+    hashes: Collection[str] = (),
 ) -> BatchSummary:
     """Geolocate every input into ``out`` under ``options`` (default: the geolocator's own), up to
     ``in_flight`` images at once (default: the geolocator's ``max_in_flight``).
@@ -152,12 +159,15 @@ def run_batch(
     ``resume`` skips an input whose image's latest record (:class:`ImageIndex`: same absolute path, or
     same path as given with the same sha256) has the same sha256, bundle, options and SDK version;
     ``retry_failed`` also runs again those whose latest record is an error. Notices go to ``on_notice``
-    (default: a :class:`JournalWarning`).
+    (default: a :class:`JournalWarning`). ``hashes``: digests recorded besides the sha256
+    (:data:`~clue2geo_sdk.runs.records.EXTRA_HASHES`, e.g. "sha3-512" as ``image_sha3_512``) for each
+    input located in this run (a record a resume skips keeps what it holds); ValueError for an unknown one.
 
     Raises :class:`ResultsInUseError` when another run writes ``out``, :class:`ResultsPathError` when it
     is a folder, :class:`ResultsExistError` (a ``FileExistsError``) when it holds results and ``resume`` is off, and
     :class:`ResultsWriteError` when a record cannot be written (the journal keeps whole records)."""
     opts = options or geo.options
+    input_digests(None, hashes)  # an unknown hash name is refused before anything is written
     ident = identity(geo, opts)
     out = Path(out)
     if out.is_dir():
@@ -171,7 +181,7 @@ def run_batch(
     tasks = _pending(
         inputs, index, ident, retry_failed=retry_failed, summary=summary, notice=notice, on_record=on_record
     )
-    work = functools.partial(_locate_one, geo, opts, ident)
+    work = functools.partial(_locate_one, geo, opts, ident, tuple(hashes))
     finished = False
     try:  # up to in_flight images in the engine at once; records are written in input order
         for rec in geo.map_in_flight(work, tasks, in_flight=in_flight):

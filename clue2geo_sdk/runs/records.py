@@ -13,10 +13,11 @@ stays on the dict (:func:`record_of`, :mod:`clue2geo_sdk.runs.chain`): the hashe
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import math
 import operator
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal
 
 import attrs
@@ -81,6 +82,7 @@ class Record:
     source: str | None = _key("text")
     cues_status: str | None = _key("text")
     image_sha256: str | None = _key("text")
+    image_sha3_512: str | None = _key("text")  # only when asked (``locate --hash sha3-512``); older records lack it
     image: str | None = _key("text")
     bundle: str | None = _key("text")
     bundle_digest: str | None = _key("text", identity=True)
@@ -181,6 +183,18 @@ class Record:
         for a failure's record or a malformed one)."""
         return Prediction.from_dict(self.to_dict())
 
+    def alternatives(self) -> list[Mapping[str, Any]]:
+        """The record's answers of rank 2 and on (its ranked alternatives to the winner, in order) that
+        hold a position: a rank and a finite latitude and longitude in range (a hand-edited one is left out)."""
+        out = []
+        for a in self.answers if isinstance(self.answers, list) else ():
+            if not (isinstance(a, Mapping) and is_finite_number(a.get("rank")) and a["rank"] >= 2):
+                continue
+            lat, lon = a.get("lat"), a.get("lon")
+            if is_finite_number(lat) and is_finite_number(lon) and abs(lat) <= 90 and abs(lon) <= 180:
+                out.append(a)
+        return out
+
     def candidate_objects(self) -> list[Candidate]:
         """The record's candidates as :class:`Candidate` (keys a newer SDK added are ignored)."""
         names = {f.name for f in attrs.fields(Candidate)}
@@ -235,10 +249,12 @@ def record_of(
     started_utc: str | None = None,
     finished_utc: str | None = None,
     abs_path: str | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """One journal record: the result's ``to_dict`` with its path (as given, and ``abs_path``: absolute,
     default from this process's working folder), status, time, identity and UTC start and end (when not
-    given: end now, start ``seconds`` before)."""
+    given: end now, start ``seconds`` before). ``digests``: further digests of the input asked for
+    (:data:`EXTRA_HASHES`' record keys, e.g. ``image_sha3_512``), placed after the result's own."""
     status = "ok" if isinstance(item, Prediction) else "error"
     if finished_utc is None:
         end = _dt.datetime.now(_dt.UTC)
@@ -246,9 +262,25 @@ def record_of(
         if started_utc is None:
             started_utc = (end - _dt.timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
     rec = {"path": path, "abs_path": abs_path or absolute(path), "status": status, "seconds": round(seconds, 3)}
-    rec |= {**item.to_dict(), **ident}
+    rec |= {**item.to_dict(), **(digests or {}), **ident}
     rec["started_utc"], rec["finished_utc"] = started_utc, finished_utc
     return rec
+
+
+#: The digests of an input a run may record besides its sha256 (always recorded): the name ``locate
+#: --hash`` takes, and the record key it is written under (computed with hashlib from the bytes read once).
+EXTRA_HASHES: dict[str, str] = {"sha3-512": "image_sha3_512"}
+
+
+def input_digests(data: bytes | None, hashes: Collection[str]) -> dict[str, str]:
+    """The record keys and hex digests of ``data`` for each of ``hashes`` (names in :data:`EXTRA_HASHES`;
+    "sha256" is always recorded and is skipped here); {} when the bytes could not be read."""
+    unknown = [h for h in hashes if h != "sha256" and h not in EXTRA_HASHES]
+    if unknown:
+        raise ValueError(f"unknown hash(es) {', '.join(unknown)}; known: sha256, {', '.join(EXTRA_HASHES)}")
+    if data is None:
+        return {}
+    return {EXTRA_HASHES[h]: hashlib.new(h.replace("-", "_"), data).hexdigest() for h in hashes if h in EXTRA_HASHES}
 
 
 def absolute(path: str) -> str:

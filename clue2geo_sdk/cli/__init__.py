@@ -18,6 +18,7 @@ from . import gallery as _gallery
 from . import locate as _locate
 from . import metadata as _metadata
 from . import results as _results
+from . import validate as _validate
 from .plugins import LazyPluginGroup
 
 
@@ -40,6 +41,7 @@ for _command in (
     _results.export_records,
     _results.report_cmd,
     _evaluate.evaluate_cmd,
+    _validate.validate_cmd,
     _audit.audit,
     _metadata.metadata_cmd,
     _gallery.gallery,

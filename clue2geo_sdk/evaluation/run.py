@@ -127,14 +127,14 @@ def run_eval(
     base = geo.options
     report = _report_header(geo, dataset, images, samples, problems, limit=limit, seed=seed)
     paths = [images / s.img_id for s in samples]
-    truth = _truth(geo, samples)  # the same for every variant
+    truth = truth_of(geo, samples)  # the same for every variant
     table_rows: list[tuple[str, Metrics]] = []
     calibrations: list[tuple[str, str, Calibration, ScaleFit | None]] = []
     for slug, label, overrides in variants(ablate):
         opts = attrs.evolve(base, **overrides)
-        recs = _predict(geo, paths, out / f"predictions-{slug}.jsonl", opts, on_record, on_notice)
-        scored = _score(geo, samples, paths, recs, truth, on_notice)
-        _write_per_image(out / f"per-image-{slug}.csv", scored.rows)
+        recs = predict(geo, paths, out / f"predictions-{slug}.jsonl", opts, on_record, on_notice)
+        scored = score(geo, samples, paths, recs, truth, on_notice)
+        write_per_image(out / f"per-image-{slug}.csv", scored.rows)
         m = compute_metrics(
             scored.dists,
             country_true=truth.countries,
@@ -200,14 +200,14 @@ class Truth:
     borders: list[str | None]
 
 
-def _truth(geo: Geolocator, samples: Sequence[Sample]) -> Truth:
+def truth_of(geo: Geolocator, samples: Sequence[Sample]) -> Truth:
     countries = [geo.geocoder.lookup(s.lat, s.lon).country_code for s in samples]
     lat, lon = np.array([s.lat for s in samples]), np.array([s.lon for s in samples])
     borders = [c or None for c in geo.countries.codes_at(lat, lon)] if samples else []
     return Truth(countries=countries, borders=borders)
 
 
-def _predict(
+def predict(
     geo: Geolocator,
     paths: list[Path],
     pred_path: Path,
@@ -224,7 +224,7 @@ def _predict(
 @attrs.define
 class Scored:
     """One variant's per-image rows, and per image located (in order) what the metrics and the
-    calibration read: distance, predicted countries, answer confidences, candidates."""
+    calibration read: distance, predicted countries, answer confidences, candidates, answer positions."""
 
     rows: list[dict[str, Any]] = attrs.Factory(list)
     dists: list[float | None] = attrs.Factory(list)
@@ -232,9 +232,10 @@ class Scored:
     b_pred: list[str | None] = attrs.Factory(list)
     confs: list[tuple[float, ...]] = attrs.Factory(list)
     cand_sets: list[list[Candidate]] = attrs.Factory(list)
+    points: list[list[tuple[float, float]]] = attrs.Factory(list)  # the answers' positions, first answer first
 
 
-def _score(
+def score(
     geo: Geolocator,
     samples: Sequence[Sample],
     paths: list[Path],
@@ -293,17 +294,28 @@ def _score_located(
         conf = answer_confidences(rec)
         cands = rec.candidate_objects()
         rank_answers(cands)  # the scale fit below needs valid candidates
+        points = answer_points(rec, cands)
     except (ValueError, TypeError, KeyError) as exc:  # a damaged record: no confidence, said once
-        conf, cands = (), []
+        conf, cands, points = (), [], [(rec.lat, rec.lon)]
         if on_notice:
             on_notice(f"{s.img_id}: no confidence from its record ({exc})")
     scored.confs.append(conf)
     scored.cand_sets.append(cands)
+    scored.points.append(points)
     if conf:
         row.update(confidence=round(conf[0], 6), answers=len(conf))
 
 
-def _write_per_image(path: Path, rows: list[dict[str, Any]]) -> None:
+def answer_points(rec: Record, cands: Sequence[Candidate]) -> list[tuple[float, float]]:
+    """A located record's ranked answers as (lat, lon), first answer first: its ``answers`` when it has
+    them, else ranked from its candidates, else its prediction alone (what top-k coverage reads)."""
+    if rec.answers:
+        return [(float(a["lat"]), float(a["lon"])) for a in rec.answers]
+    ranked = [(a.lat, a.lon) for a in rank_answers(cands)]
+    return ranked or [(float(rec.lat), float(rec.lon))]  # type: ignore[arg-type]
+
+
+def write_per_image(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=PER_IMAGE_FIELDS)
         w.writeheader()

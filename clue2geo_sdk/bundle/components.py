@@ -51,8 +51,13 @@ class Component:
 
 
 def models_digest(components: Mapping[str, Component]) -> str:
-    """sha256 of what computes the answers: every model component as the manifest records it (files'
-    sha256, parameters), attached roles left out. Attaching a validation changes the manifest digest
-    but not this one, so a validation names the models it measured and stays true after it is attached."""
-    body = [components[r].to_dict() for r in sorted(components) if r not in ATTACHED_ROLES]
+    """sha256 of what computes the answers: every model component's files (sha256) and parameters as
+    the manifest records them; provenance (build notes, timings) and attached roles left out. Attaching
+    a validation changes the manifest digest but not this one, so a validation names the models it
+    measured and stays true after it is attached; a rebuild of the same weights keeps it too."""
+    body = [
+        {k: v for k, v in components[r].to_dict().items() if k != "provenance"}  # build notes, timings
+        for r in sorted(components)
+        if r not in ATTACHED_ROLES
+    ]
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
+from typing import get_args
 
 import click
 
@@ -11,8 +14,10 @@ from ..bundle.attach import attach
 from ..bundle.manifest import Bundle
 from ..bundle.signing import generate_keypair, load_public_key, public_bytes, read_signatures, sign_bundle
 from ..bundle.validation import load_report, summary_line
+from ..engines.encoders import Device
 from ..errors import Clue2GeoError
-from .common import fail, key_files
+from ..evaluation.selftest import SelftestResult, read_known_answers, run_selftest
+from .common import fail, key_files, progress
 from .flags import trusted_key_flag
 from .plugins import plugin
 
@@ -101,6 +106,60 @@ def bundle_attach_validation(path: Path, report_dir: Path) -> None:
     click.echo(f"attached to bundle {b.name!r} (manifest sha256 now {b.digest}): {summary_line(data)}")
     if signed:
         click.echo("the manifest changed: its signatures no longer cover it; sign it again with 'clue2geo bundle sign'")
+
+
+@bundle.command("selftest")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Check every file's sha256 first; with --no-verify the re-run answers alone must show a changed model.",
+)
+@trusted_key_flag
+@click.option(
+    "--device",
+    type=click.Choice(list(get_args(Device))),
+    default=None,
+    help="Default: the device the known answers were made on (another may differ by more than float noise).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bundle_selftest(path: Path, verify: bool, trusted_keys: tuple[str, ...], device: str | None, as_json: bool) -> None:
+    """Re-run the bundle's known-answer set (a few photos and the records it made for them) and compare
+    the photos' digests, the winners, the candidates and ranked answers (within a stated tolerance) and
+    the models digest; exit 0 when all match, 1 with each difference named."""
+    key_files(trusted_keys, "--trusted-key")
+    if trusted_keys and not verify:
+        fail("--trusted-key needs --verify: the signature covers the manifest, only the sha256 check ties the files")
+    try:
+        n = len(read_known_answers(Bundle.open(path, verify=False))[1])
+        with progress(n) if n > 2 else contextlib.nullcontext(None) as tick:
+            result = run_selftest(path, verify=verify, trusted_keys=trusted_keys or None, device=device, on_record=tick)
+    except Clue2GeoError as exc:
+        fail(exc)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_selftest(result)
+    sys.exit(0 if result.passed else 1)
+
+
+def _print_selftest(result: SelftestResult) -> None:
+    """The verdict per photo, then every difference, one per line."""
+
+    def at(pos: tuple[float, float] | None) -> str:
+        return "none" if pos is None else f"{pos[0]:.6f},{pos[1]:.6f}"
+
+    for p in result.photos:
+        verdict = "ok" if not p.mismatches else "DIFFERS"
+        click.echo(f"  {p.photo}: {verdict}  winner {at(p.got)} (recorded {at(p.expected)})")
+    head = f"bundle {result.bundle!r}, {len(result.photos)} photo(s), tolerance {result.tolerance_deg:g} degrees"
+    if result.passed:
+        click.secho(f"ok: {head}: every answer as recorded (models digest {result.models_digest})", fg="green")
+        return
+    click.secho(f"FAILED: {head}: {len(result.mismatches)} difference(s)", fg="red", err=True)
+    for m in result.mismatches:
+        click.echo(f"  {m}", err=True)
 
 
 @bundle.command("keygen")

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from test_bundle_overwrite import fake_bundle
 
-from clue2geo_sdk import Bundle, BundleFormatError, BundleIntegrityError
+from clue2geo_sdk import Bundle, BundleFormatError, BundleIntegrityError, InputFileError
 from clue2geo_sdk.bundle.attach import attach
 from clue2geo_sdk.bundle.signing import generate_keypair, sign_bundle
 from clue2geo_sdk.bundle.validation import NO_VALIDATION, VALIDATION_FORMAT, headline
@@ -73,8 +73,8 @@ def test_cli_attaches_both_files_and_verify_then_covers_them(tmp_path: Path) -> 
     assert "validated on set-a (n = 120)" in res.output and "sign it again" in res.output
     b = Bundle.open(b.root, verify=True)
     assert sorted(b.component("validation").files) == ["page", "report"]
-    assert (b.root / "validation" / "validation.html").is_file()
-    (b.root / "validation" / "validation.json").write_text("{}")  # an edited validation is a corrupt bundle
+    assert (b.root / "validation" / "1" / "validation.html").is_file()
+    (b.root / "validation" / "1" / "validation.json").write_text("{}")  # an edited validation is a corrupt bundle
     with pytest.raises(BundleIntegrityError, match="validation"):
         Bundle.open(b.root, verify=True)
 
@@ -109,5 +109,45 @@ def test_attaching_again_replaces_the_old_files(tmp_path: Path) -> None:
     second = _report(tmp_path / "v2", b.models_digest, n=7)
     (second / "validation.json").rename(second / "v2.json")
     b = attach(b, "validation", {"report": second / "v2.json"}, params={"models_digest": b.models_digest})
-    assert sorted(p.name for p in (b.root / "validation").iterdir()) == ["v2.json"]
+    assert [p.relative_to(b.root).as_posix() for p in (b.root / "validation").rglob("*")] == [
+        "validation/2",
+        "validation/2/v2.json",
+    ]
     assert "(n = 7)" in headline(b)
+
+
+def test_a_failed_attach_leaves_the_bundle_as_it_was(tmp_path: Path) -> None:
+    fake_bundle(tmp_path / "b")
+    b = Bundle.open(tmp_path / "b")
+    first = _report(tmp_path / "v1", b.models_digest)
+    b = attach(b, "validation", {"report": first / "validation.json"}, params={"models_digest": b.models_digest})
+    manifest = (b.root / "manifest.json").read_bytes()
+    with pytest.raises(InputFileError, match="validation file 'page' .*no such file"):
+        attach(b, "validation", {"report": first / "validation.json", "page": tmp_path / "gone.html"},
+               params={"models_digest": b.models_digest})  # fmt: skip
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "validation.json").write_text("{}")
+    with pytest.raises(BundleFormatError, match="two files have the same name"):
+        attach(b, "validation", {"report": first / "validation.json", "page": tmp_path / "v2" / "validation.json"},
+               params={"models_digest": b.models_digest})  # fmt: skip
+    assert (b.root / "manifest.json").read_bytes() == manifest
+    assert Bundle.open(b.root, verify=True).digest == b.digest
+    assert sorted(p.name for p in (b.root / "validation").iterdir()) == ["1"]  # nothing left of the failures
+    (b.root / "manifest.json").write_bytes(manifest + b" ")
+    with pytest.raises(BundleFormatError, match="changed since bundle 'old' was opened"):
+        attach(b, "validation", {"report": first / "validation.json"}, params={"models_digest": b.models_digest})
+
+
+def test_the_headline_says_when_the_results_were_made_under_other_options(tmp_path: Path) -> None:
+    fake_bundle(tmp_path / "b")
+    b = Bundle.open(tmp_path / "b")
+    folder = _report(tmp_path / "v", b.models_digest)
+    data = json.loads((folder / "validation.json").read_text())
+    data["reproducibility"] = {"options_digest": "a" * 64}
+    (folder / "validation.json").write_text(json.dumps(data))
+    b = attach(b, "validation", {"report": folder / "validation.json"}, params={"models_digest": b.models_digest})
+    assert headline(b, "a" * 64) == headline(b) == headline(b, None)  # the same options: nothing added
+    assert headline(b, "b" * 64).endswith(
+        "(95 % bootstrap intervals); measured under other options (digest aaaaaaaaaaaa…) than these results' "
+        "(bbbbbbbbbbbb…)"
+    )

@@ -2,9 +2,8 @@
 calls each result an investigative lead with its ranked alternatives (never a conclusion), and shows
 each RFC 3161 timestamp saved beside the results (time, TSA, verified or not).
 
-The TSA is openssl's own (``openssl ts -reply``) with a CA and TSA certificate made here, as in
-tests/test_timestamps.py (its minimal PKI setup is copied below, not shared: that file is another
-helper's). The validation is a ``validation.json`` written here with the contract's fields and attached
+The TSA is openssl's own (``openssl ts -reply``) with a CA and TSA certificate made in the test
+(tests/tsa.py, shared with tests/test_timestamps.py). The validation is a ``validation.json`` written here with the contract's fields and attached
 (``bundle.attach.attach``) to a copy of the demo bundle.
 """
 
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from tsa import answer, make_pki, ssl
 
 from clue2geo_sdk.bundle.attach import attach
 from clue2geo_sdk.bundle.manifest import Bundle
@@ -36,61 +36,17 @@ from clue2geo_sdk.runs.journal import RecordWriter, read_journal
 
 CHROMIUM = Path(os.environ.get("CLUE2GEO_CHROMIUM", "/usr/bin/chromium"))
 
-# --- a TSA made in the test (copied from tests/test_timestamps.py) -----------------------------------
-TSA_CNF = """\
-[ tsa ]
-default_tsa = tsa_config1
-[ tsa_config1 ]
-dir = {dir}
-serial = $dir/tsaserial
-crypto_device = builtin
-signer_digest = sha256
-default_policy = 1.2.3.4.1
-digests = sha256
-accuracy = secs:1
-ordering = yes
-tsa_name = yes
-ess_cert_id_chain = no
-ess_cert_id_alg = sha256
-"""
-TSA_EXT = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=critical,timeStamping\n"
 
-
-def _ssl(*args: str | Path, cwd: Path) -> str:
-    return subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True, text=True).stdout
-
-
-def _pki(folder: Path, name: str) -> Path:
-    """A CA and a TSA certificate it issued (EC P-256, critical timeStamping EKU), and an openssl TSA config."""
-    folder.mkdir()
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
-    ca_ext = ("-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    _ssl("req", "-x509", *ec, *ca_ext, "-keyout", "ca.key", "-out", "ca.crt", "-subj", f"/CN={name} CA", cwd=folder)
-    _ssl("req", *ec, "-keyout", "tsa.key", "-out", "tsa.csr", "-subj", f"/O=clue2geo tests/CN={name} TSA", cwd=folder)
-    (folder / "tsa.ext").write_text(TSA_EXT)
-    _ssl("x509", "-req", "-in", "tsa.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial", "7", "-days", "30",
-         "-extfile", "tsa.ext", "-out", "tsa.crt", cwd=folder)  # fmt: skip
-    (folder / "tsaserial").write_text("01\n")
-    (folder / "tsa.cnf").write_text(TSA_CNF.format(dir=folder))
-    return folder
-
-
+# --- a TSA made in the test (tests/tsa.py) ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pki")
-    return {"good": _pki(root / "good", "Good"), "other": _pki(root / "other", "Other")}
-
-
-def _answer(tsq: Path, pki: Path, tsr: Path) -> Path:
-    """What a TSA sends back for ``tsq`` (openssl's TSA, signed with ``pki``'s TSA key)."""
-    _ssl("ts", "-reply", "-config", pki / "tsa.cnf", "-queryfile", tsq, "-inkey", pki / "tsa.key",
-         "-signer", pki / "tsa.crt", "-chain", pki / "ca.crt", "-out", tsr, cwd=pki)  # fmt: skip
-    return tsr
+    return {"good": make_pki(root / "good", "Good"), "other": make_pki(root / "other", "Other")}
 
 
 def _openssl_time(tsr: Path) -> str:
     """The response's time as openssl reads it ("Time stamp: Dec  4 21:12:01 2026 GMT"), in ISO form."""
-    text = _ssl("ts", "-reply", "-in", tsr, "-text", cwd=tsr.parent)
+    text = ssl("ts", "-reply", "-in", tsr, "-text", cwd=tsr.parent)
     said = re.search(r"Time stamp: (.+) GMT", text)
     assert said, text
     when = dt.datetime.strptime(" ".join(said.group(1).split()), "%b %d %H:%M:%S %Y").replace(tzinfo=dt.UTC)
@@ -152,7 +108,7 @@ def _stamp(journal: Path, pki: Path, tsr_name: str) -> Path:
     if not tsq.exists():
         res = CliRunner().invoke(main, ["audit", "stamp-request", str(journal)])
         assert res.exit_code == 0, res.output
-    return _answer(tsq, pki, journal.with_name(tsr_name))
+    return answer(tsq, pki, journal.with_name(tsr_name))
 
 
 def _bundle_copy(src: Path, dest: Path) -> Path:
@@ -325,7 +281,7 @@ def test_a_run_folders_stamp_is_found_beside_it(pki: dict[str, Path], tmp_path: 
     w.write([{"path": f"img{i}.jpg", "status": "ok", "lat": float(i), "lon": 0.0} for i in range(3)])
     w.close()
     assert CliRunner().invoke(main, ["audit", "stamp-request", str(run)]).exit_code == 0
-    _answer(tmp_path / "run.tsq", pki["good"], tmp_path / "run.tsr")
+    answer(tmp_path / "run.tsq", pki["good"], tmp_path / "run.tsr")
     res = CliRunner().invoke(
         main, ["report", str(run), "--out", str(tmp_path / "r.html"), "--tsa-ca", str(pki["good"] / "ca.crt")]
     )
@@ -351,3 +307,23 @@ def test_the_evidence_header_renders_in_chromium(journal: Path, pki: dict[str, P
     assert "No bundle was given to this report" in text and "What these results are" in text
     assert "verified: chains to the given CA" in text and "unreadable: not a timestamp response" in text
     assert text.count("An investigative lead, not a conclusion") == 2
+
+
+def test_a_tables_stamp_is_checked_over_the_journal_and_the_table(pki: dict[str, Path], tmp_path: Path) -> None:
+    table = tmp_path / "results.csv"
+    w = RecordWriter(table, "csv")
+    w.write({"path": "a.jpg", "status": "ok", "lat": 40.0, "lon": 116.0, "confidence": 0.6, "answers": _answers(2)})
+    w.close()
+    res = CliRunner().invoke(main, ["audit", "stamp-request", str(table)])  # over the journal and the table
+    assert res.exit_code == 0, res.output
+    tsr = answer(tmp_path / "results.csv.tsq", pki["good"], tmp_path / "results.csv.tsr")
+    journal = tmp_path / "results.csv.records.jsonl"
+    assert response_files(journal) == [tsr]
+    for results in (table, journal):
+        res, page = _report(results, "--tsa-ca", pki["good"] / "ca.crt")
+        assert res.exit_code == 0, res.output
+        assert [s for s, _ in _stamps(page)] == ["verified"], _stamps(page)
+    table.write_text(table.read_text().replace("a.jpg", "A.jpg"))  # the table edited, the journal not
+    res, page = _report(journal, "--tsa-ca", pki["good"] / "ca.crt")
+    [(state, text)] = _stamps(page)
+    assert state == "failed" and "does not cover these results" in text

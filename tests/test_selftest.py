@@ -203,3 +203,35 @@ def test_compare_records_within_tolerance_and_each_difference_named() -> None:
         and "failed: VLMError: boom" in said
         and "winner none expected 40.000000,116.300000" in said
     )
+
+
+def test_errors_scores_and_confidences_are_compared_too() -> None:
+    want = _rec(40.0, 116.3, [("direct", 40.0, 116.3)], confidence=0.9)
+    want["candidates"][0]["score"] = 0.8
+    want["answers"][0].update(confidence=0.9, score=0.8)
+    same = json.loads(json.dumps(want))
+    same["candidates"][0]["score"] += 1e-5  # float noise
+    assert compare_records(want, same) == []
+    weaker = json.loads(json.dumps(want))
+    weaker.update(confidence=0.2)
+    weaker["candidates"][0]["score"] = -0.5
+    weaker["answers"][0].update(confidence=0.2)
+    assert compare_records(want, weaker) == [
+        "winner confidence 0.2 expected 0.9",
+        "candidates 1 score -0.5 expected 0.8",
+        "answers 1 confidence 0.2 expected 0.9",
+    ]
+    no_cues = {"status": "error", "error": "NoCuesError", "image_sha256": "a" * 64, "options_digest": "b" * 64}
+    assert compare_records(no_cues, {**no_cues, "error": "EngineLoadError"}) == [
+        "error EngineLoadError expected NoCuesError"
+    ]
+
+
+def test_a_model_file_that_cannot_be_loaded_fails_the_selftest(answered: Path, tmp_path: Path) -> None:
+    broken = _linked_copy(answered, tmp_path / "broken")
+    image = Bundle.open(broken, verify=False).file("clip", "image")
+    image.unlink()  # a hard link: replace it, never write through it
+    image.write_bytes(os.urandom(4096))
+    res = CliRunner().invoke(main, ["bundle", "selftest", str(broken), "--no-verify"])
+    assert res.exit_code == 1, res.output
+    assert "FAILED" in res.stderr and "models: cannot be loaded: " in res.stderr

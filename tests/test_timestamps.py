@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tsa import answer, make_pki
 
 from clue2geo_sdk.cli import main
 from clue2geo_sdk.cluster.shards import ShardWriter
@@ -21,56 +22,11 @@ from clue2geo_sdk.runs.journal import RecordWriter, read_journal
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
-TSA_CNF = """\
-[ tsa ]
-default_tsa = tsa_config1
-[ tsa_config1 ]
-dir = {dir}
-serial = $dir/tsaserial
-crypto_device = builtin
-signer_digest = sha256
-default_policy = 1.2.3.4.1
-digests = sha256
-accuracy = secs:1
-ordering = yes
-tsa_name = yes
-ess_cert_id_chain = no
-ess_cert_id_alg = sha256
-"""
-TSA_EXT = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=critical,timeStamping\n"
-
-
-def _ssl(*args: str | Path, cwd: Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True)
-
-
-def _pki(folder: Path, name: str) -> Path:
-    """A CA and a TSA certificate it issued (EC P-256, critical timeStamping EKU), and an openssl TSA
-    config over them, in ``folder``."""
-    folder.mkdir()
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
-    ca_ext = ("-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    _ssl("req", "-x509", *ec, *ca_ext, "-keyout", "ca.key", "-out", "ca.crt", "-subj", f"/CN={name} CA", cwd=folder)
-    _ssl("req", *ec, "-keyout", "tsa.key", "-out", "tsa.csr", "-subj", f"/O=clue2geo tests/CN={name} TSA", cwd=folder)
-    (folder / "tsa.ext").write_text(TSA_EXT)
-    _ssl("x509", "-req", "-in", "tsa.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial", "7", "-days", "30",
-         "-extfile", "tsa.ext", "-out", "tsa.crt", cwd=folder)  # fmt: skip
-    (folder / "tsaserial").write_text("01\n")
-    (folder / "tsa.cnf").write_text(TSA_CNF.format(dir=folder))
-    return folder
-
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pki")
-    return {"good": _pki(root / "good", "Good"), "other": _pki(root / "other", "Other")}
-
-
-def _answer(tsq: Path, pki: Path, tsr: Path) -> Path:
-    """What a TSA sends back for ``tsq`` (openssl's own TSA, signed with ``pki``'s TSA key)."""
-    _ssl("ts", "-reply", "-config", pki / "tsa.cnf", "-queryfile", tsq, "-inkey", pki / "tsa.key",
-         "-signer", pki / "tsa.crt", "-chain", pki / "ca.crt", "-out", tsr, cwd=pki)  # fmt: skip
-    return tsr
+    return {"good": make_pki(root / "good", "Good"), "other": make_pki(root / "other", "Other")}
 
 
 @pytest.fixture
@@ -90,7 +46,7 @@ def _cli(*args: str | Path):
 def _stamped(journal: Path, pki: dict[str, Path], signer: str = "good") -> Path:
     res = _cli("stamp-request", journal)
     assert res.exit_code == 0, res.output
-    return _answer(journal.with_name(journal.name + ".tsq"), pki[signer], journal.with_name("results.tsr"))
+    return answer(journal.with_name(journal.name + ".tsq"), pki[signer], journal.with_name("results.tsr"))
 
 
 def _verify(journal: Path, tsr: Path, ca: Path, *args: str):
@@ -148,7 +104,7 @@ def test_a_response_for_another_digest_fails(journal: Path, pki: dict[str, Path]
     other = tmp_path / "other.tsq"
     (tmp_path / "other.jsonl").write_bytes(b"other results\n")
     other.write_bytes(build_query(tmp_path / "other.jsonl"))
-    tsr = _answer(other, pki["good"], tmp_path / "other.tsr")
+    tsr = answer(other, pki["good"], tmp_path / "other.tsr")
     assert _cli("stamp-request", journal).exit_code == 0
     res = _verify(journal, tsr, pki["good"] / "ca.crt", "--tsq", str(journal) + ".tsq")
     assert res.exit_code == 1 and "another query" in res.output
@@ -203,7 +159,7 @@ def test_a_run_folder_is_stamped_over_its_shards(pki: dict[str, Path], tmp_path:
     res = _cli("stamp-request", run)
     tsq = tmp_path / "run.tsq"
     assert res.exit_code == 0 and journal_digest(run) in res.output and tsq.is_file(), res.output
-    tsr = _answer(tsq, pki["good"], tmp_path / "run.tsr")
+    tsr = answer(tsq, pki["good"], tmp_path / "run.tsr")
     assert _verify(run, tsr, pki["good"] / "ca.crt").exit_code == 0
     shard = sorted((run / "shards").glob("*.jsonl"))[-1]
     shard.write_bytes(shard.read_bytes().replace(b"img2", b"IMG2"))
@@ -253,7 +209,7 @@ def test_a_csv_run_is_stamped_with_its_table(pki: dict[str, Path], tmp_path: Pat
     table_sha = hashlib.sha256(table.read_bytes()).hexdigest()
     statement = f"clue2geo journal and table v1\n{journal_digest(journal)}\n{table_sha}\n"
     assert parse_query(tsq.read_bytes()).digest.hex() == hashlib.sha256(statement.encode()).hexdigest() == digest
-    tsr = _answer(tsq, pki["good"], tmp_path / "results.csv.tsr")
+    tsr = answer(tsq, pki["good"], tmp_path / "results.csv.tsr")
     ok = _verify(table, tsr, pki["good"] / "ca.crt")
     assert ok.exit_code == 0 and f"ok: {table} with its journal {journal}" in ok.output, ok.output
 
@@ -266,7 +222,7 @@ def test_a_csv_run_is_stamped_with_its_table(pki: dict[str, Path], tmp_path: Pat
     assert _verify(table, tsr, pki["good"] / "ca.crt").exit_code == 0
 
     assert _cli("stamp-request", journal).exit_code == 0  # the journal alone
-    alone = _answer(tmp_path / "results.csv.records.jsonl.tsq", pki["good"], tmp_path / "alone.tsr")
+    alone = answer(tmp_path / "results.csv.records.jsonl.tsq", pki["good"], tmp_path / "alone.tsr")
     assert _verify(journal, alone, pki["good"] / "ca.crt").exit_code == 0
     res = _verify(table, alone, pki["good"] / "ca.crt", "--tsq", str(tmp_path / "results.csv.records.jsonl.tsq"))
     assert res.exit_code == 1 and "covers the journal" in res.output and "alone, not the table" in res.output

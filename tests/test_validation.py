@@ -8,6 +8,7 @@ import csv
 import hashlib
 import html
 import json
+import os
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -154,6 +155,32 @@ def test_digest_follows_photos_and_coordinates(tmp_path: Path) -> None:
     assert read_evalset(table).digest == a
     table.write_text("path,lat,lon\n" + "".join(f"{n},{a},{o + 0.5}\n" for n, a, o in rows))
     assert read_evalset(table).digest != a
+
+
+def test_a_csv_digest_does_not_depend_on_how_paths_are_written(tmp_path: Path) -> None:
+    folder = tmp_path / "set"
+    rows = [(name, lat, lon) for name, lat, lon, _ in PLACES[:2]]
+    for i, (name, lat, lon) in enumerate(rows):
+        geotagged(folder / "sub" / name, lat, lon, seed=i)
+    table = folder / "set.csv"
+    table.write_text("path,lat,lon\n" + "".join(f"sub/{n},{a},{o}\n" for n, a, o in rows))
+    plain = read_evalset(table)
+    forms = [f"./sub/{rows[0][0]}", f"sub\\{rows[1][0]}"]  # './' and a Windows separator
+    table.write_text(
+        "\ufeffpath,lat,lon\n" + "".join(f"{f},{a},{o}\n" for f, (_, a, o) in zip(forms, rows, strict=True))
+    )
+    table.write_bytes(table.read_text().encode("utf-8"))  # with a byte-order mark, as a spreadsheet saves it
+    assert read_evalset(table).digest == plain.digest
+    absolute = [str(folder / "sub" / n) for n, _, _ in rows]
+    table.write_text("path,lat,lon\n" + "".join(f"{f},{a},{o}\n" for f, (_, a, o) in zip(absolute, rows, strict=True)))
+    assert read_evalset(table).digest == plain.digest and [i.rel for i in plain.items] == [
+        f"sub/{rows[0][0]}",
+        f"sub/{rows[1][0]}",
+    ]
+    os.mkfifo(folder / "pipe.jpg")  # would block a hash for ever: an unreadable row instead
+    table.write_text("path,lat,lon\npipe.jpg,1,2\n")
+    [item] = read_evalset(table).items
+    assert item.sha256 == "unreadable"
 
 
 def test_eval_set_forms_and_what_is_left_out(tmp_path: Path) -> None:

@@ -2,8 +2,10 @@
 
 Only the roles in :data:`~clue2geo_sdk.bundle.components.ATTACHED_ROLES` can be attached, and only
 when they were measured on this bundle's models (their ``models_digest`` matches): a validation of
-another model must never pass for this one's. The files are copied into ``ROOT/ROLE/`` first and the
-manifest is replaced in one atomic write, so a crash leaves the old manifest, which still verifies.
+another model must never pass for this one's. The files are copied into a new folder
+``ROOT/ROLE/N/`` first, beside the files the manifest lists, and the manifest is replaced in one
+atomic write, so a failure or a crash before it leaves the old manifest and its files, which still
+verify.
 The manifest's digest changes, so signatures made before no longer cover it: sign again.
 """
 
@@ -39,28 +41,59 @@ def attach(
             f"cannot attach {role} to bundle {bundle.name!r}: it was made with models {measured}, this bundle's "
             f"models are {bundle.models_digest} (another bundle, or its models changed since)"
         )
-    folder = bundle.root / role
-    folder.mkdir(exist_ok=True)
-    entries: dict[str, ComponentFile] = {}
-    for key, src in files.items():
-        source = regular_file(src, f"{role} file {key!r}")
-        dest = folder / source.name
-        if source.resolve() != dest.resolve():
-            tmp = dest.with_name(dest.name + ".tmp")
-            shutil.copyfile(source, tmp)
-            fsync_path(tmp)
-            tmp.replace(dest)
-        entries[key] = ComponentFile(
-            path=dest.relative_to(bundle.root).as_posix(), sha256=sha256_file(dest), bytes=dest.stat().st_size
-        )
-    comp = Component(role=role, files=entries, params=dict(params), provenance=dict(provenance or {}))
-    _replace_component(bundle.root / MANIFEST_FILE, comp)
+    manifest = bundle.root / MANIFEST_FILE
+    if sha256_file(manifest) != bundle.digest:
+        raise BundleFormatError(f"{manifest} changed since bundle {bundle.name!r} was opened; open it again")
+    sources = {key: regular_file(src, f"{role} file {key!r}") for key, src in files.items()}
+    names = [p.name for p in sources.values()]
+    if len(set(names)) != len(names):
+        raise BundleFormatError(f"cannot attach {role}: two files have the same name ({', '.join(sorted(names))})")
+    folder = _new_folder(bundle.root / role)
+    try:
+        entries = {key: _copy(source, folder, bundle.root) for key, source in sources.items()}
+        comp = Component(role=role, files=entries, params=dict(params), provenance=dict(provenance or {}))
+        _replace_component(manifest, comp)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # the manifest still lists the old files only
+        raise
     old = bundle.components.get(role)
-    kept = {f.path for f in entries.values()}
     for f in old.files.values() if old else ():
-        if f.path not in kept:
-            (bundle.root / f.path).unlink(missing_ok=True)
+        (bundle.root / f.path).unlink(missing_ok=True)
+        _remove_empty_parents(bundle.root / f.path, bundle.root / role)
     return Bundle.open(bundle.root, verify=True)
+
+
+def _copy(source: Path, folder: Path, root: Path) -> ComponentFile:
+    """``source`` copied into ``folder`` and flushed to disk, as the manifest will list it."""
+    dest = folder / source.name
+    shutil.copyfile(source, dest)
+    fsync_path(dest)
+    fsync_path(folder)
+    return ComponentFile(path=dest.relative_to(root).as_posix(), sha256=sha256_file(dest), bytes=dest.stat().st_size)
+
+
+def _new_folder(parent: Path) -> Path:
+    """``parent/N`` for the first N not taken: each attach writes beside the files the manifest still
+    lists, so until the manifest is replaced the bundle verifies as it was."""
+    parent.mkdir(exist_ok=True)
+    n = 1
+    while True:
+        try:
+            (parent / str(n)).mkdir()
+            return parent / str(n)
+        except FileExistsError:
+            n += 1
+
+
+def _remove_empty_parents(path: Path, stop: Path) -> None:
+    """Remove the folders between ``path`` and ``stop`` (exclusive) that are now empty."""
+    for folder in path.parents:
+        if folder == stop or not folder.is_relative_to(stop):
+            return
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _replace_component(manifest: Path, comp: Component) -> None:

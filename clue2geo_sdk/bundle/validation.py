@@ -42,18 +42,28 @@ def load_report(path: Path) -> dict[str, Any]:
     return data
 
 
-def headline(bundle: Bundle | None) -> str:
+def headline(bundle: Bundle | None, options_digest: str | None = None) -> str:
     """The line "validated on SET (n = 120): 25 km 41 % [38–44], …" or :data:`NO_VALIDATION`; never raises (a
-    report must render whatever the bundle holds), an unreadable validation is said to be one."""
+    report must render whatever the bundle holds), an unreadable validation is said to be one. With
+    ``options_digest`` (the results'), a validation measured under other options says so."""
     if bundle is None:
         return NO_VALIDATION
     try:
         data = read_validation(bundle)
         if data is None:
             return NO_VALIDATION
-        return summary_line(data)
+        return summary_line(data) + _other_options(data, options_digest)
     except (OSError, ValueError) as exc:
         return f"the validation on record for this bundle cannot be read ({exc})"
+
+
+def _other_options(data: dict[str, Any], options_digest: str | None) -> str:
+    """A warning when the results were made under other pipeline options than the validation: its
+    error rates are then those of another configuration (token budgets, ablations, references)."""
+    measured = (data.get("reproducibility") or {}).get("options_digest")
+    if options_digest is None or not isinstance(measured, str) or measured == options_digest:
+        return ""
+    return f"; measured under other options (digest {measured[:12]}…) than these results' ({options_digest[:12]}…)"
 
 
 def summary_line(data: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from ..evidence.attestation import (
     signature_path,
     signature_state,
 )
-from ..evidence.timestamps import TimestampError, check_stamp, query_path, write_query
+from ..evidence.timestamps import STAMP_MAX, TimestampError, check_stamp, query_path, write_query
 from ..files import read_regular_bytes, regular_file
 from ..runs.chain import AuditResult, verify_journal
 from ..runs.journal import journal_path
@@ -185,9 +185,6 @@ def _check_report_names(report: Path, journal: Path) -> None:
             f"note: {report} does not name these results' digest ({digest}): it was made from other results, "
             "or from these before records were added; make it again with 'clue2geo report' and sign again"
         )
-
-
-STAMP_MAX = 1 << 20  # a query, a response, a CA chain: a few KB each
 
 
 def _stamp_target(results: Path) -> tuple[Path, Path | None]:

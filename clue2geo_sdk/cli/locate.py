@@ -191,7 +191,7 @@ def run_local(job: Job, load: LoadSettings) -> None:
         geo = load.load()
     except (Clue2GeoError, TypeError, RuntimeError) as exc:
         fail(exc)
-    announce(geo.bundle)
+    announce(geo.bundle, geo.options.digest())
     summary = _run_batch(geo, inputs, job, fmt)
     if job.report is not None:
         recs = latest_records(read_journal(journal).records).values()
@@ -199,11 +199,12 @@ def run_local(job: Job, load: LoadSettings) -> None:
     _finish(summary, job.report, f"(already in {job.out})")
 
 
-def announce(bundle: Bundle) -> None:
+def announce(bundle: Bundle, options_digest: str | None = None) -> None:
     """What a run states first, on stderr: that a demo bundle means nothing, and the bundle's
-    validation in one line (its measured accuracy, or that none is on record)."""
+    validation in one line (its measured accuracy, or that none is on record; and when it was measured
+    under other options than this run's)."""
     warn_if_demo(bundle)
-    click.echo(headline(bundle), err=True)
+    click.echo(headline(bundle, options_digest), err=True)
 
 
 def _check_out(out: Path, fmt: str, report: Path | None) -> Path:

@@ -92,9 +92,13 @@ def validate_cmd(
     except Clue2GeoError as exc:
         fail(exc)
     warn_if_demo(geo.bundle)
-    with geo, progress(len(es.items)) as tick:
-        report = run_validation(geo, es, out, settings=how, on_record=tick, on_notice=warn)
-    _print_outcome(out, report, write_validation_page(out / "validation.html", report))
+    try:
+        with geo, progress(len(es.items)) as tick:
+            report = run_validation(geo, es, out, settings=how, on_record=tick, on_notice=warn)
+        page = write_validation_page(out / "validation.html", report)
+    except (Clue2GeoError, OSError) as exc:  # e.g. another validate writing the same --out
+        fail(exc)
+    _print_outcome(out, report, page)
 
 
 def _read_set(evalset: Path, images: Path | None, name: str | None) -> EvalSet:

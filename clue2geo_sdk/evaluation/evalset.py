@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import posixpath
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ import attrs
 from PIL import Image
 
 from ..errors import InvalidArgumentError
-from ..files import sha256_file
+from ..files import InputFileError, regular_file, sha256_file
 from ..inputs.discover import discover, read_input_bytes
 from ..inputs.image import detect_format
 from ..inputs.metadata.photo import read_metadata
@@ -158,13 +159,24 @@ def _columns(fieldnames: Sequence[str] | None, path: Path) -> tuple[str, str, st
     return key, cols["lat"], cols["lon"]
 
 
-def _csv_item(base: Path, rel: str, lat: float, lon: float) -> EvalItem:
+def _relative(base: Path, written: str) -> str:
+    """The path as the digest names it: '/'-separated, relative to ``base`` where it lies under it,
+    without './' or '..' detours, however the CSV wrote it (a Windows path, an absolute one)."""
+    path = Path(posixpath.normpath(written.replace("\\", "/")))
+    if path.is_absolute() and path.is_relative_to(base.resolve()):
+        path = path.relative_to(base.resolve())
+    return path.as_posix()
+
+
+def _csv_item(base: Path, written: str, lat: float, lon: float) -> EvalItem:
+    rel = _relative(base, written)
     path = base / rel
     try:
+        regular_file(path, "eval set photo")  # a FIFO would block the hash for ever
         sha = sha256_file(path)
         with open(path, "rb") as fh:
             head = fh.read(16)
-    except OSError:
+    except (OSError, InputFileError):
         return EvalItem(path=path, rel=rel, sha256="unreadable", lat=lat, lon=lon)
     fmt, size = _kind(head, path)
     return EvalItem(path=path, rel=rel, sha256=sha, lat=lat, lon=lon, format=fmt, size=size)
@@ -175,7 +187,7 @@ def read_csv(table: Path, images: Path | None = None, name: str | None = None) -
     base = images if images is not None else table.parent
     items, skipped = [], []
     try:
-        with open(table, newline="", encoding="utf-8") as fh:
+        with open(table, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(fh)
             kp, klat, klon = _columns(reader.fieldnames, table)
             for line, row in enumerate(reader, start=2):

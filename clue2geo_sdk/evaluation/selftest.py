@@ -35,7 +35,7 @@ from .._version import __version__
 from ..bundle.attach import attach
 from ..bundle.components import Component
 from ..bundle.manifest import Bundle
-from ..errors import BundleFormatError, InvalidArgumentError, RecordFormatError
+from ..errors import BundleFormatError, Clue2GeoError, InvalidArgumentError, RecordFormatError
 from ..files import atomic_write, read_regular_bytes
 from ..geolocator import Geolocator
 from ..options import Options
@@ -46,6 +46,7 @@ from ..runs.records import Record, identity, record_of
 ROLE = "selftest"
 ANSWERS_FILE = "answers.jsonl"
 TOLERANCE_DEG = 1e-4  # float noise between CPU kernels; a different model moves an answer by far more
+SCORE_TOLERANCE = 1e-4  # on confidences and GPSCLIP scores (cosines, probabilities), absolute
 PHOTO_WIDTH = 320  # the stored copies' width in pixels: a few tens of KB each
 #: How the Geolocator is loaded for the set (recorded, and used again by the re-run).
 LOAD_SETTINGS: dict[str, Any] = {"device": "cpu", "engine": "batched", "max_in_flight": 1}
@@ -191,9 +192,22 @@ def _near(a: tuple[float, float] | None, b: tuple[float, float] | None, tol: flo
     return abs(a[0] - b[0]) <= tol and abs(a[1] - b[1]) <= tol
 
 
-def _points(what: str, want: Sequence[Any], got: Sequence[Any], tol: float, keys: tuple[str, ...]) -> list[str]:
+def _values(label: str, want: Mapping[str, Any], got: Mapping[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """Differences in the numbers ``keys`` (scores, confidences) beyond :data:`SCORE_TOLERANCE`."""
+    out = []
+    for k in keys:
+        w, g = want.get(k), got.get(k)
+        numbers = isinstance(w, int | float) and isinstance(g, int | float)
+        if (w is None) != (g is None) or (numbers and abs(w - g) > SCORE_TOLERANCE) or (not numbers and w != g):
+            out.append(f"{label} {k} {g!r} expected {w!r}")
+    return out
+
+
+def _points(
+    what: str, want: Sequence[Any], got: Sequence[Any], tol: float, keys: tuple[str, ...], values: tuple[str, ...]
+) -> list[str]:
     """Differences between two ranked lists of points (candidates, answers): count, then per rank the
-    ``keys`` (equal) and the position (within ``tol``)."""
+    ``keys`` (equal), the ``values`` (within :data:`SCORE_TOLERANCE`) and the position (within ``tol``)."""
     want = [w for w in want if isinstance(w, Mapping)]
     got = [g for g in got if isinstance(g, Mapping)]
     if len(want) != len(got):
@@ -204,6 +218,7 @@ def _points(what: str, want: Sequence[Any], got: Sequence[Any], tol: float, keys
         for k in keys:
             if w.get(k) != g.get(k):
                 out.append(f"{label} {k} {g.get(k)!r} expected {w.get(k)!r}")
+        out += _values(label, w, g, values)
         if not _near(_pair(w), _pair(g), tol):
             out.append(f"{label} at {_shown(_pair(g))} expected {_shown(_pair(w))}")
     return out
@@ -211,9 +226,15 @@ def _points(what: str, want: Sequence[Any], got: Sequence[Any], tol: float, keys
 
 def compare_records(expected: Mapping[str, Any], got: Mapping[str, Any], tol: float = TOLERANCE_DEG) -> list[str]:
     """Every way ``got`` (a re-run's record) differs from ``expected`` (the recorded one), in words:
-    photo digest, options digest, status, winner's source and position, candidates, ranked answers."""
+    photo digest, options digest, status and error, winner's source, position and confidence,
+    candidates (source, position, score), ranked answers (sources, position, confidence)."""
     out = []
-    for key, what in (("image_sha256", "photo sha256"), ("options_digest", "options digest"), ("status", "status")):
+    for key, what in (
+        ("image_sha256", "photo sha256"),
+        ("options_digest", "options digest"),
+        ("status", "status"),
+        ("error", "error"),
+    ):
         if expected.get(key) != got.get(key):
             out.append(f"{what} {got.get(key)} expected {expected.get(key)}")
     if got.get("status") == "error" and expected.get("status") != "error":
@@ -222,8 +243,11 @@ def compare_records(expected: Mapping[str, Any], got: Mapping[str, Any], tol: fl
         out.append(f"winner source {got.get('source')!r} expected {expected.get('source')!r}")
     if not _near(_pair(expected), _pair(got), tol):
         out.append(f"winner {_shown(_pair(got))} expected {_shown(_pair(expected))}")
-    out += _points("candidates", expected.get("candidates") or [], got.get("candidates") or [], tol, ("source",))
-    out += _points("answers", expected.get("answers") or [], got.get("answers") or [], tol, ("sources",))
+    out += _values("winner", expected, got, ("confidence",))
+    want_c, got_c = expected.get("candidates") or [], got.get("candidates") or []
+    out += _points("candidates", want_c, got_c, tol, ("source",), ("score",))
+    want_a, got_a = expected.get("answers") or [], got.get("answers") or []
+    out += _points("answers", want_a, got_a, tol, ("sources",), ("confidence", "score"))
     return out
 
 
@@ -277,7 +301,16 @@ def run_selftest(
     load = {k: recorded.get(k, v) for k, v in LOAD_SETTINGS.items()}  # only these: a manifest picks no gallery
     if device is not None:
         load["device"] = device
-    with Geolocator.load(bundle_path, verify=verify, trusted_keys=trusted_keys, **load) as geo:
+    try:
+        geo = Geolocator.load(bundle_path, verify=verify, trusted_keys=trusted_keys, **load)
+    except Clue2GeoError:
+        raise  # refused as it should be (corrupt, unsigned, no memory): the message says why
+    except Exception as exc:  # a model file onnxruntime or llama.cpp cannot load: a failed test, not a crash
+        bundle = Bundle.open(bundle_path, verify=False)
+        unloadable = f"models: cannot be loaded: {type(exc).__name__}: {exc}"
+        expected = read_known_answers(bundle)[1]
+        return _result(bundle, bundle.params(ROLE), expected, [], tolerance_deg, time.perf_counter() - t0, unloadable)
+    with geo:
         photos, expected = read_known_answers(geo.bundle)
         params = geo.bundle.params(ROLE)
         opts = Options(**params.get("options", {}))
@@ -299,9 +332,10 @@ def _result(
     checks: Sequence[PhotoCheck],
     tol: float,
     seconds: float,
+    *failures: str,
 ) -> SelftestResult:
     made_with = str(params.get("models_digest"))
-    mismatches = []
+    mismatches = list(failures)
     if bundle.models_digest != made_with:
         mismatches.append(f"models: digest {bundle.models_digest}, the known answers were made with {made_with}")
     mismatches += [f"{c.photo}: {m}" for c in checks for m in c.mismatches]

@@ -133,12 +133,6 @@ def prediction_html(rec: Record, thumbnail: str | None = None) -> str:
     return f"{demo}{img}<table>{body}</table>"
 
 
-def alternatives(rec: Record) -> list[Mapping[str, Any]]:
-    """The record's answers of rank 2 and on that hold a position (its top-k alternatives; see
-    :meth:`Record.alternatives`)."""
-    return rec.alternatives()
-
-
 def winning_extent_km(rec: Record) -> float | None:
     """The winning answer's (rank 1) ``extent_km`` when it is a finite number above 0, else None."""
     for a in rec.answers if isinstance(rec.answers, list) else ():
@@ -180,7 +174,7 @@ def record_folder(doc: ET.Element, rec: Record, thumbnail: str | None = None) ->
     folder = _sub(doc, "Folder")
     _sub(folder, "name", name)
     _point(_placemark(folder, name, "prediction", prediction_html(rec, thumbnail)), rec.lat, rec.lon)
-    for a in alternatives(rec):
+    for a in rec.alternatives():
         _alternative(folder, name, a)
     if (extent := winning_extent_km(rec)) is not None:
         _uncertainty(folder, name, rec, extent)

@@ -40,6 +40,8 @@ from ..files import atomic_write
 from .attestation import journal_digest, results_digest, results_digest_input
 
 QUERY_SUFFIX = ".tsq"
+#: A query, a response, a CA chain: a few KB each; anything larger is not one.
+STAMP_MAX = 1 << 20
 SHA256_OID = "2.16.840.1.101.3.4.2.1"
 _OPENSSL_SAID = re.compile(r'data: "([^"]+)"')
 

@@ -73,7 +73,7 @@ def leads_html(rec: Record) -> str:
     answers = [a for a in list_field(rec.answers, "answers") if isinstance(a, Mapping)]
     if not answers:
         return "<p>No ranked answers in this record: no lead or alternatives to show.</p>"
-    lead, rest = answers[0], answers[1:]
+    lead, rest = answers[0], rec.alternatives()  # the same alternatives as the KML and CASE exports
     shown = rest[:ALTERNATIVES_SHOWN]
     more = (
         f"<p><small>{len(rest) - len(shown)} further alternative(s) are in the record (its answers).</small></p>"

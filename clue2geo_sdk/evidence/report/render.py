@@ -96,8 +96,9 @@ def _grid_note(b: Bundle | None) -> str:
     return f"{rows}x{cols} from bundle {esc(b.name)} ({code(b.digest)}){esc(fault) if fault else ''}"
 
 
-def _bundle_note(b: Bundle | None) -> str:
-    """The bundle the report was given, and its validation (known error rates) in one line."""
+def _bundle_note(b: Bundle | None, options_digest: str | None) -> str:
+    """The bundle the report was given, and its validation (known error rates) in one line, saying
+    so when the results were made under other options (``options_digest``: theirs, when one)."""
     if b is None:
         return (
             '<br><span id="bundle-validation" class="warn">No bundle was given to this report: the validation '
@@ -105,7 +106,7 @@ def _bundle_note(b: Bundle | None) -> str:
         )
     return (
         f"<br>Bundle: {esc(b.name)} (manifest digest {code(b.digest)}, models digest {code(b.models_digest)})"
-        f'<br>Validation: <span id="bundle-validation">{esc(headline(b))}</span>'
+        f'<br>Validation: <span id="bundle-validation">{esc(headline(b, options_digest))}</span>'
     )
 
 
@@ -216,7 +217,9 @@ def render_report(
     results_label = str(results_path) if results_path is not None else "RESULTS"
     overview = map_svg(overview_points(records), zoom=False, css_class="world", label="all predictions")
     counts, index_rows, sections = _entries(records, b, results_label, image_root)
-    facts = f"{_source(results_path)}{_bundle_note(b)}\n<br>CLIP patch grid: {_grid_note(b)}"
+    digests = {r.options_digest for r in records if isinstance(r, Record) and isinstance(r.options_digest, str)}
+    note = _bundle_note(b, digests.pop() if len(digests) == 1 else None)
+    facts = f"{_source(results_path)}{note}\n<br>CLIP patch grid: {_grid_note(b)}"
     checks = f"{problems_html(problems)}\n{audit_line(results_path, trusted)}\n{stamps_html(results_path, ca_pem)}"
     header = _header(title, counts, demo, facts, checks, overview)
     return _page(title, {**counts, "demo": demo}, header, index_rows, sections)

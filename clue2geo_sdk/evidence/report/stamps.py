@@ -9,6 +9,11 @@ run folder, the report is made from):
 * ``RESULTS.*.tsr``: one per TSA when several were asked (``results.jsonl.freetsa.tsr``);
 * ``STEM.tsr``: RESULTS' name without its suffix (``results.tsr`` beside ``results.jsonl``).
 
+For a .csv/.geojson run (its journal is ``TABLE.records.jsonl``) the same names are also looked for
+beside the table, and a stamp is checked over the journal and the table together, as ``audit
+stamp-request TABLE`` made it (:func:`~clue2geo_sdk.evidence.attestation.results_digest`); a stamp over
+the journal alone still holds for the journal.
+
 A stamp is *verified* only with the TSA's CA (``report --tsa-ca``): it is then checked as ``audit
 stamp-verify`` checks it (:func:`~clue2geo_sdk.evidence.timestamps.check_stamp`: over the results as they
 are now, answering the query beside it when there is one, signed by a TSA that chains to the CA).
@@ -29,13 +34,13 @@ from typing import Any
 import attrs
 
 from ...files import read_regular_bytes
-from ..attestation import journal_digest
-from ..timestamps import TimestampError, check_stamp, load_ca, query_path, read_response, signer_name
+from ...runs.journal import journal_path
+from ..attestation import results_digest
+from ..timestamps import STAMP_MAX, TimestampError, check_stamp, load_ca, query_path, read_response, signer_name
 from .style import code, esc
 
 RESPONSE_SUFFIX = ".tsr"
-#: A query, a response, a CA chain: a few KB each (as ``audit stamp-verify`` reads them).
-STAMP_MAX = 1 << 20
+_TABLES = (".csv", ".geojson")
 _NO_CA = "not verified (pass --tsa-ca)"
 
 
@@ -55,12 +60,24 @@ class StampView:
         return attrs.asdict(self)
 
 
+def journal_and_table(results: Path) -> tuple[Path, Path | None]:
+    """What a stamp beside RESULTS covers: its journal (or run folder) and, for a .csv/.geojson run,
+    the table; RESULTS may name either the table or its sidecar journal."""
+    if results.suffix.lower() in _TABLES and journal_path(results, "csv").is_file():
+        return journal_path(results, "csv"), results
+    table = results.with_name(results.name.removesuffix(".records.jsonl"))
+    if table != results and table.suffix.lower() in _TABLES and table.is_file():
+        return results, table
+    return results, None
+
+
 def response_files(results: Path) -> list[Path]:
-    """The timestamp responses saved beside ``results``, by the convention in the module docstring."""
-    results = Path(results)
-    folder, name = results.parent, results.name
-    found = {folder / (name + RESPONSE_SUFFIX), folder / (results.stem + RESPONSE_SUFFIX)}
-    found.update(folder.glob(glob.escape(name) + ".*" + RESPONSE_SUFFIX))
+    """The timestamp responses saved beside ``results`` (and its table), by the module docstring's names."""
+    found: set[Path] = set()
+    for named in filter(None, journal_and_table(Path(results))):
+        folder, name = named.parent, named.name
+        found.update({folder / (name + RESPONSE_SUFFIX), folder / (named.stem + RESPONSE_SUFFIX)})
+        found.update(folder.glob(glob.escape(name) + ".*" + RESPONSE_SUFFIX))
     return sorted(p for p in found if p != results and (p.exists() or p.is_symlink()))
 
 
@@ -100,11 +117,13 @@ def read_stamp(tsr: Path, results: Path, ca_pem: bytes | None) -> StampView:
     except Exception as exc:  # noqa: BLE001 - a malformed response (any fault in its DER) must not lose the report
         return StampView(path=str(tsr), state="unreadable", note=str(exc) or type(exc).__name__)
     view = StampView(path=str(tsr), state="unverified", when=when, tsa=tsa, note=_NO_CA)
-    try:
-        now = journal_digest(Path(results))
+    journal, table = journal_and_table(Path(results))
+    try:  # a .csv/.geojson run's stamp covers journal and table; a stamp over the journal alone still holds
+        covers = {results_digest(journal): None} | ({results_digest(journal, table): table} if table else {})
     except OSError as exc:
         return attrs.evolve(view, state="failed", note=f"the results cannot be read to check it ({exc})")
-    if stamped != now:
+    if stamped not in covers:
+        now = " or ".join(covers)
         why = (
             f"does not cover these results: it is over sha256 {stamped}, the results have {now} now (they "
             "changed after it was made, or it is for other results)"
@@ -114,8 +133,8 @@ def read_stamp(tsr: Path, results: Path, ca_pem: bytes | None) -> StampView:
     if ca_pem is None:
         return view
     try:
-        query = _query_of(tsr, results)
-        stamp = check_stamp(Path(results), data, ca_pem, query)
+        query = _query_of(tsr, Path(results))
+        stamp = check_stamp(journal, data, ca_pem, query, table=covers[stamped])
     except Exception as exc:  # noqa: BLE001 - a malformed query or CA chain is this stamp's fault, not the report's
         return attrs.evolve(view, state="failed", note=f"does not hold: {exc}")
     nonce = "" if stamp.nonce_checked else "; no query (.tsq) beside it: its nonce was not checked"

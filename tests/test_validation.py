@@ -239,6 +239,7 @@ def test_validate_attach_verify_headline(demo_bundle: Path, tmp_path: Path) -> N
     assert [e["path"] for e in data["evalset"]["excluded"]] == ["broken.jpg"]
     assert data["bundle"]["models_digest"] == Bundle.open(demo_bundle, verify=False).models_digest
     assert data["reproducibility"]["evalset_digest"] == read_evalset(folder).digest
+    assert data["evalset"]["changed_since_read"] == []  # each record made from the bytes the digest covers
     assert data["reproducibility"]["options_digest"] and data["reproducibility"]["engine"] == "batched"
     per = list(csv.DictReader((out / "per-image.csv").open()))
     dists = [float(r["distance_km"]) if r["status"] == "ok" else np.inf for r in per]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from ..bundle.validation import VALIDATION_FORMAT
 from ..files import atomic_write
 from ..geo.countries import Countries
 from ..geolocator import Geolocator
+from ..runs.records import Record
 from .calibration import reliability, winner_not_most_confident
 from .evalset import EvalSet
 from .metrics import CONVENTIONS, distance_km
@@ -84,8 +85,21 @@ def run_validation(
     scored = score(geo, samples, paths, recs, truth, on_notice)
     write_per_image(out / "per-image.csv", scored.rows)
     report = build_report(geo, evalset, scored, truth, settings)
+    report["evalset"]["changed_since_read"] = changed = _changed(evalset, paths, recs)
+    for rel in changed if on_notice else ():
+        on_notice(f"{rel}: its bytes are not those the eval set's digest covers (changed while validating?)")
     atomic_write(out / "validation.json", json.dumps(report, indent=2, allow_nan=False).encode())
     return report
+
+
+def _changed(evalset: EvalSet, paths: list[Path], recs: Mapping[str, Record]) -> list[str]:
+    """The photos whose record was made from other bytes than the eval set's digest covers."""
+    out = []
+    for item, path in zip(evalset.items, paths, strict=True):
+        rec = recs.get(str(path))
+        if rec is not None and rec.image_sha256 and rec.image_sha256 != item.sha256:
+            out.append(item.rel)
+    return out
 
 
 def _regions(countries: Countries, truth: Truth) -> tuple[list[str], list[str], dict[str, str]]:

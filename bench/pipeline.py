@@ -13,17 +13,23 @@ and deterministic crops/flips of them, so every run sees the same inputs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps
 
 from clue2geo_sdk import Geolocator
 from clue2geo_sdk.engines.ask import LOCATION_SCHEMA
+from clue2geo_sdk.engines.base import load_llama_cpp, model_params
+from clue2geo_sdk.engines.encoders import patch_grid
 from clue2geo_sdk.inputs.image import load_image
+from clue2geo_sdk.pipeline.prompts import CUES
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 
@@ -103,6 +109,177 @@ def run_engine(engine: str, args: argparse.Namespace, images: list[Path]) -> dic
     return result
 
 
+# -- one photo, stage by stage, against llama.cpp's own rates (the floor) ---------------------------
+
+
+def photo_640(folder: Path) -> Path:
+    """The bench's fixed photo: the first example, resized to 640x480."""
+    base = sorted(p for p in EXAMPLES.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[0]
+    path = folder / "photo640.png"
+    Image.open(base).convert("RGB").resize((640, 480), Image.Resampling.BICUBIC).save(path)
+    return path
+
+
+def _floor_context(lib: Any, model: Any, n_threads: int) -> Any:
+    cparams = lib.llama_context_default_params()
+    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = 2048, 512, 512, 1
+    cparams.n_threads = cparams.n_threads_batch = n_threads
+    cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the engines
+    return lib.llama_init_from_model(model, cparams)
+
+
+def _decode_tokens(lib: Any, ctx: Any, batch: Any, tokens: list[int], pos: int) -> float:
+    """One ``llama_decode`` of ``tokens`` (one sequence, from ``pos``): its seconds."""
+    for i, tok in enumerate(tokens):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos + i, 1, i == len(tokens) - 1
+        batch.seq_id[i][0] = 0
+    batch.n_tokens = len(tokens)
+    t0 = time.perf_counter()
+    if lib.llama_decode(ctx, batch) != 0:
+        raise RuntimeError("llama_decode failed in the floor probe")
+    return time.perf_counter() - t0
+
+
+def floor_probe(model_path: Path, n_threads: int, n_prefill: int = 256, n_decode: int = 24) -> dict[str, float]:
+    """llama.cpp's own rates on this machine, same library and threads, one sequence: a plain
+    ``llama_decode`` of ``n_prefill`` tokens (prefill), then ``n_decode`` steps of one token chosen
+    by llama.cpp's greedy sampler (decode), and one 4-token step (what a step of 4 sequences costs)."""
+    lib, _ = load_llama_cpp(False)
+    model = lib.llama_model_load_from_file(str(model_path).encode(), model_params(lib))
+    ctx = _floor_context(lib, model, n_threads)
+    vocab = lib.llama_model_get_vocab(model)
+    text = (CUES * 4).encode()
+    buf = (lib.llama_token * (len(text) + 8))()
+    toks = list(buf[: lib.llama_tokenize(vocab, text, len(text), buf, len(buf), True, True)])[:n_prefill]
+    batch = lib.llama_batch_init(512, 0, 1)
+    chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+    try:
+        _decode_tokens(lib, ctx, batch, toks[:16], 0)  # warm-up: weights paged in, buffers made
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        prefill = _decode_tokens(lib, ctx, batch, toks, 0)
+        pos, t0 = len(toks), time.perf_counter()
+        for _ in range(n_decode):
+            tok = lib.llama_sampler_sample(chain, ctx, -1)
+            _decode_tokens(lib, ctx, batch, [tok], pos)
+            pos += 1
+        step1 = (time.perf_counter() - t0) / n_decode
+        step4 = _decode_tokens(lib, ctx, batch, toks[:4], pos)
+    finally:
+        lib.llama_sampler_free(chain)
+        lib.llama_batch_free(batch)
+        lib.llama_free(ctx)
+        lib.llama_model_free(model)
+    return {
+        "n_threads": n_threads,
+        "prefill_tok_s": round(len(toks) / prefill, 2),
+        "decode_step_s": round(step1, 4),
+        "step4_s": round(step4, 4),
+    }
+
+
+def _row(stage: str, tokens: int | str, seconds: float, floor: float | None) -> dict[str, Any]:
+    over = round(seconds / floor, 2) if floor else None
+    return {
+        "stage": stage,
+        "tokens": tokens,
+        "s": round(seconds, 2),
+        "floor_s": floor and round(floor, 2),
+        "x_floor": over,
+    }
+
+
+def _decode_floor(fl: dict[str, float], steps: int, tokens: int) -> float:
+    """Decode steps at llama.cpp's own step time; the extra sequences of a step at the 4-token step's margin."""
+    extra = max(0.0, (fl["step4_s"] - fl["decode_step_s"]) / 3)
+    return steps * fl["decode_step_s"] + max(0, tokens - steps) * extra
+
+
+def stage_rows(pred: Any, clock: dict, asks: list[dict], fl: dict[str, float], cluemap: dict) -> list[dict]:
+    """The per-stage table: engine work (vision, prefix, each prompt, steps, Python) against the floor,
+    then the pipeline's own stages."""
+    rate = fl["prefill_tok_s"]
+    rows = [
+        _row("vision encode (mtmd_encode_chunk; native, is its own floor)", "-", clock["vision_s"], clock["vision_s"]),
+        _row("image prefix through the LLM", clock["prefix_tokens"], clock["prefix_s"], clock["prefix_tokens"] / rate),
+    ]
+    for a in asks:
+        rows.append(_row(f"prefill: {a['label'][:40]}", a["suffix_tokens"], a["prefill_s"], a["suffix_tokens"] / rate))
+        rows.append(_row(f"decode share: {a['label'][:34]}", a["generated"], a["decode_s"], None))
+    steps, toks = clock["decode_steps"], clock["decode_tokens"]
+    rows += [
+        _row(
+            f"prefill steps ({clock['prefill_steps']})",
+            clock["prefill_tokens"],
+            clock["prefill_s"],
+            clock["prefill_tokens"] / rate,
+        ),
+        _row(f"decode steps ({steps})", toks, clock["decode_s"], _decode_floor(fl, steps, toks)),
+        _row("host Python around llama_decode", "-", clock["host_s"], None),
+        _row("suffix tokens shared (not evaluated)", clock["shared_tokens"], 0.0, None),
+    ]
+    rows += [_row(f"cluemap {k}", "-", v, None) for k, v in cluemap.items()]
+    rows += [_row(f"pipeline lap: {k}", "-", v, None) for k, v in pred.timings.items()]
+    return rows
+
+
+def cluemap_sides(geo: Geolocator, photo: Path, pred: Any) -> dict[str, float]:
+    """The cluemap's image side (CLIP on the patches) and text side (CLIP + SBERT on the cues), re-run
+    on the photo's own cues with the same encoders."""
+    img = load_image(photo)
+    texts = [c.text for c in pred.cues] or ["a cue"]
+    t0 = time.perf_counter()
+    geo.clip.encode_images([crop for crop, _ in patch_grid(img.image, *geo.grid)])
+    t1 = time.perf_counter()
+    geo.clip.encode_texts(texts)
+    geo.sbert.encode(texts)
+    return {"image side (CLIP, patches)": t1 - t0, "text side (CLIP + SBERT)": time.perf_counter() - t1}
+
+
+def run_stages(args: argparse.Namespace, photo: Path, threads: int | None, share: bool) -> dict:
+    """One photo at the bench's budgets on the batched engine: the stage table and the floor."""
+    opts = {"max_cue_tokens": args.max_cue_tokens, "max_answer_tokens": args.max_answer_tokens}
+    geo = Geolocator.load(args.bundle, device=args.device, verify=False, max_in_flight=1, n_threads=threads, **opts)
+    with geo:
+        geo.vlm.clock.trace = True
+        geo.vlm.share_prefill = share
+        t0 = time.perf_counter()
+        pred = geo.locate(photo)
+        seconds = time.perf_counter() - t0
+        clock = geo.vlm.clock.to_dict()
+        asks = list(geo.vlm.clock.asks)
+        n_threads = geo.vlm.n_threads
+        sides = cluemap_sides(geo, photo, pred)
+    fl = floor_probe(Path(geo.bundle.file("vlm", "model")), n_threads)
+    rows = stage_rows(pred, clock, asks, fl, sides)
+    floor_total = sum(
+        r["floor_s"] or 0
+        for r in rows
+        if r["stage"].startswith(("vision", "image prefix", "prefill steps", "decode steps"))
+    )
+    texts = {k: [g["text"] for g in v] for k, v in pred.raw_outputs.items()}
+    digest = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "n_threads": n_threads,
+        "share_prefill": share,
+        "photo_s": round(seconds, 2),
+        "floor": fl,
+        "answers_sha": digest,
+        "lat_lon": [pred.lat, pred.lon],
+        "engine_floor_s": round(floor_total, 2),
+        "clock": clock,
+        "rows": rows,
+    }
+
+
+def print_table(label: str, res: dict) -> None:
+    print(f"\n== {label}: {res['photo_s']} s per photo, {res['n_threads']} threads, answers {res['answers_sha']}")
+    print(f"   floor (llama.cpp, same threads): {res['floor']}; engine work at the floor: {res['engine_floor_s']} s")
+    print(f"{'stage':<64}{'tokens':>8}{'s':>10}{'floor s':>10}{'x floor':>9}")
+    for r in res["rows"]:
+        print(f"{r['stage']:<64}{r['tokens']!s:>8}{r['s']:>10}{r['floor_s']!s:>10}{r['x_floor']!s:>9}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=Path("artifacts/demo"))
@@ -113,7 +290,28 @@ def main() -> None:
     ap.add_argument("--max-cue-tokens", type=int, default=512)
     ap.add_argument("--max-answer-tokens", type=int, default=128)
     ap.add_argument("--token-probe", type=int, default=256)
+    ap.add_argument(
+        "--stages",
+        default="",
+        help="instead of the engine comparison: one 640x480 photo, stage by stage against the floor, for each "
+        "THREADS:SHARE configuration given (e.g. '1:off,2:on'; THREADS 0 = the engine's default; SHARE: "
+        "prefill shared across an image's prompts)",
+    )
+    ap.add_argument("--json", type=Path, help="also write the JSON here")
     args = ap.parse_args()
+    if args.stages:
+        with tempfile.TemporaryDirectory() as tmp:
+            photo = photo_640(Path(tmp))
+            out = {"bundle": str(args.bundle), "budgets": [args.max_cue_tokens, args.max_answer_tokens], "runs": {}}
+            for conf in args.stages.split(","):
+                threads, share = conf.split(":")
+                load = os.getloadavg()[0]
+                res = run_stages(args, photo, int(threads) or None, share == "on")
+                res["load_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]  # before, after: others' work
+                out["runs"][conf] = res
+                print_table(conf, res)
+        _write(out, args.json)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         images = make_images(args.images, Path(tmp))
         results = {e: run_engine(e, args, images) for e in args.engines.split(",")}
@@ -132,7 +330,14 @@ def main() -> None:
                 "chat": c["tokens"]["schema_over_free"],
             },
         }
-    print(json.dumps(out, indent=2))
+    _write(out, args.json)
+
+
+def _write(out: dict, path: Path | None) -> None:
+    text = json.dumps(out, indent=2)
+    print(text)
+    if path:
+        path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,20 @@ def test_runtime_sources_import_nothing_forbidden() -> None:
             )
             for n in names:
                 assert n.split(".")[0] not in forbidden, f"{path.name} imports {n}"
+
+
+def test_cluemap_image_side_is_computed_while_the_cues_are_written(geo: Geolocator, photo: Path) -> None:
+    """The patch embeddings are taken before the pipeline waits for the cues (their own lap), and
+    the cluemap built from them is the one built from scratch after the cues."""
+    from clue2geo_sdk.inputs.image import load_image  # only this test needs the loaded image
+    from clue2geo_sdk.pipeline import stages  # nor the stage functions
+
+    pred = geo.locate(photo)
+    laps = list(pred.timings)
+    assert laps.index("retrieval") < laps.index("cluemap_image") < laps.index("cues") < laps.index("cluemap")
+    img = load_image(photo)
+    cues = [(c.cue, c.description) for c in pred.cues]
+    early = stages.patch_embeddings(img, clip=geo.clip, grid=geo.grid)
+    kw = {"clip": geo.clip, "sbert": geo.sbert, "grid": geo.grid, "alpha": 0.5}
+    assert stages.make_cluemap(img, cues, patch_emb=early, **kw) == stages.make_cluemap(img, cues, **kw)
+    assert pred.cluemap == stages.make_cluemap(img, cues, **kw).to_dict()

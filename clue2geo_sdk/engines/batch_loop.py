@@ -1,4 +1,4 @@
-"""The batched engine's thread: its decode loop and the state it keeps per image and per prompt.
+"""The batched engine's thread: its decode loop (the state it keeps per image and prompt: :mod:`.asks`).
 
 One thread owns the llama and mtmd contexts (neither is thread-safe). Callers' threads hand it work
 through :meth:`DecodeLoop.post` ("open" an image, "ask" a prompt, "close" an image, "stop"); between
@@ -17,70 +17,16 @@ import ctypes
 import queue
 import threading
 import time
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import InvalidStateError
 from typing import Any
 
-import attrs
 import numpy as np
 
-from .base import SYSTEM_PROMPT, EngineStats, Generation, VLMError
-from .grammar import CheckFirstGrammar, GrammarError
-
-_PREFIX = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{marker}"
-
-
-@attrs.define(eq=False)
-class ImageState:
-    """One image in flight: its pixels until the prefix is evaluated, then its sequences."""
-
-    rgb: bytes
-    size: tuple[int, int]
-    seq: int = -1
-    owned: list[int] = attrs.field(factory=list)  # every sequence reserved for this image
-    free: list[int] = attrs.field(factory=list)  # those its prompts may take now
-    n_past: int = 0  # next position after the prefix (M-RoPE: not the token count)
-    prefix_tokens: int = 0
-    error: BaseException | None = None
-    closed: bool = False
-
-
-@attrs.define(eq=False)
-class AskState:
-    """One prompt about an image: its suffix tokens, sampling, and the answer so far."""
-
-    image: ImageState
-    suffix: list[int]
-    max_tokens: int
-    temperature: float
-    rng: np.random.Generator
-    grammar: CheckFirstGrammar | None
-    future: Future[Generation]
-    t0: float = attrs.field(factory=time.perf_counter)
-    seq: int = -1
-    pos: int = 0
-    feed: list[int] = attrs.field(factory=list)
-    out: list[int] = attrs.field(factory=list)
-    text: bytearray = attrs.field(factory=bytearray)
-
-    @property
-    def cost(self) -> int:
-        return len(self.suffix) + self.max_tokens
-
-    def sample(self, logits: np.ndarray) -> int:
-        """Greedy at temperature 0 (ties to the lowest id, as llama.cpp's greedy sampler), else a
-        draw from the softmax at the temperature with this prompt's own seeded generator.
-        NaN logits (numpy's argmax picks a NaN) or no finite logit raise a :class:`VLMError`."""
-        if self.temperature <= 0:
-            tok = int(np.argmax(logits))
-            if not np.isfinite(logits[tok]):
-                raise VLMError("the model produced non-finite logits (NaN); the answer was stopped")
-            return tok
-        z = logits.astype(np.float64) / self.temperature
-        finite = np.isfinite(z)
-        if np.isnan(z).any() or not finite.any():
-            raise VLMError("the model produced non-finite logits (NaN or all -inf); the answer was stopped")
-        p = np.exp(z - z[finite].max())
-        return int(self.rng.choice(len(p), p=p / p.sum()))
+from .asks import AskState, ImageState, shared_head
+from .base import EngineStats, Generation, VLMError
+from .clock import EngineClock
+from .grammar import GrammarError
+from .prefix import eval_prefix
 
 
 class DecodeLoop:
@@ -102,17 +48,19 @@ class DecodeLoop:
         n_seq: int,
         slots: threading.BoundedSemaphore,
         stats: EngineStats,
+        clock: EngineClock,
     ) -> None:
         self.lib, self.mtmd = lib, mtmd
         self.ctx, self.mctx, self.vocab = ctx, mctx, vocab
         self.n_vocab = lib.llama_vocab_n_tokens(vocab)
         self.mem = lib.llama_get_memory(ctx)
-        self.marker = mtmd.mtmd_default_marker().decode()
         self.n_batch = n_batch
         self.batch = lib.llama_batch_init(n_batch, 0, 1)
         self.ctx_per_image, self.seqs_per_image = ctx_per_image, seqs_per_image
         self.free_seqs = list(range(n_seq - 1, -1, -1))
-        self.slots, self.stats = slots, stats
+        self.slots, self.stats, self.clock = slots, stats, clock
+        # Copy a suffix head another prompt of the image already evaluated (off: see LlamaBatchEngine.share_prefill)
+        self.share_prefill = False
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.dead: BaseException | None = None  # set when the loop has ended for good
         self._door = threading.Lock()  # orders "check dead, then enqueue" against the loop's last drain
@@ -233,35 +181,18 @@ class DecodeLoop:
             img.rgb = b""
 
     def _encode_prefix(self, img: ImageState) -> tuple[int, int]:
-        """mtmd's tokenize and eval of the prefix into ``img.seq``: (next position, prefix tokens)."""
-        lib, mtmd = self.lib, self.mtmd
-        rgb = (ctypes.c_uint8 * len(img.rgb)).from_buffer_copy(img.rgb)
-        bitmap = mtmd.mtmd_bitmap_init(img.size[0], img.size[1], rgb)
-        text = _PREFIX.format(system=SYSTEM_PROMPT, marker=self.marker).encode()
-        inp = mtmd.mtmd_input_text()
-        inp.text, inp.text_len, inp.add_special, inp.parse_special = text, len(text), True, True
-        chunks = mtmd.mtmd_input_chunks_init()
-        try:
-            arr = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            rc = mtmd.mtmd_tokenize(self.mctx, chunks, ctypes.byref(inp), arr, 1)
-            if rc != 0:
-                raise VLMError(f"mtmd could not tokenize the image prompt (code {rc})")
-            n_tokens = mtmd.mtmd_helper_get_n_tokens(chunks)
-            if n_tokens >= self.ctx_per_image:
-                raise VLMError(
-                    f"the image prefix needs {n_tokens} tokens, more than the {self.ctx_per_image} "
-                    "reserved per image; lower image_max_tokens or raise ctx_per_image"
-                )
-            new_n_past = lib.llama_pos(0)
-            rc = mtmd.mtmd_helper_eval_chunks(
-                self.mctx, self.ctx, chunks, 0, img.seq, self.n_batch, False, ctypes.byref(new_n_past)
-            )
-            if rc != 0:
-                raise VLMError(f"the image could not be encoded/evaluated (mtmd code {rc})")
-        finally:
-            mtmd.mtmd_input_chunks_free(chunks)
-            mtmd.mtmd_bitmap_free(bitmap)
-        return int(new_n_past.value), int(n_tokens)
+        """The prefix into ``img.seq`` (:func:`~.prefix.eval_prefix`): (next position, prefix tokens)."""
+        return eval_prefix(
+            self.lib,
+            self.mtmd,
+            ctx=self.ctx,
+            mctx=self.mctx,
+            image=(img.rgb, img.size),
+            seq=img.seq,
+            n_batch=self.n_batch,
+            limit=self.ctx_per_image,
+            clock=self.clock,
+        )
 
     def _release_image(self, img: ImageState) -> None:
         for seq in img.owned:
@@ -289,22 +220,35 @@ class DecodeLoop:
                     ),
                 )
             elif img.free:
-                if not a.future.set_running_or_notify_cancel():
-                    continue
-                a.seq = img.free.pop()
-                self.lib.llama_memory_seq_cp(self.mem, img.seq, a.seq, -1, -1)
-                a.pos, a.feed = img.n_past, list(a.suffix)
-                self.stats.suffix_tokens += len(a.suffix)
-                live.append(a)
+                donor, shared = shared_head(a, live + rest) if self.share_prefill else (None, 0)
+                if donor is not None and donor.evaluated < shared:
+                    rest.append(a)  # its head is being evaluated by ``donor``: copy it once it is there
+                elif a.future.set_running_or_notify_cancel():
+                    self._start(a, donor, shared)
+                    live.append(a)
             else:
                 rest.append(a)
         return rest
 
+    def _start(self, a: AskState, donor: AskState | None, shared: int) -> None:
+        """Give ``a`` a sequence holding the image prefix (and ``donor``'s first ``shared`` suffix
+        tokens, the same as ``a``'s), and queue the rest of its suffix."""
+        img = a.image
+        a.seq = img.free.pop()
+        self.lib.llama_memory_seq_cp(self.mem, donor.seq if donor else img.seq, a.seq, -1, -1)
+        if donor is not None:  # a stream is copied whole: drop what follows the shared head
+            self.lib.llama_memory_seq_rm(self.mem, a.seq, img.n_past + shared, -1)
+        a.pos, a.feed = img.n_past + shared, list(a.suffix[shared:])
+        self.stats.suffix_tokens += len(a.feed)
+        self.clock.shared_tokens += shared
+
     def _step(self, live: list[AskState]) -> None:
         """One ``llama_decode`` over every live sequence: pending prompt tokens and one new token each.
         A failed or raising decode fails every prompt it fed; a fault in one prompt's sampling fails it alone."""
+        t0 = time.perf_counter()
         fed, outputs = self._fill_batch(live)
         self.stats.decode_calls += 1
+        t1 = time.perf_counter()
         try:
             rc = self.lib.llama_decode(self.ctx, self.batch)
             if rc != 0:
@@ -312,26 +256,41 @@ class DecodeLoop:
         except Exception as exc:
             self.stats.faults += 1
             err = _fault(exc)
-            for a in fed:
+            for a, _, _ in fed:
                 self._fail(a, err)
             return
+        t2 = time.perf_counter()
+        self._clock_step(fed, t2 - t1)
         for a, idx in outputs:
             try:
                 self._advance(a, idx)
             except Exception as exc:
                 self.stats.faults += 1
                 self._fail(a, _fault(exc))
+        self.clock.host_s += (t1 - t0) + (time.perf_counter() - t2)
 
-    def _fill_batch(self, live: list[AskState]) -> tuple[list[AskState], list[tuple[AskState, int]]]:
-        """Put up to ``n_batch`` pending tokens of the live prompts into the batch: the prompts fed,
-        and the batch row whose logits each prompt that reached its last pending token samples from."""
+    def _clock_step(self, fed: list[tuple[AskState, int, bool]], seconds: float) -> None:
+        """Count the step, and give each prompt its share of it (by the tokens it fed)."""
+        n_prompt = sum(n for _, n, prompt in fed if prompt)
+        total = sum(n for _, n, _ in fed) or 1
+        self.clock.step(n_prompt, sum(n for _, n, prompt in fed if not prompt), seconds)
+        for a, n, prompt in fed:
+            if prompt:
+                a.prefill_s += seconds * n / total
+            else:
+                a.decode_s += seconds * n / total
+
+    def _fill_batch(self, live: list[AskState]) -> tuple[list[tuple[AskState, int, bool]], list[tuple[AskState, int]]]:
+        """Put up to ``n_batch`` pending tokens of the live prompts into the batch: the prompts fed
+        (with how many tokens, and whether they were prompt tokens), and the batch row whose logits
+        each prompt that reached its last pending token samples from."""
         b = self.batch
         n, outputs, fed = 0, [], []
         for a in live:
             take = a.feed[: self.n_batch - n]
             if not take:
                 continue
-            fed.append(a)
+            fed.append((a, len(take), not a.out))
             for i, tok in enumerate(take):
                 b.token[n], b.pos[n], b.n_seq_id[n] = tok, a.pos + i, 1
                 b.seq_id[n][0] = a.seq
@@ -392,6 +351,17 @@ class DecodeLoop:
     def _finish(self, a: AskState, *, truncated: bool) -> None:
         constrained = a.grammar is not None
         self._drop_seq(a)
+        if self.clock.trace:
+            self.clock.asks.append(
+                {
+                    "label": a.label,
+                    "suffix_tokens": len(a.suffix),
+                    "generated": len(a.out),
+                    "prefill_s": round(a.prefill_s, 4),
+                    "decode_s": round(a.decode_s, 4),
+                    "wall_s": round(time.perf_counter() - a.t0, 4),
+                }
+            )
         with contextlib.suppress(InvalidStateError):  # cancelled by the caller meanwhile
             a.future.set_result(
                 Generation(

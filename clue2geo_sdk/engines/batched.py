@@ -47,8 +47,10 @@ from typing import Any
 import numpy as np
 
 from ..inputs.image import LoadedImage
+from .asks import AskState, ImageState
 from .base import EngineStats, Generation, ImageSession, VLMError, load_failure, load_llama_cpp, model_params
-from .batch_loop import AskState, DecodeLoop, ImageState
+from .batch_loop import DecodeLoop
+from .clock import EngineClock
 from .grammar import GrammarFactory, build_tokenizer
 from .image_tokens import IMAGE_MAX_TOKENS, fit_image
 
@@ -123,6 +125,8 @@ class LlamaBatchEngine:
         self.image_max_tokens = int(image_max_tokens)
         self.temperature, self.seed = temperature, seed
         self.stats = EngineStats()
+        self.clock = EngineClock()
+        self.n_threads = n_threads
         self.seqs_per_image = seqs_per_image(samples_per_prompt)
         n_seq = self._sequences(samples_per_prompt)
         self.model_params = model_params(self._lib, n_gpu_layers=n_gpu_layers)
@@ -215,10 +219,24 @@ class LlamaBatchEngine:
             n_seq=n_seq,
             slots=self._slots,
             stats=self.stats,
+            clock=self.clock,
         )
         self.n_vocab = self._loop.n_vocab
         self._thread = threading.Thread(target=self._loop.run, name="clue2geo-vlm", daemon=True)
         self._thread.start()
+
+    @property
+    def share_prefill(self) -> bool:
+        """Whether a prompt copies the head of its suffix that another prompt about the same image
+        has already evaluated (the three RAG prompts share ~350 of ~1,900 suffix tokens; samples of
+        one prompt all but one). Off by default: the copied head was computed in another chunk, and
+        that changes the last bits of what follows; on the synth 3B bundle one RAG answer of three
+        took another near-tied token after 5 tokens, so an answer would depend on its siblings."""
+        return self._loop.share_prefill
+
+    @share_prefill.setter
+    def share_prefill(self, on: bool) -> None:
+        self._loop.share_prefill = bool(on)
 
     # -- callers' side (any thread) ----------------------------------------------------------------
 
@@ -258,6 +276,7 @@ class LlamaBatchEngine:
                 rng=np.random.default_rng(self.seed if seed is None else seed),
                 grammar=self._grammar(schema).new() if schema is not None else None,
                 future=fut,
+                label=" ".join(prompt.split()[:6]),
             )
         except Exception as exc:  # a bad schema or prompt fails this answer, not the caller's thread
             fut.set_exception(exc if isinstance(exc, VLMError) else VLMError(f"the prompt was refused: {exc}"))

@@ -116,8 +116,14 @@ def _ask_all(parts: Parts, session: ImageSession, img: LoadedImage, opts: Option
     )
     timings.lap("retrieval")
     pending_rag = _submit_rag(parts, session, refs, opts)
+    patch_emb = None
+    if pending_cues is not None:  # the cluemap's image side, while the engine writes the cues
+        patch_emb = stages.patch_embeddings(img, clip=parts.clip, grid=parts.grid)
+        timings.lap("cluemap_image")
     raw: dict[str, Any] = {}
-    cluemap, cues_status, direct = _cluemap_and_direct(parts, session, img, opts, pending_cues, raw, timings)
+    cluemap, cues_status, direct = _cluemap_and_direct(
+        parts, session, img, opts, (pending_cues, patch_emb), raw, timings
+    )
     proposals = stages.finish_location("direct", direct, raw)
     timings.lap("direct")
     for source, pending in pending_rag.items():
@@ -158,20 +164,21 @@ def _cluemap_and_direct(
     session: ImageSession,
     img: LoadedImage,
     opts: Options,
-    pending_cues: PendingAnswer | None,
+    cues_and_patches: tuple[PendingAnswer | None, np.ndarray | None],
     raw: dict[str, Any],
     timings: Timings,
 ) -> tuple[Cluemap | None, str, list[PendingAnswer]]:
-    """The cues' answer, the cluemap built from it and the direct prompt shown it; without the
-    cluemap (``use_cluemap=False``) the direct prompt that needs none. Returns the cluemap, the cue
-    status and the direct prompt's pending answers."""
+    """The cues' answer, the cluemap built from it (and the patch embeddings already computed) and
+    the direct prompt shown it; without the cluemap (``use_cluemap=False``) the direct prompt that
+    needs none. Returns the cluemap, the cue status and the direct prompt's pending answers."""
+    pending_cues, patch_emb = cues_and_patches
     if pending_cues is None:
         return None, "skipped", _submit_location(session, parts.prompts["locate_no_cluemap"], opts)
     cues = stages.finish_cues(pending_cues)
     raw["cues"] = [stages.generation_dict(g) for g in cues.generations]
     timings.lap("cues")
     cluemap = stages.make_cluemap(
-        img, cues.items, clip=parts.clip, sbert=parts.sbert, grid=parts.grid, alpha=opts.alpha
+        img, cues.items, clip=parts.clip, sbert=parts.sbert, grid=parts.grid, alpha=opts.alpha, patch_emb=patch_emb
     )
     timings.lap("cluemap")
     direct = _submit_location(session, parts.prompts["locate"].format(cluemap=cluemap.render()), opts)

@@ -75,15 +75,25 @@ def make_cluemap(
     sbert: SbertEncoder,
     grid: tuple[int, int],
     alpha: float,
+    patch_emb: np.ndarray | None = None,
 ) -> Cluemap:
-    """Eqs. 2–4: rank cues by CLIP patch similarity and SBERT centrality, group them around the top three."""
+    """Eqs. 2–4: rank cues by CLIP patch similarity and SBERT centrality, group them around the top three.
+    ``patch_emb``: the image's :func:`patch_embeddings` when already computed."""
     items, merged = dedupe(list(cues))
     texts = [f"{c}: {d}" if d else c for c, d in items]
-    patches = [crop for crop, _ in patch_grid(img.image, *grid)]
-    patch_emb = clip.encode_images(patches) if items else np.zeros((0, 1))
+    if not items:
+        patch_emb = np.zeros((0, 1))
+    elif patch_emb is None:
+        patch_emb = patch_embeddings(img, clip=clip, grid=grid)
     return build_cluemap(
         items, clip.encode_texts(texts), patch_emb, sbert.encode(texts), alpha=alpha, duplicates_merged=merged
     )
+
+
+def patch_embeddings(img: LoadedImage, *, clip: ClipEncoder, grid: tuple[int, int]) -> np.ndarray:
+    """CLIP embeddings of the image's patch grid: the cluemap's image side. It needs no cue, so the
+    pipeline computes it while the cues are being written, off the path from cues to direct prompt."""
+    return clip.encode_images([crop for crop, _ in patch_grid(img.image, *grid)])
 
 
 def retrieve(

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from clue2geo_sdk.bundle.components import ATTACHED_ROLES
 from clue2geo_sdk.bundle.manifest import Bundle
 from clue2geo_sdk.bundle.writer import BundleWriter
 from clue2geo_sdk.engines.image_tokens import IMAGE_MAX_TOKENS
@@ -70,7 +71,7 @@ def export_trained(
         )
         random_parts = []
         for role, comp in src.components.items():
-            if role == "vlm":
+            if role == "vlm" or role in ATTACHED_ROLES:  # a validation or known answers of other models
                 continue
             files = {}
             for key, f in comp.files.items():

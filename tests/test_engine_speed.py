@@ -14,7 +14,7 @@ from conftest import EXAMPLE_IMAGES
 from clue2geo_sdk import Bundle
 from clue2geo_sdk.engines import make_engine
 from clue2geo_sdk.engines.ask import LOCATION_SCHEMA
-from clue2geo_sdk.engines.asks import MIN_SHARED, AskState, ImageState, shared_head
+from clue2geo_sdk.engines.loop_state import MIN_SHARED, AskState, ImageState, shared_head
 from clue2geo_sdk.inputs.image import load_image
 from clue2geo_sdk.pipeline.prompts import RAG
 from clue2geo_sdk.pipeline.stages import format_references

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from .asks import AskState, ImageState, shared_head
 from .base import EngineStats, Generation, VLMError
 from .clock import EngineClock
 from .grammar import GrammarError
+from .loop_state import AskState, ImageState, shared_head
 from .prefix import eval_prefix
 
 

@@ -47,12 +47,12 @@ from typing import Any
 import numpy as np
 
 from ..inputs.image import LoadedImage
-from .asks import AskState, ImageState
 from .base import EngineStats, Generation, ImageSession, VLMError, load_failure, load_llama_cpp, model_params
 from .batch_loop import DecodeLoop
 from .clock import EngineClock
 from .grammar import GrammarFactory, build_tokenizer
 from .image_tokens import IMAGE_MAX_TOKENS, fit_image
+from .loop_state import AskState, ImageState
 
 SEQS_PER_IMAGE = 6  # the prefix + the paper's 5 prompts, one sample each
 MAX_SEQUENCES = 256  # llama.cpp's limit on n_seq_max

@@ -112,6 +112,7 @@ def test_eval_command_end_to_end(demo_bundle: Path, photo: Path, tmp_path: Path)
     res = CliRunner().invoke(main, args)
     assert res.exit_code == EXIT_SOME_FAILED, res.output  # missing.jpg failed
     assert res.stderr.count("meaningless") == 1
+    assert "no validation on record for this bundle" in res.stderr  # the run states the bundle's validation
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["variants"]) == {"full", "wo_cm", "wo_cr"}
     assert report["bundle"]["name"] == "demo" and len(report["bundle"]["digest"]) == 64

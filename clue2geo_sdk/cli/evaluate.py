@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..bundle.validation import headline
 from ..errors import Clue2GeoError
 from ..evaluation.metrics import read_dataset
 from ..evaluation.run import run_eval, variants
@@ -79,6 +80,7 @@ def evaluate_cmd(
     )
     geo = _load(settings, abl)
     warn_if_demo(geo.bundle)
+    click.echo(headline(geo.bundle, geo.options.digest()), err=True)  # the validation on record, if any
     n = len(read_dataset(dataset, limit=limit, seed=seed)[0]) * (1 + len(abl))
     with geo, progress(n) as tick:
         report = run_eval(

@@ -54,7 +54,8 @@ def models_digest(components: Mapping[str, Component]) -> str:
     """sha256 of what computes the answers: every model component's files (sha256) and parameters as
     the manifest records them; provenance (build notes, timings) and attached roles left out. Attaching
     a validation changes the manifest digest but not this one, so a validation names the models it
-    measured and stays true after it is attached; a rebuild of the same weights keeps it too."""
+    measured and stays true after it is attached. A rebuild from the same sources gets another one
+    (the DuckDB metadata file is not byte-reproducible), so a validation never carries over unmeasured."""
     body = [
         {k: v for k, v in components[r].to_dict().items() if k != "provenance"}  # build notes, timings
         for r in sorted(components)

@@ -19,6 +19,7 @@ from test_images import make_bad_inputs
 
 from clue2geo_sdk.cli import main
 from clue2geo_sdk.cli.common import EXIT_SOME_FAILED
+from clue2geo_sdk.cli.flags import LoadSettings
 
 QUICK = ["--no-verify", "--device", "cpu", "--max-cue-tokens", "16", "--max-answer-tokens", "16"]
 
@@ -221,3 +222,19 @@ def test_locate_states_the_validation_and_records_sha3(demo_bundle: Path, photo:
     assert bad.exit_code == 2 and "sha3-512" in bad.output
     ray = CliRunner().invoke(main, [*args, "--hash", "sha3-512", "--ray", "local"])
     assert ray.exit_code == 2 and "--ray" in ray.output
+
+
+def test_threads_reach_the_engine_and_zero_is_refused(demo_bundle: Path, photo: Path, tmp_path: Path) -> None:
+    common = {"bundle_path": demo_bundle, "device": "cpu", "max_in_flight": 1, "verify": False, "trusted_keys": ()}
+    for engine in ("batched", "chat"):
+        with LoadSettings(engine=engine, gallery=None, options={}, n_threads=3, **common).load() as geo:
+            assert geo.vlm.n_threads == 3  # not the default (half the logical CPUs) on 2- to 5-CPU hosts
+    out = tmp_path / "r.jsonl"
+    res = CliRunner().invoke(
+        main, ["locate", str(photo), "--bundle", str(demo_bundle), "--out", str(out), "--threads", "0"]
+    )
+    assert res.exit_code == 2 and "--threads" in res.output and not out.exists()
+    res = CliRunner().invoke(
+        main, ["locate", str(photo), "--bundle", str(demo_bundle), "--out", str(out), "--threads", "1", "--ray", "auto"]
+    )
+    assert res.exit_code == 2 and "--threads is for local runs" in res.output

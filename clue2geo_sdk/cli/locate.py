@@ -139,6 +139,7 @@ def locate(
     device: str,
     engine: str,
     max_in_flight: int,
+    n_threads: int | None,
     verify: bool,
     trusted_keys: tuple[str, ...],
     verbose: bool,
@@ -168,6 +169,7 @@ def locate(
         device=device,
         engine=engine,
         max_in_flight=max_in_flight,
+        n_threads=n_threads,
         verify=verify,
         trusted_keys=trusted_keys,
         gallery=gallery,
@@ -177,6 +179,8 @@ def locate(
     if ray_address is not None:
         if set(job.hashes) - {"sha256"}:
             raise click.UsageError("--hash sha3-512 is recorded by local runs only, not yet with --ray")
+        if n_threads is not None:
+            raise click.UsageError("--threads is for local runs; Ray actors keep the default")
         run_on_ray(job, load, RaySettings(address=ray_address, actors=actors, batch_size=batch_size))
     else:
         run_local(job, load)

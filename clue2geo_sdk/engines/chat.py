@@ -89,6 +89,7 @@ class LlamaChatVLM:
                 flash_attn=flash_attn,
                 verbose=verbose,
             )
+        self.n_threads = int(self._llm.context_params.n_threads)  # what llama.cpp was given
 
     def open(self, image: LoadedImage) -> ChatSession:
         buf = io.BytesIO()

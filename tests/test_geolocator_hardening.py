@@ -402,3 +402,39 @@ def test_a_polygon_region_given_to_options_is_warmed_before_threads_share_it(mon
     assert warmed == [region] and opts.region is region
     Options(region="bbox:0,0,1,1")
     assert warmed == [region]  # only polygons need it
+
+
+class _GpuWheelWithoutCuda:
+    """onnxruntime-gpu where CUDA's libraries do not load (measured: it lists the CUDA provider anyway
+    and each session falls back to the CPU): the real CPU wheel, but claiming CUDA is available."""
+
+    def __init__(self, real: object) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def get_available_providers(self) -> list[str]:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def InferenceSession(self, path: str, sess_options: object = None, providers: object = None) -> object:  # noqa: N802
+        return self._real.InferenceSession(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+
+def test_cuda_that_falls_back_to_the_cpu_is_refused_for_cuda_and_logged_for_auto(
+    demo_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import onnxruntime as ort
+
+    from clue2geo_sdk.engines import encoders
+
+    monkeypatch.setattr(encoders, "onnxruntime_module", lambda: _GpuWheelWithoutCuda(ort))
+    files = {k: demo_bundle / "sbert" / f for k, f in (("model", "model.onnx"), ("tokenizer", "tokenizer.json"))}
+    params = json.loads((demo_bundle / "manifest.json").read_text())
+    sbert = next(c for c in params["components"] if c["role"] == "sbert")["params"]
+    with pytest.raises(DeviceError, match=r"device='cuda' but model.onnx: onnxruntime could not start CUDA"):
+        encoders.SbertEncoder(files, sbert, encoders.device_providers("cuda"))
+    with caplog.at_level("INFO", logger="clue2geo"):
+        enc = encoders.SbertEncoder(files, sbert, encoders.device_providers("auto"))
+    assert enc.encode(["a harbour"]).shape[0] == 1
+    assert "could not start CUDA for it and runs it on CPUExecutionProvider" in caplog.text

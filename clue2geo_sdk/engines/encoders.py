@@ -27,8 +27,8 @@ def providers_for(device: Device) -> list[str]:
     available = onnxruntime_module().get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:  # "cuda" names no fallback: a session that falls back is refused
+        return ["CUDAExecutionProvider"] if device == "cuda" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
         raise RuntimeError(
             "device='cuda' but onnxruntime has no CUDA provider (available: "
@@ -65,7 +65,18 @@ def _session(path: Path, providers: list[str], level: str | None = None) -> Any:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if level is not None:
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    running = session.get_providers()[:1]
+    if providers[:1] == ["CUDAExecutionProvider"] and running != providers[:1]:
+        # onnxruntime-gpu lists CUDA whether or not CUDA's libraries load, and falls back to the CPU
+        why = f"{path.name}: onnxruntime could not start CUDA for it and runs it on {', '.join(running)}"
+        if len(providers) == 1:  # device="cuda"
+            raise DeviceError(
+                f"device='cuda' but {why}; are CUDA 12/13's cuBLAS and cuDNN libraries installed and on the "
+                "library path? (docs/gpu.md)"
+            )
+        log.info("clue2geo: %s", why)
+    return session
 
 
 def _tower(files: Mapping[str, Path], params: Mapping[str, Any], key: str, providers: list[str]) -> Any:

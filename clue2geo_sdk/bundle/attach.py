@@ -51,6 +51,7 @@ def attach(
     folder = _new_folder(bundle.root / role)
     try:
         entries = {key: _copy(source, folder, bundle.root) for key, source in sources.items()}
+        fsync_path(folder)  # the new names, once: the manifest must not list a file a power cut would lose
         comp = Component(role=role, files=entries, params=dict(params), provenance=dict(provenance or {}))
         _replace_component(manifest, comp)
     except BaseException:
@@ -68,7 +69,6 @@ def _copy(source: Path, folder: Path, root: Path) -> ComponentFile:
     dest = folder / source.name
     shutil.copyfile(source, dest)
     fsync_path(dest)
-    fsync_path(folder)
     return ComponentFile(path=dest.relative_to(root).as_posix(), sha256=sha256_file(dest), bytes=dest.stat().st_size)
 
 

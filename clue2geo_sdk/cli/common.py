@@ -14,6 +14,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..bundle.manifest import Bundle
+from ..bundle.validation import headline
 from ..errors import Clue2GeoError
 from ..files import regular_file
 from ..runs.records import Record
@@ -39,6 +40,14 @@ def warn_if_demo(bundle: Bundle) -> None:
     """One line on stderr when the bundle's predictions mean nothing, so no one takes them for real."""
     if bundle.demo:
         warn(DEMO_WARNING.format(name=bundle.name))
+
+
+def announce(bundle: Bundle, options_digest: str | None = None) -> None:
+    """What a run states first, on stderr: that a demo bundle means nothing, and the bundle's
+    validation in one line (its measured accuracy, or that none is on record; and when it was measured
+    under other options than this run's)."""
+    warn_if_demo(bundle)
+    click.echo(headline(bundle, options_digest), err=True)
 
 
 def reason(exc: BaseException) -> str:

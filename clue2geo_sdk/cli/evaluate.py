@@ -8,12 +8,11 @@ from typing import Any
 
 import click
 
-from ..bundle.validation import headline
 from ..errors import Clue2GeoError
 from ..evaluation.metrics import read_dataset
 from ..evaluation.run import run_eval, variants
 from ..geolocator import Geolocator
-from .common import EXIT_SOME_FAILED, check_trusted_keys, fail, progress, warn, warn_if_demo
+from .common import EXIT_SOME_FAILED, announce, check_trusted_keys, fail, progress, warn
 from .flags import LoadSettings, engine_flags, gallery_flag, options_flags, trusted_key_flag
 
 
@@ -81,8 +80,7 @@ def evaluate_cmd(
         options=options,
     )
     geo = _load(settings, abl)
-    warn_if_demo(geo.bundle)
-    click.echo(headline(geo.bundle, geo.options.digest()), err=True)  # the validation on record, if any
+    announce(geo.bundle, geo.options.digest())
     n = len(read_dataset(dataset, limit=limit, seed=seed)[0]) * (1 + len(abl))
     with geo, progress(n) as tick:
         report = run_eval(

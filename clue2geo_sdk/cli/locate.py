@@ -12,7 +12,6 @@ import attrs
 import click
 
 from ..bundle.manifest import Bundle
-from ..bundle.validation import headline
 from ..cluster import locate_on_ray, merged_records
 from ..errors import Clue2GeoError
 from ..evidence.report.render import write_report
@@ -22,7 +21,7 @@ from ..runs.batch import BatchSummary, run_batch
 from ..runs.journal import check_not_in_use, journal_path, read_journal
 from ..runs.records import EXTRA_HASHES, Record
 from ..runs.resume import latest_records
-from .common import EXIT_SOME_FAILED, check_trusted_keys, fail, progress, reason, same_file, warn, warn_if_demo
+from .common import EXIT_SOME_FAILED, announce, check_trusted_keys, fail, progress, reason, same_file, warn
 from .flags import F, LoadSettings, engine_flags, gallery_flag, options_flags, trusted_key_flag
 
 RAY_HELP = (
@@ -201,14 +200,6 @@ def run_local(job: Job, load: LoadSettings) -> None:
         recs = latest_records(read_journal(journal).records).values()
         _write_report(job.report, lambda: recs, geo.bundle, journal, load.trusted_keys)
     _finish(summary, job.report, f"(already in {job.out})")
-
-
-def announce(bundle: Bundle, options_digest: str | None = None) -> None:
-    """What a run states first, on stderr: that a demo bundle means nothing, and the bundle's
-    validation in one line (its measured accuracy, or that none is on record; and when it was measured
-    under other options than this run's)."""
-    warn_if_demo(bundle)
-    click.echo(headline(bundle, options_digest), err=True)
 
 
 def _check_out(out: Path, fmt: str, report: Path | None) -> Path:

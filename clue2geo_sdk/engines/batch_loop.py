@@ -267,7 +267,10 @@ class DecodeLoop:
             except Exception as exc:
                 self.stats.faults += 1
                 self._fail(a, _fault(exc))
-        self.clock.host_s += (t1 - t0) + (time.perf_counter() - t2)
+        host = (t1 - t0) + (time.perf_counter() - t2)
+        self.clock.host_s += host
+        if not any(prompt for _, _, prompt in fed):
+            self.clock.decode_host_s += host
 
     def _clock_step(self, fed: list[tuple[AskState, int, bool]], seconds: float) -> None:
         """Count the step, and give each prompt its share of it (by the tokens it fed)."""

@@ -15,9 +15,9 @@ class EngineClock:
 
     A step that feeds prompt (suffix) tokens is a *prefill* step, one that only feeds the previous
     step's sampled tokens a *decode* step; ``host_s`` is the Python around ``llama_decode`` (batch
-    fill, sampling, grammar, detokenizing). ``asks`` holds one record per finished prompt while
-    ``trace`` is on: its suffix tokens, generated tokens, and its share of the steps it was in (a
-    step's time split by the tokens each prompt fed to it)."""
+    fill, sampling, grammar, detokenizing), ``decode_host_s`` its part in decode steps. ``asks`` holds
+    one record per finished prompt while ``trace`` is on: its suffix tokens, generated tokens, and
+    its share of the steps it was in (a step's time split by the tokens each prompt fed to it)."""
 
     vision_s: float = 0.0  # mtmd_encode_chunk: the vision tower
     prefix_s: float = 0.0  # the prefix's text and image tokens through the language model
@@ -30,6 +30,7 @@ class EngineClock:
     decode_s: float = 0.0
     decode_tokens: int = 0
     host_s: float = 0.0
+    decode_host_s: float = 0.0  # the part of host_s spent in decode steps (Python per generated token)
     trace: bool = False
     asks: list[dict[str, Any]] = attrs.field(factory=list)
 

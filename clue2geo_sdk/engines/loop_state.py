@@ -10,8 +10,9 @@ from concurrent.futures import Future
 import attrs
 import numpy as np
 
-from .base import Generation, VLMError
+from .base import Generation
 from .grammar import CheckFirstGrammar
+from .sampling import sample_token
 
 MIN_SHARED = 16  # a shared head shorter than this is evaluated again (a copy costs about that much)
 
@@ -64,20 +65,8 @@ class AskState:
         return len(self.suffix) if self.out else len(self.suffix) - len(self.feed)
 
     def sample(self, logits: np.ndarray) -> int:
-        """Greedy at temperature 0 (ties to the lowest id, as llama.cpp's greedy sampler), else a
-        draw from the softmax at the temperature with this prompt's own seeded generator.
-        NaN logits (numpy's argmax picks a NaN) or no finite logit raise a :class:`VLMError`."""
-        if self.temperature <= 0:
-            tok = int(np.argmax(logits))
-            if not np.isfinite(logits[tok]):
-                raise VLMError("the model produced non-finite logits (NaN); the answer was stopped")
-            return tok
-        z = logits.astype(np.float64) / self.temperature
-        finite = np.isfinite(z)
-        if np.isnan(z).any() or not finite.any():
-            raise VLMError("the model produced non-finite logits (NaN or all -inf); the answer was stopped")
-        p = np.exp(z - z[finite].max())
-        return int(self.rng.choice(len(p), p=p / p.sum()))
+        """The next token by this prompt's temperature and seeded generator (:func:`~.sampling.sample_token`)."""
+        return sample_token(logits, self.temperature, self.rng)
 
 
 def shared_head(a: AskState, others: Sequence[AskState]) -> tuple[AskState | None, int]:

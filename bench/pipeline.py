@@ -28,6 +28,7 @@ from clue2geo_sdk import Geolocator
 from clue2geo_sdk.engines.ask import LOCATION_SCHEMA
 from clue2geo_sdk.engines.base import load_llama_cpp, model_params
 from clue2geo_sdk.engines.encoders import patch_grid
+from clue2geo_sdk.engines.image_tokens import image_tokens, smart_size
 from clue2geo_sdk.inputs.image import load_image
 from clue2geo_sdk.pipeline.prompts import CUES
 
@@ -109,15 +110,84 @@ def run_engine(engine: str, args: argparse.Namespace, images: list[Path]) -> dic
     return result
 
 
+def python_probe(args: argparse.Namespace, n_seqs: int, n_tokens: int) -> dict[str, Any]:
+    """Python per generated token with ``n_seqs`` answers decoding together (the target: 0.2 ms at 32):
+    the engine's host time in decode-only steps (batch fill, sampling, grammar, detokenizing) over
+    the tokens those steps generated, greedy, sampled at a temperature, and under the JSON schema.
+    The answers are spread over ``n_seqs / 5`` images (5 prompts each, the engine's reservation)."""
+    n_images = -(-n_seqs // 5)
+    geo = Geolocator.load(args.bundle, device=args.device, verify=False, max_in_flight=n_images, n_threads=None)
+    out: dict[str, Any] = {"sequences": n_seqs, "max_tokens": n_tokens}
+    with geo, tempfile.TemporaryDirectory() as tmp:
+        images = [load_image(p) for p in make_images(n_images, Path(tmp))]
+        modes = (("greedy", 0.0, None), ("temperature 0.7", 0.7, None), ("schema", 0.0, LOCATION_SCHEMA))
+        for label, temp, schema in modes:
+            clock = geo.vlm.clock
+            h0, s0, t0 = clock.decode_host_s, clock.decode_steps, clock.decode_tokens
+            m0 = geo.vlm.stats.grammar_full_masks
+            sessions = [geo.vlm.open(img) for img in images]
+            futs = [
+                sessions[i % n_images].submit(
+                    f"Describe this photo, part {i}.", schema=schema, max_tokens=n_tokens, seed=i, temperature=temp
+                )
+                for i in range(n_seqs)
+            ]
+            gen = sum(f.result().tokens for f in futs)
+            for s in sessions:
+                s.close()
+            host, steps, toks = clock.decode_host_s - h0, clock.decode_steps - s0, clock.decode_tokens - t0
+            masks = geo.vlm.stats.grammar_full_masks - m0
+            out[label] = {
+                "generated": gen,
+                "decode_steps": steps,
+                "tokens_per_step": round(toks / max(1, steps), 1),
+                "python_ms_per_token": round(1000 * host / max(1, toks), 4),
+                "full_grammar_masks": masks,  # a random model's sample is mostly rejected: the worst case
+            }
+            print(f"{label:>16}: {out[label]}")
+    return out
+
+
 # -- one photo, stage by stage, against llama.cpp's own rates (the floor) ---------------------------
 
 
-def photo_640(folder: Path) -> Path:
-    """The bench's fixed photo: the first example, resized to 640x480."""
+def photo_640(folder: Path, size: tuple[int, int] = (640, 480)) -> Path:
+    """The bench's fixed photo: the first example, resized to 640x480 (or ``size``)."""
     base = sorted(p for p in EXAMPLES.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[0]
-    path = folder / "photo640.png"
-    Image.open(base).convert("RGB").resize((640, 480), Image.Resampling.BICUBIC).save(path)
+    path = folder / f"photo{size[0]}.png"
+    Image.open(base).convert("RGB").resize(size, Image.Resampling.BICUBIC).save(path)
     return path
+
+
+def vision_sweep(args: argparse.Namespace, budgets: list[int]) -> dict[str, Any]:
+    """The ``image_tokens`` trade-off: for each budget, one 1280x960 photo (over every budget, so each
+    one binds) through the batched engine: its image tokens, the vision tower's seconds, the prefix's
+    seconds through the language model, and open-to-first-token (one short prompt's prefill included).
+    Budgets above the bundle's are capped by it, as in the product."""
+    threads = args.threads or None
+    geo = Geolocator.load(args.bundle, device=args.device, verify=False, max_in_flight=1, n_threads=threads)
+    rows = []
+    with geo, tempfile.TemporaryDirectory() as tmp:
+        img = load_image(photo_640(Path(tmp), (1280, 960)))
+        clock = geo.vlm.clock
+        with geo.vlm.open(img, image_tokens=min(budgets)) as s:  # warm-up: buffers made, weights paged in
+            s.ask("Which country is this?", schema=None, max_tokens=1)
+        for b in budgets:
+            v0, p0, n0, t0 = clock.vision_s, clock.prefix_s, clock.prefix_tokens, time.perf_counter()
+            with geo.vlm.open(img, image_tokens=b) as s:
+                s.ask("Which country is this?", schema=None, max_tokens=1)
+            rows.append(
+                {
+                    "image_tokens_asked": b,
+                    "image_tokens": image_tokens(*smart_size(1280, 960, max_tokens=min(b, geo.vlm.image_max_tokens))),
+                    "prefix_tokens": clock.prefix_tokens - n0,
+                    "vision_s": round(clock.vision_s - v0, 2),
+                    "prefix_s": round(clock.prefix_s - p0, 2),
+                    "open_to_first_token_s": round(time.perf_counter() - t0, 2),
+                }
+            )
+            print(rows[-1])
+    return {"photo": "1280x960", "n_threads": geo.vlm.n_threads, "rows": rows}
 
 
 def _floor_context(lib: Any, model: Any, n_threads: int) -> Any:
@@ -297,8 +367,30 @@ def main() -> None:
         "THREADS:SHARE configuration given (e.g. '1:off,2:on'; THREADS 0 = the engine's default; SHARE: "
         "prefill shared across an image's prompts)",
     )
+    ap.add_argument(
+        "--python-probe",
+        type=int,
+        default=0,
+        metavar="SEQS",
+        help="instead: Python per generated token with SEQS answers decoding together (greedy, sampled, schema)",
+    )
+    ap.add_argument(
+        "--image-tokens",
+        default="",
+        metavar="N,N,...",
+        help="instead: the vision tower and prefix at each image-token budget, on a 1280x960 photo",
+    )
+    ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads for --image-tokens (0: the default)")
     ap.add_argument("--json", type=Path, help="also write the JSON here")
     args = ap.parse_args()
+    if args.image_tokens:
+        sweep = vision_sweep(args, [int(x) for x in args.image_tokens.split(",")])
+        _write({"bundle": str(args.bundle), "image_tokens": sweep}, args.json)
+        return
+    if args.python_probe:
+        probe = python_probe(args, args.python_probe, args.token_probe)
+        _write({"bundle": str(args.bundle), "probe": probe}, args.json)
+        return
     if args.stages:
         with tempfile.TemporaryDirectory() as tmp:
             photo = photo_640(Path(tmp))

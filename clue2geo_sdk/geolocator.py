@@ -188,7 +188,7 @@ class Geolocator:
         raw: list[dict[str, Any]] = []
         with self._call():
             if cues is None:
-                with self.vlm.open(img) as session:
+                with self.vlm.open(img, image_tokens=opts.image_tokens) as session:
                     found = stages.finish_cues(
                         stages.submit_cues(
                             session, self.prompts["cues"], max_tokens=opts.max_cue_tokens, constrain=opts.constrain
@@ -202,7 +202,7 @@ class Geolocator:
     def ask(self, image: ImageInput, prompt: str, *, max_tokens: int | None = None) -> str:
         """One free-form answer about an image (e.g. a teacher's reasoning chain)."""
         img = _load(image, None)
-        with self._call(), self.vlm.open(img) as session:
+        with self._call(), self.vlm.open(img, image_tokens=self.options.image_tokens) as session:
             return session.ask(prompt, schema=None, max_tokens=max_tokens or self.options.max_answer_tokens).text
 
     # -- the pipeline -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ CONSTRAIN_CHOICES = ("fallback", "always", "never")
 MAX_REFERENCES = 1000  # gallery points shown to one RAG prompt; far above the paper's 15
 MAX_SAMPLES = 32
 MAX_GENERATION_TOKENS = 1 << 20  # far above any context; the engine refuses what its context cannot hold
+MIN_IMAGE_TOKENS, MAX_IMAGE_TOKENS = 8, 4096  # llama.cpp's range for Qwen2.5-VL's image tokens
 CLI_MIN_TOKENS = 16  # the CLI's floor for the token budgets (Python callers may go down to 1)
 FLAG = "flag"  # the metadata key of a field's Flag
 
@@ -72,6 +73,16 @@ def _opt_int(low: int, high: int | None = None) -> Callable[[Any, attrs.Attribut
             raise OptionsError(f"option {attr.name}={value}: must be {span}")
 
     return check
+
+
+def _image_tokens(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    """0 (the bundle's budget) or what Qwen2.5-VL's vision tower takes in llama.cpp."""
+    _opt_int(0, MAX_IMAGE_TOKENS)(inst, attr, value)
+    if 0 < value < MIN_IMAGE_TOKENS:
+        raise OptionsError(
+            f"option {attr.name}={value}: must be 0 (the bundle's budget) "
+            f"or from {MIN_IMAGE_TOKENS} to {MAX_IMAGE_TOKENS}"
+        )
 
 
 def _opt_float(low: float, high: float | None = None) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
@@ -178,6 +189,18 @@ class Options:
         converter=_py,
         validator=_opt_int(1, MAX_GENERATION_TOKENS),
         metadata=flag(low=CLI_MIN_TOKENS),
+    )
+    image_tokens: int = attrs.field(
+        default=0,
+        converter=_py,
+        validator=_image_tokens,
+        metadata=flag(
+            help=f"Vision tokens per photo, {MIN_IMAGE_TOKENS} to {MAX_IMAGE_TOKENS}, never above the bundle's budget "
+            "(0: the bundle's, 1024 unless it says). Fewer make the vision tower and the prefill faster "
+            "(docs/speed.md); what they cost in accuracy is not measured.",
+            low=0,
+            high=MAX_IMAGE_TOKENS,
+        ),
     )
     region: Region | None = attrs.field(
         default=None,

@@ -58,7 +58,7 @@ def test_flags_reach_the_options(command: str, tmp_path: Path) -> None:
         *_required(command, tmp_path),
         *("--no-use-cluemap", "--references", "5,10", "--samples-per-prompt", "3", "--sample-temperature", "0.2"),
         *("--nearest-neighbour-candidate", "--constrain", "never", "--alpha", "0.25", "--max-cue-tokens", "64"),
-        *("--max-answer-tokens", "32", "--region", "FR,DE", "--no-use-refinement"),
+        *("--max-answer-tokens", "32", "--region", "FR,DE", "--no-use-refinement", "--image-tokens", "256"),
     ]
     params = _parsed(command, args)
     opts = Options(**{f.name: params[f.name] for f in FIELDS})
@@ -73,6 +73,7 @@ def test_flags_reach_the_options(command: str, tmp_path: Path) -> None:
         "alpha": 0.25,
         "max_cue_tokens": 64,
         "max_answer_tokens": 32,
+        "image_tokens": 256,
         "region": None,
     }
     assert opts.region is not None and opts.region.to_dict() == Options(region="FR,DE").region.to_dict()  # type: ignore[union-attr]
@@ -80,7 +81,13 @@ def test_flags_reach_the_options(command: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["--references", "5,x"], ["--alpha", "1.5"], ["--max-cue-tokens", "15"], ["--constrain", "sometimes"]],
+    [
+        ["--references", "5,x"],
+        ["--alpha", "1.5"],
+        ["--max-cue-tokens", "15"],
+        ["--constrain", "sometimes"],
+        ["--image-tokens", "4097"],
+    ],
 )
 def test_a_value_the_flag_refuses_is_a_usage_error(args: list[str]) -> None:
     with pytest.raises(click.BadParameter):

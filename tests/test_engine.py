@@ -15,6 +15,7 @@ from PIL import Image
 from clue2geo_sdk import Bundle, Geolocator
 from clue2geo_sdk.engines import VLMError, make_engine
 from clue2geo_sdk.engines.ask import LOCATION_SCHEMA
+from clue2geo_sdk.engines.image_tokens import image_tokens, smart_size
 from clue2geo_sdk.inputs.image import load_image
 from clue2geo_sdk.pipeline.parsing import parse_location
 
@@ -73,6 +74,31 @@ def test_one_encode_and_one_prefix_for_all_prompts_of_an_image(engines, image) -
     suffix = sum(len(eng._tokenize(f"{p}<|im_end|>\n<|im_start|>assistant\n")) for p in PROMPTS)
     assert after["suffix_tokens"] - before["suffix_tokens"] == suffix
     assert 300 < after["prefix_tokens"] - before["prefix_tokens"] < 1100  # 345 image tokens + system turn
+
+
+def test_image_tokens_lower_the_budget_for_both_engines_alike(engines, image) -> None:
+    """A photo at 64 vision tokens: ~64 prefix image tokens in the batched engine (not the ~345 of the
+    bundle's budget), the same greedy answer from the chat engine given the same budget, and a
+    number above the engine's budget does not raise it."""
+    eng = engines["batched"]
+    sizes = {}
+    for asked in (64, 100_000):
+        before = eng.stats.prefix_tokens
+        with eng.open(image, image_tokens=asked) as s:
+            s.ask(PROMPTS[1], schema=None, max_tokens=1)
+        sizes[asked] = eng.stats.prefix_tokens - before
+    full = eng.stats.prefix_tokens
+    with eng.open(image) as s:
+        s.ask(PROMPTS[1], schema=None, max_tokens=1)
+    full = eng.stats.prefix_tokens - full
+    assert sizes[100_000] == full  # the engine's own budget: not raised
+    turn = full - image_tokens(*smart_size(*image.image.size))  # the system turn's text tokens
+    assert sizes[64] - turn == image_tokens(*smart_size(*image.image.size, max_tokens=64)) <= 64
+    got = {}
+    for name, e in engines.items():
+        with e.open(image, image_tokens=64) as s:
+            got[name] = s.ask(PROMPTS[0], schema=None, max_tokens=24).text
+    assert got["batched"] == got["chat"]
 
 
 def test_batching_changes_no_parsed_answer(engines, image) -> None:

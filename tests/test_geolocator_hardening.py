@@ -222,6 +222,9 @@ def test_too_many_images_in_flight_are_refused_and_the_suggestion_fits(demo_bund
         {"constrain": "sometimes"},
         {"region": 5},
         {"use_clue_map": False},
+        {"image_tokens": 7},  # below what the vision tower takes, and not 0 (the bundle's budget)
+        {"image_tokens": 4097},
+        {"image_tokens": 512.0},
     ],
 )
 def test_options_refuse_bad_values_by_name(bad: dict) -> None:

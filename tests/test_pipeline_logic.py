@@ -49,7 +49,7 @@ class FakeVLM:
 
     name = "fake"
 
-    def open(self, image):  # noqa: ANN001
+    def open(self, image, *, image_tokens=0):  # noqa: ANN001
         vlm = self
 
         class Session:

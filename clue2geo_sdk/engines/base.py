@@ -91,7 +91,10 @@ class VisionLanguageModel(Protocol):
     name: str
     stats: EngineStats
 
-    def open(self, image: LoadedImage) -> ImageSession: ...
+    def open(self, image: LoadedImage, *, image_tokens: int = 0) -> ImageSession:
+        """A session for one image, resized to ``image_tokens`` vision tokens at most (0: the
+        engine's budget; a larger number cannot raise it)."""
+        ...
 
     def close(self) -> None: ...
 

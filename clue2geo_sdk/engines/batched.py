@@ -51,7 +51,7 @@ from .base import EngineStats, Generation, ImageSession, VLMError, load_failure,
 from .batch_loop import DecodeLoop
 from .clock import EngineClock
 from .grammar import GrammarFactory, build_tokenizer
-from .image_tokens import IMAGE_MAX_TOKENS, fit_image
+from .image_tokens import IMAGE_MAX_TOKENS, budget, fit_image
 from .loop_state import AskState, ImageState
 
 SEQS_PER_IMAGE = 6  # the prefix + the paper's 5 prompts, one sample each
@@ -240,12 +240,13 @@ class LlamaBatchEngine:
 
     # -- callers' side (any thread) ----------------------------------------------------------------
 
-    def open(self, image: LoadedImage) -> BatchSession:
-        """A session for one image; blocks while ``max_images`` sessions are open."""
+    def open(self, image: LoadedImage, *, image_tokens: int = 0) -> BatchSession:
+        """A session for one image (at most ``image_tokens`` vision tokens, 0: the engine's budget);
+        blocks while ``max_images`` sessions are open."""
         dead = self._loop.dead
         if self._closed or dead is not None:
             raise VLMError(f"the VLM engine is {'closed' if self._closed else f'stopped ({dead})'}")
-        img = fit_image(image.image, self.image_max_tokens)
+        img = fit_image(image.image, budget(self.image_max_tokens, image_tokens))
         self._slots.acquire()
         state = ImageState(rgb=img.tobytes(), size=img.size)
         if not self._loop.post("open", state):

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..inputs.image import LoadedImage
 from .base import EngineStats, Generation, ImageSession, VLMError, load_llama_cpp, portable_model_defaults
-from .image_tokens import IMAGE_MAX_TOKENS, fit_image
+from .image_tokens import IMAGE_MAX_TOKENS, budget, fit_image
 
 
 class ChatSession(ImageSession):
@@ -91,9 +91,9 @@ class LlamaChatVLM:
             )
         self.n_threads = int(self._llm.context_params.n_threads)  # what llama.cpp was given
 
-    def open(self, image: LoadedImage) -> ChatSession:
+    def open(self, image: LoadedImage, *, image_tokens: int = 0) -> ChatSession:
         buf = io.BytesIO()
-        fit_image(image.image, self.image_max_tokens).save(buf, format="PNG")
+        fit_image(image.image, budget(self.image_max_tokens, image_tokens)).save(buf, format="PNG")
         return ChatSession(self, "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
 
     def _complete(

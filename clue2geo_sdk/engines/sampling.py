@@ -2,9 +2,9 @@
 softmax at the temperature with the prompt's own seeded generator.
 
 Why not ``Generator.choice(p=...)``: over a 152k vocabulary its float64 softmax and cumulative sum
-cost ~2.4 ms a token in Python (measured with 32 sequences), more than a GPU's decode step. Here the
-softmax is float32 (numpy's SIMD ``exp``) and the inverse-CDF draw walks two levels: the cumulative
-sums of blocks of ``BLOCK`` tokens, then the tokens of the one block the draw lands in (~0.3 ms).
+cost 3.3 ms a draw, more than a GPU's decode step. Here the softmax is float32 (numpy's SIMD ``exp``)
+and the inverse-CDF draw walks two levels: the cumulative sums of blocks of ``BLOCK`` tokens, then
+the tokens of the one block the draw lands in (0.16 ms a draw; docs/speed.md).
 The distribution is the same (up to float32 rounding of each probability); the random stream is not
 ``choice``'s, so a seed gives other samples than the engine's first versions, and the same ones every time.
 """

@@ -68,17 +68,7 @@ def evaluate_cmd(
     located, 3 if some failed (they count as misses in the metrics)."""
     check_trusted_keys(trusted_keys, verify)
     abl = [a.strip() for a in ablate.split(",") if a.strip()]
-    settings = LoadSettings(
-        bundle_path=bundle_path,
-        device=device,
-        engine=engine,
-        max_in_flight=max_in_flight,
-        n_threads=n_threads,
-        verify=verify,
-        trusted_keys=trusted_keys,
-        gallery=gallery,
-        options=options,
-    )
+    settings = LoadSettings.from_command(options)
     geo = _load(settings, abl)
     announce(geo.bundle, geo.options.digest())
     n = len(read_dataset(dataset, limit=limit, seed=seed)[0]) * (1 + len(abl))

@@ -130,6 +130,14 @@ class LoadSettings:
     verbose: bool = False
     n_threads: int | None = None
 
+    @classmethod
+    def from_command(cls, options: dict[str, Any]) -> LoadSettings:
+        """The running command's own flags (its bundle, :func:`engine_flags`, :func:`gallery_flag`,
+        ``--verify``, :func:`trusted_key_flag`, ``--verbose`` where it has one) with its Options flags."""
+        params = click.get_current_context().params
+        named = {f.name: params[f.name] for f in attrs.fields(cls) if f.name != "options" and f.name in params}
+        return cls(options=options, **named)
+
     def load(self) -> Geolocator:
         """``Geolocator.load`` with these settings (errors are the caller's to report)."""
         return Geolocator.load(

@@ -163,18 +163,7 @@ def locate(
         report=report,
         hashes=tuple(dict.fromkeys(hashes)),
     )
-    load = LoadSettings(
-        bundle_path=bundle_path,
-        device=device,
-        engine=engine,
-        max_in_flight=max_in_flight,
-        n_threads=n_threads,
-        verify=verify,
-        trusted_keys=trusted_keys,
-        gallery=gallery,
-        options=options,
-        verbose=verbose,
-    )
+    load = LoadSettings.from_command(options)
     if ray_address is not None:
         if set(job.hashes) - {"sha256"}:
             raise click.UsageError("--hash sha3-512 is recorded by local runs only, not yet with --ray")

@@ -69,17 +69,7 @@ def validate_cmd(
     located, 3 if some failed (they count as misses). Attach it with 'clue2geo bundle attach-validation'."""
     check_trusted_keys(trusted_keys, verify)
     es = _read_set(evalset, images, name)
-    settings = LoadSettings(
-        bundle_path=bundle_path,
-        device=device,
-        engine=engine,
-        max_in_flight=max_in_flight,
-        n_threads=n_threads,
-        verify=verify,
-        trusted_keys=trusted_keys,
-        gallery=gallery,
-        options=options,
-    )
+    settings = LoadSettings.from_command(options)
     how = ValidationSettings(
         resamples=resamples,
         seed=seed,
